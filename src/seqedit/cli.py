@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -71,7 +72,7 @@ def _progress(enabled: bool = True) -> Iterator:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(2)
 
 
@@ -188,7 +189,7 @@ def stats(
     tokens: Optional[int] = typer.Option(None, help="Token budget (default: model preset)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Precompute and cache Σ₀ = E[kkᵀ] for the edited layers (one forward pass)."""
+    """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass."""
     from .facts import wikitext_path
     from .locate.stats import layer_stats
     from .models.presets import preset_for

@@ -10,7 +10,7 @@ small updates are not rounded away by the model's dtype. A step on n facts:
    ``Δ_i = R_i (A_new⁻¹ K_i)ᵀ`` and apply it before the next layer reads its keys.
 
 With keys and values held fixed, the sum of the steps' Δ equals the one-time update of all facts
-(``apply_kv`` exposes that identity; see ``tests/test_exactness.py``).
+(``apply_kv`` exposes that identity; see ``tests/test_editor.py`` and ``tests/test_exactness.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .linalg import LayerSystem
 from .locate.keys import ContextRows, read_keys
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
-from .locate.values import compute_values
+from .locate.values import ValueResult, compute_values
 from .models.load import LoadedModel, load_model
 from .models.presets import EditHParams, preset_for
 
@@ -151,8 +151,14 @@ class Editor:
         self,
         facts: Sequence[Fact],
         progress: Callable[[str, int, int | None], None] | None = None,
+        *,
+        values: ValueResult | None = None,
     ) -> StepReport:
-        """One editing step on ``facts`` (all solved together). Returns its :class:`StepReport`."""
+        """One editing step on ``facts`` (all solved together). Returns its :class:`StepReport`.
+
+        ``values`` reuses target values computed earlier for exactly these facts (e.g. on the
+        original model, to compare sequential and one-time editing on the same targets).
+        """
         if self.mode == "one_time" and self.steps:
             raise RuntimeError(
                 "a one_time editor solves all facts in one step and has already been applied; "
@@ -169,32 +175,45 @@ class Editor:
         sec["templates"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        cb = (lambda n: progress("values", n, len(facts))) if progress else None
-        values = compute_values(self.loaded, facts, templates, hp, progress=cb)
+        if values is None:
+            cb = (lambda n: progress("values", n, len(facts))) if progress else None
+            values = compute_values(self.loaded, facts, templates, hp, progress=cb)
+        elif values.z.shape[1] != len(facts):
+            raise ValueError(f"values hold {values.z.shape[1]} facts, the step has {len(facts)}")
         sec["values"] = time.perf_counter() - t
 
         sec["keys"] = sec["solve"] = sec["apply"] = 0.0
         residual_norms: dict[int, float] = {}
         update_norms: dict[int, float] = {}
-        target_norm = None
         n_layers = len(hp.layers)
-        for i, layer in enumerate(hp.layers):
-            t = time.perf_counter()
-            K = read_keys(self.loaded, ctx, [layer], batch_rows=hp.key_batch_rows).keys[layer]
-            H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
-            sec["keys"] += time.perf_counter() - t
-            resid = values.z - H
-            residual_norms[layer] = float(resid.norm())
-            target_norm = residual_norms[layer] if target_norm is None else target_norm
-            t = time.perf_counter()
-            delta = self.systems[layer].update(K, resid / (n_layers - i))
-            sec["solve"] += time.perf_counter() - t
-            t = time.perf_counter()
-            self._write(layer, delta)
-            update_norms[layer] = float(delta.norm())
-            sec["apply"] += time.perf_counter() - t
-            if progress:
-                progress("layers", 1, n_layers)
+        # Layers are written inside the loop (upper layers read keys on the updated model), so a
+        # failure part-way must restore the systems, masters and model weights of the earlier ones.
+        saved_systems, saved_master = dict(self.systems), dict(self.master)
+        try:
+            for i, layer in enumerate(hp.layers):
+                t = time.perf_counter()
+                K = read_keys(self.loaded, ctx, [layer], batch_rows=hp.key_batch_rows).keys[layer]
+                H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
+                sec["keys"] += time.perf_counter() - t
+                resid = values.z - H
+                residual_norms[layer] = float(resid.norm())
+                t = time.perf_counter()
+                system = self.systems[layer].copy()
+                delta = system.update(K, resid / (n_layers - i))
+                self.systems[layer] = system
+                sec["solve"] += time.perf_counter() - t
+                t = time.perf_counter()
+                self._write(layer, delta)
+                update_norms[layer] = float(delta.norm())
+                sec["apply"] += time.perf_counter() - t
+                if progress:
+                    progress("layers", 1, n_layers)
+        except BaseException:
+            self.systems, self.master = saved_systems, saved_master
+            for layer in hp.layers:
+                self.loaded.adapter.set_weight(layer, self.master[layer])
+            raise
+        target_norm = residual_norms[hp.layers[0]]
         t = time.perf_counter()
         H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
         final = float((values.z - H).norm())
@@ -206,7 +225,7 @@ class Editor:
             seconds=sec,
             residual_norms=residual_norms,
             final_residual=final,
-            target_norm=float(target_norm or 0.0),
+            target_norm=target_norm,
             value_steps=values.steps,
             value_loss=values.loss,
             update_norms=update_norms,

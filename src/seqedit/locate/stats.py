@@ -60,8 +60,9 @@ def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, seed: int =
     return out
 
 
-def _cache_path(fingerprint: str, chash: str, layer: int, n_tokens: int, seq_len: int, seed: int) -> Path:
-    name = f"{fingerprint[:16]}-{chash[:16]}-n{n_tokens}-s{seq_len}-seed{seed}-layer{layer}.safetensors"
+def _cache_path(loaded, chash: str, layer: int, n_tokens: int, seq_len: int, seed: int) -> Path:
+    # the tokenizer is part of the key: the same weights with another tokenizer see other keys
+    name = f"{loaded.cache_key}-{chash[:16]}-n{n_tokens}-s{seq_len}-seed{seed}-layer{layer}.safetensors"
     return cache_dir("stats") / name
 
 
@@ -106,6 +107,8 @@ def collect_stats(
         count += int(mask.sum())
         if progress is not None:
             progress(int(mask.sum()))
+    if count == 0:
+        raise ValueError("the statistics corpus is empty: no token to estimate Σ₀ from")
     return {l: LayerStats(l, grams[l].cpu(), count) for l in layers}
 
 
@@ -128,7 +131,7 @@ def layer_stats(
     out: dict[int, LayerStats] = {}
     missing = []
     for l in layers:
-        path = _cache_path(loaded.fingerprint, chash, l, n_tokens, seq_len, seed)
+        path = _cache_path(loaded, chash, l, n_tokens, seq_len, seed)
         if path.exists():
             t = load_file(str(path))
             out[l] = LayerStats(l, t["gram"], int(t["count"].item()))
@@ -141,7 +144,7 @@ def layer_stats(
         t0 = time.perf_counter()
         fresh = collect_stats(loaded, missing, windows, batch_size, progress)
         for l, st in fresh.items():
-            path = _cache_path(loaded.fingerprint, chash, l, n_tokens, seq_len, seed)
+            path = _cache_path(loaded, chash, l, n_tokens, seq_len, seed)
             tensors = {"gram": st.gram.contiguous(), "count": torch.tensor([st.count], dtype=torch.int64)}
             meta = {"layer": str(l), "corpus_sha256": chash, "seconds": f"{time.perf_counter() - t0:.2f}"}
             atomic_write(path, lambda tmp, tensors=tensors, meta=meta: save_file(tensors, tmp, metadata=meta))

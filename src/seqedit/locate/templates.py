@@ -47,7 +47,7 @@ def context_templates(loaded, n: int = 5, length: int = 10, seed: int = 0) -> li
     """``["{}", t_1..t_n]``: the bare template first, then ``n`` sampled prefixes ending in ". {}"."""
     if n <= 0:
         return ["{}"]
-    path = cache_dir("templates") / f"{loaded.fingerprint[:16]}-n{n}-len{length}-seed{seed}.json"
+    path = cache_dir("templates") / f"{loaded.cache_key}-n{n}-len{length}-seed{seed}.json"
     if path.exists():
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, list) and len(data) == n + 1 and all(t.count("{}") == 1 for t in data):

