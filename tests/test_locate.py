@@ -12,7 +12,7 @@ import torch
 
 from seqedit.errors import LocateError
 from seqedit.facts import Fact
-from seqedit.locate.keys import ContextRows, read_keys
+from seqedit.locate.keys import ContextRows, KeyReader, read_keys
 from seqedit.locate.tokens import encode_prompt, fill_template, target_ids
 from seqedit.locate.trace import block_hidden, replace_block_hidden
 from seqedit.locate.values import KL_PROMPT, compute_values
@@ -187,3 +187,17 @@ def test_subject_not_in_tokens_raises() -> None:
     tok = tiny_tokenizer()
     with pytest.raises(LocateError, match="one '\\{\\}'"):
         encode_prompt(tok, "{}", "no slot here", "x")
+
+
+def test_key_reader_replays_frozen_blocks_exactly() -> None:
+    """Reads after editing a layer at/above ``frozen_below`` equal a fresh full forward."""
+    lm = tiny_model("llama")
+    ctx = ContextRows.build(lm.tokenizer, FACTS, TEMPLATES)
+    reader = KeyReader(lm, ctx, frozen_below=2, batch_rows=4)
+    first = reader.read([2], z_layer=3)
+    lm.adapter.set_weight(2, lm.adapter.weight(2) * 1.5)  # edit a layer above the frozen ones
+    again = reader.read([3], z_layer=3)
+    fresh = read_keys(lm, ctx, [3], z_layer=3)
+    torch.testing.assert_close(again.keys[3], fresh.keys[3], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(again.z_hidden, fresh.z_hidden, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(first.z_hidden, again.z_hidden)  # the edit is seen

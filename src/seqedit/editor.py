@@ -23,7 +23,7 @@ import torch
 
 from .facts import Fact
 from .linalg import LayerSystem
-from .locate.keys import ContextRows, read_keys
+from .locate.keys import ContextRows, KeyReader
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult, compute_values
@@ -189,11 +189,14 @@ class Editor:
         # Layers are written inside the loop (upper layers read keys on the updated model), so a
         # failure part-way must restore the systems, masters and model weights of the earlier ones.
         saved_systems, saved_master = dict(self.systems), dict(self.master)
+        # blocks below the first edited layer do not change within the step: read them once
+        ctx_reader = KeyReader(self.loaded, ctx, hp.layers[0], hp.key_batch_rows)
+        bare_reader = KeyReader(self.loaded, bare, hp.layers[0], hp.key_batch_rows)
         try:
             for i, layer in enumerate(hp.layers):
                 t = time.perf_counter()
-                K = read_keys(self.loaded, ctx, [layer], batch_rows=hp.key_batch_rows).keys[layer]
-                H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
+                K = ctx_reader.read([layer]).keys[layer]
+                H = bare_reader.read([], z_layer=hp.z_layer).z_hidden
                 sec["keys"] += time.perf_counter() - t
                 resid = values.z - H
                 residual_norms[layer] = float(resid.norm())
@@ -215,7 +218,7 @@ class Editor:
             raise
         target_norm = residual_norms[hp.layers[0]]
         t = time.perf_counter()
-        H = read_keys(self.loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
+        H = bare_reader.read([], z_layer=hp.z_layer).z_hidden
         final = float((values.z - H).norm())
         sec["keys"] += time.perf_counter() - t
         sec["total"] = sum(sec.values())

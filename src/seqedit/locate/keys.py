@@ -7,6 +7,7 @@ the bare rows, and stops after the deepest layer needed: nothing above it is com
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +15,7 @@ import torch
 
 from ..facts import Fact
 from .tokens import EncodedPrompt, encode_prompt, pad_id_of, pad_right
-from .trace import block_hidden, capture_inputs, hooks, run_truncated, stop_after
+from .trace import LowerBlocksReplay, block_hidden, capture_inputs, hooks, run_truncated, stop_after
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,71 @@ class KeyReadout:
     z_hidden: torch.Tensor | None
 
 
-@torch.no_grad()
+class KeyReader:
+    """Reads keys and z-layer states of fixed rows, repeatedly, as the model is edited layer by layer.
+
+    Blocks below ``frozen_below`` must not change between reads (within a step: those below the
+    first edited layer); their output is recorded in the first read and replayed afterwards, so
+    later reads only run the blocks that can have changed. Rows are encoded once.
+    """
+
+    def __init__(self, loaded, ctx: ContextRows, frozen_below: int = 0, batch_rows: int = 256):
+        self.loaded, self.ctx = loaded, ctx
+        pad = pad_id_of(loaded.tokenizer)
+        self.batches = []
+        for lo in range(0, len(ctx.rows), batch_rows):
+            chunk = ctx.rows[lo : lo + batch_rows]
+            ids, mask = pad_right([r.ids for r in chunk], pad)
+            idx = torch.tensor([r.subject_last for r in chunk])
+            replay = LowerBlocksReplay(loaded.adapter, frozen_below - 1) if frozen_below > 0 else None
+            self.batches.append((ids, mask, idx, replay))
+
+    @torch.no_grad()
+    def read(self, layers: Sequence[int], z_layer: int | None = None) -> KeyReadout:
+        """Keys at ``layers`` (``[d_in, n]`` each) and the z-layer block output on bare rows (``[d_out, n]``)."""
+        adapter, model, ctx = self.loaded.adapter, self.loaded.model, self.ctx
+        device = next(model.parameters()).device
+        stop_layer = max([*layers, *([z_layer] if z_layer is not None else [])])
+        per_row: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+        z_rows: list[torch.Tensor] = []
+        for ids, mask, idx, replay in self.batches:
+            idx = idx.to(device)
+            ar = torch.arange(len(idx), device=device)
+            got: dict[int, torch.Tensor] = {}
+
+            def reader(layer: int):
+                def fn(x: torch.Tensor) -> None:
+                    got[layer] = x[ar, idx].detach().to(torch.float64).cpu()
+
+                return fn
+
+            def z_reader(_m, _a, out) -> None:
+                z_rows.append(block_hidden(out)[ar, idx].detach().to(torch.float64).cpu())
+
+            handles = [capture_inputs(adapter.ffn_out(l), reader(l)) for l in layers]
+            if z_layer is not None:
+                handles.append(adapter.block(z_layer).register_forward_hook(z_reader))
+            if replay is not None and replay.hidden is None:
+                handles.append(replay.blocks[-1].register_forward_hook(replay.recorder()))
+            # registered last so that it runs after the readers of the same block
+            handles.append(stop_after(adapter.block(stop_layer)))
+            skip = replay.skipping() if replay is not None else nullcontext()
+            with hooks(handles), skip:
+                run_truncated(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+            for l in layers:
+                per_row[l].append(got[l])
+
+        w = ctx.template_weights()
+        keys = {
+            l: torch.einsum("ftd,t->df", torch.cat(per_row[l]).view(ctx.n_facts, ctx.n_templates, -1), w)
+            for l in layers
+        }
+        z_hidden = None
+        if z_rows:
+            z_hidden = torch.cat(z_rows).view(ctx.n_facts, ctx.n_templates, -1)[:, 0].T.contiguous()
+        return KeyReadout(keys, z_hidden)
+
+
 def read_keys(
     loaded,
     ctx: ContextRows,
@@ -55,48 +120,4 @@ def read_keys(
     batch_rows: int = 256,
 ) -> KeyReadout:
     """Read keys at ``layers`` (and the block output of ``z_layer`` on bare rows) on the current model."""
-    adapter, model = loaded.adapter, loaded.model
-    device = next(model.parameters()).device
-    pad = pad_id_of(loaded.tokenizer)
-    stop_layer = max([*layers, *([z_layer] if z_layer is not None else [])])
-    n_rows = len(ctx.rows)
-    per_row: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    z_rows: list[torch.Tensor] = []
-    for lo in range(0, n_rows, batch_rows):
-        chunk = ctx.rows[lo : lo + batch_rows]
-        ids, mask = pad_right([r.ids for r in chunk], pad)
-        idx = torch.tensor([r.subject_last for r in chunk], device=device)
-        ar = torch.arange(len(chunk), device=device)
-        got: dict[int, torch.Tensor] = {}
-        z_out: list[torch.Tensor] = []
-
-        def reader(layer: int):
-            def fn(x: torch.Tensor) -> None:
-                got[layer] = x[ar, idx].detach().to(torch.float64).cpu()
-
-            return fn
-
-        def z_reader(_m, _a, out) -> None:
-            z_out.append(block_hidden(out)[ar, idx].detach().to(torch.float64).cpu())
-
-        handles = [capture_inputs(adapter.ffn_out(l), reader(l)) for l in layers]
-        if z_layer is not None:
-            handles.append(adapter.block(z_layer).register_forward_hook(z_reader))
-        # registered last so that it runs after the readers of the same block
-        handles.append(stop_after(adapter.block(stop_layer)))
-        with hooks(handles):
-            run_truncated(model, input_ids=ids.to(device), attention_mask=mask.to(device))
-        for l in layers:
-            per_row[l].append(got[l])
-        z_rows.extend(z_out)
-
-    w = ctx.template_weights()
-    keys = {
-        l: torch.einsum("ftd,t->df", torch.cat(per_row[l]).view(ctx.n_facts, ctx.n_templates, -1), w)
-        for l in layers
-    }
-    z_hidden = None
-    if z_rows:
-        z_hidden = torch.cat(z_rows).view(ctx.n_facts, ctx.n_templates, -1)[:, 0].T.contiguous()
-    return KeyReadout(keys, z_hidden)
-
+    return KeyReader(loaded, ctx, 0, batch_rows).read(layers, z_layer)

@@ -57,3 +57,55 @@ def run_truncated(model: nn.Module, **inputs) -> None:
             model(**inputs, use_cache=False)
     except StopForward:
         pass
+
+
+class LowerBlocksReplay:
+    """Skips blocks ``0..top`` in later passes over the same rows: their output there is fixed.
+
+    The first pass records block ``top``'s output (:meth:`record`); inside :meth:`skipping`, blocks below
+    ``top`` pass their input through untouched and block ``top`` returns the recorded output, so only
+    the blocks above do work (hooks on block ``top`` still run). :meth:`select` keeps a subset of rows.
+    """
+
+    def __init__(self, adapter, top: int):
+        self.blocks = [adapter.block(i) for i in range(top + 1)]
+        self.out = None  # block top's output structure from the recording pass
+        self.hidden: torch.Tensor | None = None
+
+    def record(self, out) -> None:
+        self.out = out
+        self.hidden = block_hidden(out).detach()
+
+    def recorder(self):
+        """A forward hook for block ``top`` that records its output (registered by the caller)."""
+
+        def hook(_m, _a, out):
+            if self.hidden is None:
+                self.record(out)
+
+        return hook
+
+    def select(self, index: torch.Tensor) -> None:
+        self.hidden = self.hidden[index]
+
+    @contextmanager
+    def skipping(self) -> Iterator[None]:
+        if self.hidden is None:
+            yield
+            return
+        *lower, top = self.blocks
+
+        def passthrough(*args, **kwargs):
+            return replace_block_hidden(self.out, args[0] if args else kwargs["hidden_states"])
+
+        def recorded(*args, **kwargs):
+            return replace_block_hidden(self.out, self.hidden)
+
+        for b in lower:
+            b.forward = passthrough
+        top.forward = recorded
+        try:
+            yield
+        finally:
+            for b in self.blocks:
+                del b.forward  # back to the class's forward

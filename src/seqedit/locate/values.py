@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..facts import Fact
 from ..models.presets import EditHParams
 from .tokens import encode_prompt, pad_id_of, target_ids
-from .trace import block_hidden, hooks, replace_block_hidden
+from .trace import LowerBlocksReplay, block_hidden, hooks, replace_block_hidden
 
 KL_PROMPT = "{} is a"
 
@@ -95,49 +94,6 @@ class _PrefixCache:
         return DynamicCache(ddp_cache_data=self.kv)
 
 
-class _LowerBlocksReplay:
-    """Skips blocks ``0..z`` in suffix passes after the first: their suffix outputs do not depend on δ.
-
-    The first pass records block z's clean output (before δ is added); later passes make blocks
-    below z pass their input through untouched and block z return the recorded output, so only the
-    layers above z (and the δ-injection hook) do work. Rows are re-selected as facts converge.
-    """
-
-    def __init__(self, adapter, z_layer: int):
-        self.blocks = [adapter.block(i) for i in range(z_layer + 1)]
-        self.z_out = None  # block z's output structure from the first pass
-        self.z_hidden: torch.Tensor | None = None
-
-    def record(self, out) -> None:
-        self.z_out = out
-        self.z_hidden = block_hidden(out).detach()
-
-    def select(self, index: torch.Tensor) -> None:
-        self.z_hidden = self.z_hidden[index]
-
-    @contextmanager
-    def skipping(self):
-        if self.z_hidden is None:
-            yield
-            return
-        *lower, top = self.blocks
-
-        def passthrough(*args, **kwargs):
-            return replace_block_hidden(self.z_out, args[0] if args else kwargs["hidden_states"])
-
-        def recorded(*args, **kwargs):
-            return replace_block_hidden(self.z_out, self.z_hidden)
-
-        for b in lower:
-            b.forward = passthrough
-        top.forward = recorded
-        try:
-            yield
-        finally:
-            for b in self.blocks:
-                del b.forward  # back to the class's forward
-
-
 def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> None:
     """One Adam update of rows ``p`` (in place), identical to ``torch.optim.Adam`` defaults."""
     m.mul_(b1).add_(g, alpha=1 - b1)
@@ -146,124 +102,176 @@ def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> Non
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
 
 
+def _length_groups(lengths: list[int], max_groups: int = 4) -> list[list[int]]:
+    """Partition row indices into ≤ ``max_groups`` groups of similar suffix length.
+
+    Rows are right-padded to their group's longest suffix, so the partition minimises the padded
+    token count Σ_g max_len_g · |g| (a small dynamic programme over the distinct lengths).
+    """
+    distinct = sorted(set(lengths))
+    count = [sum(1 for x in lengths if x == u) for u in distinct]
+    m, k = len(distinct), min(max_groups, len(distinct))
+    prefix = [0]
+    for c in count:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[g][j]: cost of covering distinct[:j] with g groups; cut[g][j]: start of the last group
+    best = [[inf] * (m + 1) for _ in range(k + 1)]
+    cut = [[0] * (m + 1) for _ in range(k + 1)]
+    best[0][0] = 0
+    for g in range(1, k + 1):
+        for j in range(1, m + 1):
+            for i in range(j):
+                c = best[g - 1][i] + distinct[j - 1] * (prefix[j] - prefix[i])
+                if c < best[g][j]:
+                    best[g][j], cut[g][j] = c, i
+    g = min(range(1, k + 1), key=lambda gg: best[gg][m])
+    bounds, j = [], m
+    while g > 0:
+        i = cut[g][j]
+        bounds.append((distinct[i], distinct[j - 1]))
+        j, g = i, g - 1
+    return [[r for r, x in enumerate(lengths) if lo <= x <= hi] for lo, hi in reversed(bounds)]
+
+
+class _RowGroup:
+    """Rows of similar suffix length: their prefix KV cache, suffix batch and lower-block replay."""
+
+    def __init__(self, loaded, rows: list[_Row], z_layer: int):
+        base, pad = loaded.model.base_model, pad_id_of(loaded.tokenizer)
+        self.device = next(loaded.model.parameters()).device
+        self.rows = rows
+        P = max(len(r.prefix) for r in rows)
+        S = max(len(r.suffix) for r in rows)
+        pre_ids = torch.full((len(rows), P), pad, dtype=torch.long)
+        pre_mask = torch.zeros((len(rows), P), dtype=torch.long)
+        self.suf_ids = torch.full((len(rows), S), pad, dtype=torch.long)
+        suf_mask = torch.zeros((len(rows), S), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r.prefix:  # left-padded prefix, right-padded suffix: the two meet without a gap
+                pre_ids[i, P - len(r.prefix) :] = torch.tensor(r.prefix)
+                pre_mask[i, P - len(r.prefix) :] = 1
+            self.suf_ids[i, : len(r.suffix)] = torch.tensor(r.suffix)
+            suf_mask[i, : len(r.suffix)] = 1
+        self.suf_pos = pre_mask.sum(1)[:, None] + torch.arange(S)[None, :]
+        self.full_mask = torch.cat([pre_mask, suf_mask], 1)
+        self.tokens = suf_mask.sum(1)
+        self.prefix = None
+        if P > 0:
+            with torch.no_grad():
+                out = base(
+                    input_ids=pre_ids.to(self.device),
+                    attention_mask=pre_mask.to(self.device),
+                    position_ids=(torch.cumsum(pre_mask, 1) - 1).clamp(min=0).to(self.device),
+                    use_cache=True,
+                )
+            self.prefix = _PrefixCache(out.past_key_values)
+        self.replay = LowerBlocksReplay(loaded.adapter, z_layer)
+
+    def keep(self, alive: set[int]) -> None:
+        """Drop the rows of facts that stopped."""
+        idx = [i for i, r in enumerate(self.rows) if r.fact in alive]
+        if len(idx) == len(self.rows):
+            return
+        sel = torch.tensor(idx, dtype=torch.long)
+        self.rows = [self.rows[i] for i in idx]
+        self.suf_ids, self.suf_pos = self.suf_ids[sel], self.suf_pos[sel]
+        self.full_mask, self.tokens = self.full_mask[sel], self.tokens[sel]
+        if self.rows:
+            self.replay.select(sel.to(self.device))
+            if self.prefix is not None:
+                self.prefix.select(sel.to(self.device))
+
+    def forward(self, loaded, z_layer: int, inject) -> torch.Tensor:
+        """Suffix pass with ``inject(out, group)`` hooked on block ``z_layer``; returns final hidden states."""
+        dev = self.device
+        handle = loaded.adapter.block(z_layer).register_forward_hook(lambda _m, _a, out: inject(out, self))
+        with hooks([handle]), self.replay.skipping():
+            return loaded.model.base_model(
+                input_ids=self.suf_ids.to(dev),
+                attention_mask=self.full_mask.to(dev),
+                position_ids=self.suf_pos.to(dev),
+                past_key_values=self.prefix.fresh() if self.prefix is not None else None,
+                use_cache=self.prefix is not None,
+            ).last_hidden_state
+
+
 def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams):
-    model, tok, adapter = loaded.model, loaded.tokenizer, loaded.adapter
-    device = next(model.parameters()).device
-    base = model.base_model
+    adapter = loaded.adapter
+    device = next(loaded.model.parameters()).device
     unembed = adapter.unembed
-    pad = pad_id_of(tok)
-    rows = _build_rows(tok, facts, templates)
-    n = len(facts)
+    rows = _build_rows(loaded.tokenizer, facts, templates)
+    groups = [
+        _RowGroup(loaded, [rows[i] for i in g], hp.z_layer) for g in _length_groups([len(r.suffix) for r in rows])
+    ]
+    n, n_templates = len(facts), len(templates)
     d = adapter.dims(hp.z_layer)[0]
-
-    P = max(len(r.prefix) for r in rows)
-    S = max(len(r.suffix) for r in rows)
-    pre_ids = torch.full((len(rows), P), pad, dtype=torch.long)
-    pre_mask = torch.zeros((len(rows), P), dtype=torch.long)
-    suf_ids = torch.full((len(rows), S), pad, dtype=torch.long)
-    suf_mask = torch.zeros((len(rows), S), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r.prefix:  # left-padded prefix, right-padded suffix: the two meet without a gap
-            pre_ids[i, P - len(r.prefix) :] = torch.tensor(r.prefix)
-            pre_mask[i, P - len(r.prefix) :] = 1
-        suf_ids[i, : len(r.suffix)] = torch.tensor(r.suffix)
-        suf_mask[i, : len(r.suffix)] = 1
-    pre_len = pre_mask.sum(1)
-    pre_pos = (torch.cumsum(pre_mask, 1) - 1).clamp(min=0)
-    suf_pos = pre_len[:, None] + torch.arange(S)[None, :]
-    full_mask = torch.cat([pre_mask, suf_mask], 1)
-
-    prefix = None
-    if P > 0:
-        with torch.no_grad():
-            out = base(
-                input_ids=pre_ids.to(device),
-                attention_mask=pre_mask.to(device),
-                position_ids=pre_pos.to(device),
-                use_cache=True,
-            )
-        prefix = _PrefixCache(out.past_key_values)
-
-    replay = _LowerBlocksReplay(adapter, hp.z_layer)
-    row_fact = torch.tensor([r.fact for r in rows])
     delta = torch.zeros((n, d), dtype=torch.float32, device=device)
     m_state, v_state = torch.zeros_like(delta), torch.zeros_like(delta)
     h0 = torch.zeros((n, d), dtype=torch.float32, device=device)
     h0_seen = torch.zeros(n, dtype=torch.bool)
-    kl_init: dict[int, torch.Tensor] = {}
+    kl_init = torch.zeros((n, adapter.unembed.weight.shape[0]), dtype=torch.float32, device=device)
     steps = [0] * n
     final_loss = [math.nan] * n
     final_nll = [math.nan] * n
 
     active = list(range(n))  # facts still optimised
-    row_sel = torch.arange(len(rows))  # rows currently in the batch (those of active facts)
     iterations = tokens = 0
     for it in range(hp.v_steps):
         iterations += 1
-        sel_rows = [rows[i] for i in row_sel.tolist()]
-        fact_of_row = row_fact[row_sel].to(device)
         act_idx = torch.tensor(active, device=device)
+        local = {f: j for j, f in enumerate(active)}
         # δ of the active facts as a leaf, so the graph and the gradient cover only them
         d_act = delta[act_idx].clone().requires_grad_(True)
-        local = {f: j for j, f in enumerate(active)}
-        local_of_row = torch.tensor([local[r.fact] for r in sel_rows], device=device)
 
-        def inject(_m, _a, out):
+        def inject(out, group: _RowGroup):
             h = block_hidden(out)
-            if replay.z_hidden is None:
-                replay.record(out)
-            if it == 0:
-                bare = torch.tensor([r.bare for r in sel_rows], device=device)
-                h0[fact_of_row[bare]] = h[bare, 0].detach().float()
-                h0_seen[fact_of_row[bare].cpu()] = True
+            if group.replay.hidden is None:
+                group.replay.record(out)
+                bare = [i for i, r in enumerate(group.rows) if r.bare]
+                if bare:
+                    facts_b = torch.tensor([group.rows[i].fact for i in bare], device=device)
+                    h0[facts_b] = h[bare, 0].detach().float()
+                    h0_seen[facts_b.cpu()] = True
+            rows_local = torch.tensor([local[r.fact] for r in group.rows], device=device)
             add = torch.zeros_like(h)
-            add[:, 0] = d_act[local_of_row].to(h.dtype)
+            add[:, 0] = d_act[rows_local].to(h.dtype)
             return replace_block_hidden(out, h + add)
 
-        inject_handle = adapter.block(hp.z_layer).register_forward_hook(inject)
-        with torch.enable_grad(), hooks([inject_handle]), replay.skipping():
-            hidden = base(
-                input_ids=suf_ids[row_sel].to(device),
-                attention_mask=full_mask[row_sel].to(device),
-                position_ids=suf_pos[row_sel].to(device),
-                past_key_values=prefix.fresh() if prefix is not None else None,
-                use_cache=prefix is not None,
-            ).last_hidden_state
-            tokens += int(suf_mask[row_sel].sum())
-
-            # NLL at label positions only
-            lab_r, lab_p, lab_y, lab_w = [], [], [], []
-            n_rew = torch.zeros(len(active), device=device)
-            for j, r in enumerate(sel_rows):
-                if r.kl:
+        nll = torch.zeros(len(active), device=device)
+        kl = torch.zeros(len(active), device=device)
+        with torch.enable_grad():
+            for group in groups:
+                if not group.rows:
                     continue
-                n_rew[local[r.fact]] += 1
-                for p, y in zip(r.label_pos, r.labels):
-                    lab_r.append(j)
-                    lab_p.append(p)
-                    lab_y.append(y)
-                    lab_w.append(1.0 / len(r.labels))
-            logits = unembed(hidden[lab_r, lab_p]).float()
-            tok_nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(lab_y, device=device)[:, None])[:, 0]
-            row_local = local_of_row[torch.tensor(lab_r, device=device)]
-            nll = torch.zeros(len(active), device=device).index_add(
-                0, row_local, tok_nll * torch.tensor(lab_w, device=device)
-            ) / n_rew
-
-            kl_rows = [j for j, r in enumerate(sel_rows) if r.kl]
-            kl_logp = torch.log_softmax(unembed(hidden[kl_rows, 0]).float(), -1)
-            kl_facts = [sel_rows[j].fact for j in kl_rows]
-            if it == 0:
-                for f, lp in zip(kl_facts, kl_logp.detach()):
-                    kl_init[f] = lp
-            init = torch.stack([kl_init[f] for f in kl_facts])
-            kl_vals = (kl_logp.exp() * (kl_logp - init)).sum(-1)
-            kl = torch.zeros(len(active), device=device).index_add(
-                0, torch.tensor([local[f] for f in kl_facts], device=device), kl_vals
-            )
-
-            h0_norm = h0[act_idx].norm(dim=-1)
-            wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0_norm**2
+                hidden = group.forward(loaded, hp.z_layer, inject)
+                tokens += int(group.tokens.sum())
+                lab_r, lab_p, lab_y, lab_w, lab_f = [], [], [], [], []
+                kl_r, kl_f = [], []
+                for j, r in enumerate(group.rows):
+                    if r.kl:
+                        kl_r.append(j)
+                        kl_f.append(r.fact)
+                        continue
+                    for p, y in zip(r.label_pos, r.labels):
+                        lab_r.append(j)
+                        lab_p.append(p)
+                        lab_y.append(y)
+                        lab_w.append(1.0 / (len(r.labels) * n_templates))
+                        lab_f.append(local[r.fact])
+                if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
+                    logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
+                    tok_nll = -logp.gather(1, torch.tensor(lab_y, device=device)[:, None])[:, 0]
+                    w = torch.tensor(lab_w, device=device)
+                    nll = nll.index_add(0, torch.tensor(lab_f, device=device), tok_nll * w)
+                if kl_r:  # KL(p_δ ‖ p_0) of the next token after the subject
+                    kl_logp = torch.log_softmax(unembed(hidden[kl_r, 0]).float(), -1)
+                    fidx = torch.tensor(kl_f, device=device)
+                    if it == 0:
+                        kl_init[fidx] = kl_logp.detach()
+                    vals = (kl_logp.exp() * (kl_logp - kl_init[fidx])).sum(-1)
+                    kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals)
+            wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
             loss = nll + hp.kl_factor * kl + wd
 
         loss_d = loss.detach()
@@ -276,10 +284,9 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
         keep = (~done).nonzero()[:, 0]
         # the sum of per-fact losses: ∂/∂δ_f only sees fact f's own loss
         (grad,) = torch.autograd.grad(loss[keep].sum(), d_act)
-        g = grad[keep]
         upd = act_idx[keep]
         p, m_, v_ = delta[upd], m_state[upd], v_state[upd]
-        _adam_step(p, g, m_, v_, it + 1, hp.v_lr)
+        _adam_step(p, grad[keep], m_, v_, it + 1, hp.v_lr)
         max_norm = hp.clamp_norm_factor * h0[upd].norm(dim=-1, keepdim=True)
         p = p * torch.clamp(max_norm / p.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
         delta[upd], m_state[upd], v_state[upd] = p, m_, v_
@@ -287,12 +294,9 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             steps[f] += 1
         if bool(done.any()):
             active = [active[j] for j in keep.tolist()]
-            still = set(active)
-            keep_rows = torch.tensor([k for k, i in enumerate(row_sel.tolist()) if rows[i].fact in still])
-            row_sel = row_sel[keep_rows]
-            replay.select(keep_rows.to(device))
-            if prefix is not None:
-                prefix.select(keep_rows.to(device))
+            alive = set(active)
+            for group in groups:
+                group.keep(alive)
 
     assert bool(h0_seen.all()), "every fact has a bare row"
     z = (h0 + delta).to(torch.float64).cpu()
