@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--starts", default="2,4,6,8")
     ap.add_argument("--lams", default="5000,15000,50000")
+    ap.add_argument("--v-steps", default="", help="comma-separated value-step budgets to compare")
     ap.add_argument("--out", default="docs/layer-sweep.md")
     args = ap.parse_args()
 
@@ -61,9 +62,10 @@ def main() -> None:
     before = metrics(lm, facts)
     print("before", before, flush=True)
     rows = []
-    for s in starts:
+    budgets = [int(x) for x in args.v_steps.split(",")] if args.v_steps else [base.v_steps]
+    for s, v_steps in [(s, b) for s in starts for b in budgets]:
         layers = tuple(range(s, s + 5))
-        hp = base.override(layers=layers)
+        hp = base.override(layers=layers, v_steps=v_steps)
         editor0 = seqedit.Editor(lm, hparams=hp)
         t = time.perf_counter()
         values = compute_values(lm, facts, editor0.templates(), hp)
@@ -72,7 +74,7 @@ def main() -> None:
             editor = seqedit.Editor(lm, hparams=hp.override(lam=lam))
             report = editor.apply(facts, values=values)
             m = metrics(lm, facts)
-            row = {"layers": list(layers), "lam": lam, **m, "residual_left": report.final_residual / report.target_norm,
+            row = {"layers": list(layers), "lam": lam, "v_steps": v_steps, **m, "residual_left": report.final_residual / report.target_norm,
                    "mean_value_steps": sum(values.steps) / len(values.steps), "values_s": v_s}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -81,7 +83,7 @@ def main() -> None:
     with open(args.out, "w", encoding="utf-8") as fh:
         fh.write("# Layer sweep for the embedded model (SmolLM2-135M-Instruct)\n\n")
         fh.write(f"Command: `python benchmarks/layer_sweep.py --n {args.n} --seed {args.seed} --starts {args.starts} "
-                 f"--lams {args.lams}`\n\n")
+                 f"--lams {args.lams} --v-steps {args.v_steps or base.v_steps}`\n\n")
         fh.write(f"{args.n} CounterFact facts from the `train` split (seeded sample, seed {args.seed}), edited in one "
                  "step into a fresh model per row; metrics by CounterFact's length-normalised NLL comparison "
                  "(efficacy: new > true on the edit prompt; generalization: on the paraphrase; specificity: "
@@ -89,12 +91,13 @@ def main() -> None:
                  "before it, at the z-layer.\n\n")
         fh.write(f"Before editing: efficacy {before['efficacy']:.2f}, generalization {before['generalization']:.2f}, "
                  f"specificity {before['specificity']:.2f}.\n\n")
-        fh.write("| layers | λ | efficacy | generalization | specificity | residual left | value steps/fact |\n")
-        fh.write("|---|---:|---:|---:|---:|---:|---:|\n")
+        fh.write("| layers | λ | step budget | efficacy | generalization | specificity | residual left "
+                 "| value steps/fact | values s |\n")
+        fh.write("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
         for r in rows:
-            fh.write(f"| {r['layers'][0]}–{r['layers'][-1]} | {r['lam']:.0f} | {r['efficacy']:.2f} | "
+            fh.write(f"| {r['layers'][0]}–{r['layers'][-1]} | {r['lam']:.0f} | {r['v_steps']} | {r['efficacy']:.2f} | "
                      f"{r['generalization']:.2f} | {r['specificity']:.2f} | {r['residual_left']:.2f} | "
-                     f"{r['mean_value_steps']:.1f} |\n")
+                     f"{r['mean_value_steps']:.1f} | {r['values_s']:.0f} |\n")
 
 
 if __name__ == "__main__":

@@ -193,11 +193,17 @@ def test_key_reader_replays_frozen_blocks_exactly() -> None:
     """Reads after editing a layer at/above ``frozen_below`` equal a fresh full forward."""
     lm = tiny_model("llama")
     ctx = ContextRows.build(lm.tokenizer, FACTS, TEMPLATES)
-    reader = KeyReader(lm, ctx, frozen_below=2, batch_rows=4)
-    first = reader.read([2], z_layer=3)
-    lm.adapter.set_weight(2, lm.adapter.weight(2) * 1.5)  # edit a layer above the frozen ones
-    again = reader.read([3], z_layer=3)
+    reader = KeyReader(lm, ctx, batch_rows=4)
+    first = reader.read([1], z_layer=3, frozen_below=1)
+    torch.testing.assert_close(first.keys[1], read_keys(lm, ctx, [1]).keys[1], rtol=1e-6, atol=1e-7)
+    lm.adapter.set_weight(1, lm.adapter.weight(1) * 1.5)  # edit the layer just read, as a step does
+    second = reader.read([2], z_layer=3, frozen_below=2)
+    fresh = read_keys(lm, ctx, [2], z_layer=3)
+    torch.testing.assert_close(second.keys[2], fresh.keys[2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(second.z_hidden, fresh.z_hidden, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(first.z_hidden, second.z_hidden)  # the edit is seen
+    lm.adapter.set_weight(2, lm.adapter.weight(2) * 0.5)
+    third = reader.read([3], z_layer=3, frozen_below=3)
     fresh = read_keys(lm, ctx, [3], z_layer=3)
-    torch.testing.assert_close(again.keys[3], fresh.keys[3], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(again.z_hidden, fresh.z_hidden, rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(first.z_hidden, again.z_hidden)  # the edit is seen
+    torch.testing.assert_close(third.keys[3], fresh.keys[3], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(third.z_hidden, fresh.z_hidden, rtol=1e-6, atol=1e-7)

@@ -120,12 +120,13 @@ def edit(
     from .evaluate.scoring import greedy_completions
 
     fs = _facts(facts, n, split, fmt)
+    edited_layers = _layers(layers)
     lm, _ = _load(model)
     try:
-        editor = Editor(lm, method=method, mode=mode, layers=_layers(layers), lam=lam)
+        editor = Editor(lm, method=method, mode=mode, layers=edited_layers, lam=lam)
         with _progress(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
-    except (SeqEditError, ValueError) as e:
+    except (SeqEditError, ValueError, OSError) as e:
         _fail(str(e))
     completions = dict(zip(prompt, greedy_completions(lm, prompt))) if prompt else {}
     if save:
@@ -264,6 +265,7 @@ def bench(
             "facts": len(r.facts),
             **{k: round(v, 3) for k, v in r.seconds.items()},
             "mean_value_steps": sum(r.value_steps) / len(r.value_steps),
+            "value_work": r.value_work,
         }
         for r in reports
     ]
@@ -294,6 +296,15 @@ def bench(
             f"{s['apply']:.3f}", f"{s['total']:.1f}", f"{s['mean_value_steps']:.1f}",
         )
     out.print(table)
+    for s in steps:
+        w = s["value_work"]
+        if w:
+            out.print(
+                f"step {s['step']} values: {w['delta_gflop']:.0f} GFLOP of δ-dependent work "
+                f"({w['suffix_tokens']} suffix tokens, {w['padded_tokens']} with padding, "
+                f"{w['iterations']} iterations) in {s['values']:.1f} s = "
+                f"{w['delta_gflop'] / max(s['values'], 1e-9):.0f} GFLOP/s"
+            )
     out.print(
         f"Σ₀: {result['stats_seconds']:.1f} s (cached after the first run) · factorise: "
         f"{result['factorise_seconds']:.2f} s · peak RSS {result['peak_rss_mb']:.0f} MB"

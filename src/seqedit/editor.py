@@ -52,6 +52,7 @@ class StepReport:
     value_steps: list[int]
     value_loss: list[float]
     update_norms: dict[int, float] = field(default_factory=dict)  # ‖Δ_ℓ‖_F
+    value_work: dict[str, float] = field(default_factory=dict)  # tokens, padding, δ-dependent GFLOP
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +65,7 @@ class StepReport:
             "target_norm": self.target_norm,
             "mean_value_steps": sum(self.value_steps) / max(1, len(self.value_steps)),
             "update_norms": {str(k): v for k, v in self.update_norms.items()},
+            "value_work": self.value_work,
         }
 
 
@@ -175,9 +177,17 @@ class Editor:
         sec["templates"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        value_work: dict[str, float] = {}
         if values is None:
             cb = (lambda n: progress("values", n, len(facts))) if progress else None
             values = compute_values(self.loaded, facts, templates, hp, progress=cb)
+            value_work = {
+                "iterations": values.iterations,
+                "suffix_tokens": values.row_tokens,
+                "padded_tokens": values.padded_tokens,
+                "scored_positions": values.head_positions,
+                "delta_gflop": values.delta_flops(self.loaded, hp.z_layer) / 1e9,
+            }
         elif values.z.shape[1] != len(facts):
             raise ValueError(f"values hold {values.z.shape[1]} facts, the step has {len(facts)}")
         sec["values"] = time.perf_counter() - t
@@ -189,14 +199,14 @@ class Editor:
         # Layers are written inside the loop (upper layers read keys on the updated model), so a
         # failure part-way must restore the systems, masters and model weights of the earlier ones.
         saved_systems, saved_master = dict(self.systems), dict(self.master)
-        # blocks below the first edited layer do not change within the step: read them once
-        ctx_reader = KeyReader(self.loaded, ctx, hp.layers[0], hp.key_batch_rows)
-        bare_reader = KeyReader(self.loaded, bare, hp.layers[0], hp.key_batch_rows)
+        # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
+        ctx_reader = KeyReader(self.loaded, ctx, hp.key_batch_rows)
+        bare_reader = KeyReader(self.loaded, bare, hp.key_batch_rows)
         try:
             for i, layer in enumerate(hp.layers):
                 t = time.perf_counter()
-                K = ctx_reader.read([layer]).keys[layer]
-                H = bare_reader.read([], z_layer=hp.z_layer).z_hidden
+                K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
+                H = bare_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
                 sec["keys"] += time.perf_counter() - t
                 resid = values.z - H
                 residual_norms[layer] = float(resid.norm())
@@ -232,6 +242,7 @@ class Editor:
             value_steps=values.steps,
             value_loss=values.loss,
             update_norms=update_norms,
+            value_work=value_work,
         )
         self.steps.append(report)
         return report

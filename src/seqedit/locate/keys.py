@@ -50,31 +50,40 @@ class KeyReadout:
 class KeyReader:
     """Reads keys and z-layer states of fixed rows, repeatedly, as the model is edited layer by layer.
 
-    Blocks below ``frozen_below`` must not change between reads (within a step: those below the
-    first edited layer); their output is recorded in the first read and replayed afterwards, so
-    later reads only run the blocks that can have changed. Rows are encoded once.
+    ``read(..., frozen_below=ℓ)`` promises that blocks below ℓ will not change any more: the read
+    records the output of block ℓ−1 and later reads replay it, running only the blocks from ℓ up.
+    Within a step (layers edited in ascending order) each read thus runs the blocks between the
+    previous edited layer and the current one. Rows are encoded once, sorted by length so that each
+    batch pads little, and truncated after the subject's last token (nothing after it is read).
     """
 
-    def __init__(self, loaded, ctx: ContextRows, frozen_below: int = 0, batch_rows: int = 256):
+    def __init__(self, loaded, ctx: ContextRows, batch_rows: int = 256):
         self.loaded, self.ctx = loaded, ctx
         pad = pad_id_of(loaded.tokenizer)
+        order = sorted(range(len(ctx.rows)), key=lambda i: ctx.rows[i].subject_last)
+        self.order = torch.tensor(order)
         self.batches = []
-        for lo in range(0, len(ctx.rows), batch_rows):
-            chunk = ctx.rows[lo : lo + batch_rows]
-            ids, mask = pad_right([r.ids for r in chunk], pad)
+        for lo in range(0, len(order), batch_rows):
+            chunk = [ctx.rows[i] for i in order[lo : lo + batch_rows]]
+            # causal attention: tokens after the subject's last one cannot affect what is read there
+            ids, mask = pad_right([r.ids[: r.subject_last + 1] for r in chunk], pad)
             idx = torch.tensor([r.subject_last for r in chunk])
-            replay = LowerBlocksReplay(loaded.adapter, frozen_below - 1) if frozen_below > 0 else None
-            self.batches.append((ids, mask, idx, replay))
+            self.batches.append([ids, mask, idx, None])  # last: the replay of frozen blocks
 
     @torch.no_grad()
-    def read(self, layers: Sequence[int], z_layer: int | None = None) -> KeyReadout:
+    def read(
+        self, layers: Sequence[int], z_layer: int | None = None, frozen_below: int = 0
+    ) -> KeyReadout:
         """Keys at ``layers`` (``[d_in, n]`` each) and the z-layer block output on bare rows (``[d_out, n]``)."""
         adapter, model, ctx = self.loaded.adapter, self.loaded.model, self.ctx
         device = next(model.parameters()).device
         stop_layer = max([*layers, *([z_layer] if z_layer is not None else [])])
+        if frozen_below > stop_layer + 1:
+            raise ValueError(f"frozen_below={frozen_below} lies above the deepest block read ({stop_layer})")
         per_row: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
         z_rows: list[torch.Tensor] = []
-        for ids, mask, idx, replay in self.batches:
+        for batch in self.batches:
+            ids, mask, idx, replay = batch
             idx = idx.to(device)
             ar = torch.arange(len(idx), device=device)
             got: dict[int, torch.Tensor] = {}
@@ -91,24 +100,32 @@ class KeyReader:
             handles = [capture_inputs(adapter.ffn_out(l), reader(l)) for l in layers]
             if z_layer is not None:
                 handles.append(adapter.block(z_layer).register_forward_hook(z_reader))
-            if replay is not None and replay.hidden is None:
-                handles.append(replay.blocks[-1].register_forward_hook(replay.recorder()))
+            nxt = None
+            if frozen_below > 0 and (replay is None or len(replay.blocks) < frozen_below):
+                nxt = LowerBlocksReplay(adapter, frozen_below - 1)
+                handles.append(nxt.blocks[-1].register_forward_hook(nxt.recorder()))
             # registered last so that it runs after the readers of the same block
             handles.append(stop_after(adapter.block(stop_layer)))
             skip = replay.skipping() if replay is not None else nullcontext()
             with hooks(handles), skip:
                 run_truncated(model, input_ids=ids.to(device), attention_mask=mask.to(device))
+            if nxt is not None:
+                batch[3] = nxt
             for l in layers:
                 per_row[l].append(got[l])
 
         w = ctx.template_weights()
+        inverse = torch.argsort(self.order)
         keys = {
-            l: torch.einsum("ftd,t->df", torch.cat(per_row[l]).view(ctx.n_facts, ctx.n_templates, -1), w)
+            l: torch.einsum(
+                "ftd,t->df", torch.cat(per_row[l])[inverse].view(ctx.n_facts, ctx.n_templates, -1), w
+            )
             for l in layers
         }
         z_hidden = None
         if z_rows:
-            z_hidden = torch.cat(z_rows).view(ctx.n_facts, ctx.n_templates, -1)[:, 0].T.contiguous()
+            z_all = torch.cat(z_rows)[inverse]
+            z_hidden = z_all.view(ctx.n_facts, ctx.n_templates, -1)[:, 0].T.contiguous()
         return KeyReadout(keys, z_hidden)
 
 
@@ -120,4 +137,4 @@ def read_keys(
     batch_rows: int = 256,
 ) -> KeyReadout:
     """Read keys at ``layers`` (and the block output of ``z_layer`` on bare rows) on the current model."""
-    return KeyReader(loaded, ctx, 0, batch_rows).read(layers, z_layer)
+    return KeyReader(loaded, ctx, batch_rows).read(layers, z_layer)

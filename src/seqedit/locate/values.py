@@ -48,6 +48,29 @@ class ValueResult:
     seconds: float = 0.0
     iterations: int = 0  # batched iterations run (max over chunks of the longest fact)
     row_tokens: int = 0  # suffix tokens processed over all iterations (the δ-dependent work)
+    padded_tokens: int = 0  # the same with the padding of each length group
+    head_positions: int = 0  # positions whose vocabulary logits were formed (labels + KL)
+    stepped_tokens: int = 0  # suffix tokens of the passes followed by a backward pass
+    stepped_heads: int = 0  # scored positions of those passes
+
+    def delta_flops(self, loaded, z_layer: int) -> float:
+        """FLOPs of the work that truly depends on δ (real tokens, no padding).
+
+        Matmuls of the blocks above the z-layer on the suffix tokens and the unembedding at the
+        scored positions: 2 FLOP per weight per token forward, and as much again for the backward
+        pass (input gradients only, parameters are frozen). Attention scores are ignored (short rows).
+        """
+        adapter = loaded.adapter
+        upper = sum(
+            p.numel()
+            for i in range(z_layer + 1, adapter.n_layers)
+            for p in adapter.block(i).parameters()
+            if p.dim() == 2
+        )
+        head = adapter.unembed.weight.numel()
+        tokens = self.row_tokens + self.stepped_tokens
+        heads = self.head_positions + self.stepped_heads
+        return 2.0 * (upper * tokens + head * heads)
 
 
 @dataclass
@@ -80,10 +103,47 @@ def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str]) -> l
 
 
 class _PrefixCache:
-    """Per-layer prefix keys/values; hands out a fresh ``DynamicCache`` view for every pass."""
+    """Per-layer prefix keys/values ``[rows, heads, P, head_dim]``, left-padded with zeros to ``P``.
 
-    def __init__(self, cache):
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+    Built in sub-batches of similar prefix length (padding costs a full forward per padded token);
+    the zero padding is masked out by the attention mask. Hands out a fresh ``DynamicCache`` view of
+    the same tensors for every pass, so suffix passes never grow it.
+    """
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.kv = kv
+
+    @classmethod
+    def build(cls, base, rows: list[_Row], P: int, pad: int, device) -> "_PrefixCache":
+        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        for sub in _length_groups([len(r.prefix) for r in rows]):
+            width = max(len(rows[i].prefix) for i in sub)
+            if width == 0:
+                continue
+            ids = torch.full((len(sub), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(sub), width), dtype=torch.long)
+            for j, i in enumerate(sub):
+                n = len(rows[i].prefix)
+                if n:
+                    ids[j, width - n :] = torch.tensor(rows[i].prefix)
+                    mask[j, width - n :] = 1
+            with torch.no_grad():
+                cache = base(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=(torch.cumsum(mask, 1) - 1).clamp(min=0).to(device),
+                    use_cache=True,
+                ).past_key_values
+            index = torch.tensor(sub, device=device)
+            if kv is None:
+                kv = [
+                    tuple(t.new_zeros((len(rows), t.shape[1], P, t.shape[3])) for t in (layer.keys, layer.values))
+                    for layer in cache.layers
+                ]
+            for (k_all, v_all), layer in zip(kv, cache.layers):
+                k_all[index, :, P - width :] = layer.keys
+                v_all[index, :, P - width :] = layer.values
+        return cls(kv)
 
     def select(self, index: torch.Tensor) -> None:
         self.kv = [(k[index], v[index]) for k, v in self.kv]
@@ -143,29 +203,18 @@ class _RowGroup:
         self.rows = rows
         P = max(len(r.prefix) for r in rows)
         S = max(len(r.suffix) for r in rows)
-        pre_ids = torch.full((len(rows), P), pad, dtype=torch.long)
         pre_mask = torch.zeros((len(rows), P), dtype=torch.long)
         self.suf_ids = torch.full((len(rows), S), pad, dtype=torch.long)
         suf_mask = torch.zeros((len(rows), S), dtype=torch.long)
         for i, r in enumerate(rows):
-            if r.prefix:  # left-padded prefix, right-padded suffix: the two meet without a gap
-                pre_ids[i, P - len(r.prefix) :] = torch.tensor(r.prefix)
-                pre_mask[i, P - len(r.prefix) :] = 1
+            # left-padded prefix, right-padded suffix: the two meet without a gap
+            pre_mask[i, P - len(r.prefix) :] = 1
             self.suf_ids[i, : len(r.suffix)] = torch.tensor(r.suffix)
             suf_mask[i, : len(r.suffix)] = 1
         self.suf_pos = pre_mask.sum(1)[:, None] + torch.arange(S)[None, :]
         self.full_mask = torch.cat([pre_mask, suf_mask], 1)
         self.tokens = suf_mask.sum(1)
-        self.prefix = None
-        if P > 0:
-            with torch.no_grad():
-                out = base(
-                    input_ids=pre_ids.to(self.device),
-                    attention_mask=pre_mask.to(self.device),
-                    position_ids=(torch.cumsum(pre_mask, 1) - 1).clamp(min=0).to(self.device),
-                    use_cache=True,
-                )
-            self.prefix = _PrefixCache(out.past_key_values)
+        self.prefix = _PrefixCache.build(base, rows, P, pad, self.device) if P > 0 else None
         self.replay = LowerBlocksReplay(loaded.adapter, z_layer)
 
     def keep(self, alive: set[int]) -> None:
@@ -216,9 +265,10 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     final_nll = [math.nan] * n
 
     active = list(range(n))  # facts still optimised
-    iterations = tokens = 0
+    iterations = tokens = padded = heads = stepped_tokens = stepped_heads = 0
     for it in range(hp.v_steps):
         iterations += 1
+        it_tokens = it_heads = 0
         act_idx = torch.tensor(active, device=device)
         local = {f: j for j, f in enumerate(active)}
         # δ of the active facts as a leaf, so the graph and the gradient cover only them
@@ -245,7 +295,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                 if not group.rows:
                     continue
                 hidden = group.forward(loaded, hp.z_layer, inject)
-                tokens += int(group.tokens.sum())
+                it_tokens += int(group.tokens.sum())
+                padded += group.suf_ids.numel()
                 lab_r, lab_p, lab_y, lab_w, lab_f = [], [], [], [], []
                 kl_r, kl_f = [], []
                 for j, r in enumerate(group.rows):
@@ -259,6 +310,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                         lab_y.append(y)
                         lab_w.append(1.0 / (len(r.labels) * n_templates))
                         lab_f.append(local[r.fact])
+                it_heads += len(lab_r) + len(kl_r)
                 if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
                     logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
                     tok_nll = -logp.gather(1, torch.tensor(lab_y, device=device)[:, None])[:, 0]
@@ -274,6 +326,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
             loss = nll + hp.kl_factor * kl + wd
 
+        tokens += it_tokens
+        heads += it_heads
         loss_d = loss.detach()
         for j, f in enumerate(active):
             final_loss[f] = float(loss_d[j])
@@ -284,6 +338,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
         keep = (~done).nonzero()[:, 0]
         # the sum of per-fact losses: ∂/∂δ_f only sees fact f's own loss
         (grad,) = torch.autograd.grad(loss[keep].sum(), d_act)
+        stepped_tokens += it_tokens
+        stepped_heads += it_heads
         upd = act_idx[keep]
         p, m_, v_ = delta[upd], m_state[upd], v_state[upd]
         _adam_step(p, grad[keep], m_, v_, it + 1, hp.v_lr)
@@ -300,7 +356,11 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
 
     assert bool(h0_seen.all()), "every fact has a bare row"
     z = (h0 + delta).to(torch.float64).cpu()
-    return z, h0.to(torch.float64).cpu(), steps, final_loss, final_nll, iterations, tokens
+    counts = {
+        "row_tokens": tokens, "padded_tokens": padded, "head_positions": heads,
+        "stepped_tokens": stepped_tokens, "stepped_heads": stepped_heads,
+    }
+    return z, h0.to(torch.float64).cpu(), steps, final_loss, final_nll, iterations, counts
 
 
 @contextmanager
@@ -329,7 +389,8 @@ def compute_values(
     """
     t0 = time.perf_counter()
     zs, hs, steps, losses, nlls = [], [], [], [], []
-    iterations = tokens = 0
+    iterations = 0
+    counts = dict.fromkeys(("row_tokens", "padded_tokens", "head_positions", "stepped_tokens", "stepped_heads"), 0)
     for lo in range(0, len(facts), hp.v_batch_facts):
         chunk = facts[lo : lo + hp.v_batch_facts]
         with _frozen_parameters(loaded.model):
@@ -340,7 +401,8 @@ def compute_values(
         losses += lo_
         nlls += nl
         iterations = max(iterations, its)
-        tokens += tk
+        for k, v in tk.items():
+            counts[k] += v
         if progress is not None:
             progress(len(chunk))
     return ValueResult(
@@ -351,7 +413,7 @@ def compute_values(
         nll=nlls,
         seconds=time.perf_counter() - t0,
         iterations=iterations,
-        row_tokens=tokens,
+        **counts,
     )
 
 

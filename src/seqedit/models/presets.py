@@ -78,7 +78,7 @@ class EditHParams:
 # Keyed by a lower-case substring of the model name / path; first match wins.
 _PRESETS: list[tuple[str, dict[str, Any]]] = [
     # Embedded default; layers from docs/layer-sweep.md (CounterFact train split).
-    ("smollm2-135m", dict(layers=(3, 4, 5, 6, 7), lam=15000.0, v_lr=2.0, v_steps=25)),
+    ("smollm2-135m", dict(layers=(6, 7, 8, 9, 10), lam=1500.0, v_lr=2.0, v_steps=12)),
     ("gpt2-xl", dict(layers=(13, 14, 15, 16, 17), lam=20000.0, v_lr=0.5, v_steps=20)),
     ("gpt-j", dict(layers=(3, 4, 5, 6, 7, 8), lam=15000.0, v_lr=0.5, v_steps=25)),
     ("llama-3", dict(layers=(4, 5, 6, 7, 8), lam=15000.0, v_lr=0.1, v_steps=25)),
