@@ -8,14 +8,14 @@ Both are deterministic for a given seed and data file.
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
+from .errors import SeqEditError
+from .facts import shared_data_dir
 from .models.load import LoadedModel, wrap_model
 
 __all__ = ["FAMILIES", "SPECIAL_TOKEN", "tiny_model", "tiny_tokenizer"]
@@ -37,23 +37,16 @@ one hundred degrees Celsius at sea level. In 1969 the first humans walked on the
 """
 
 
-def _candidate_roots() -> Iterator[Path]:
-    env = os.environ.get("SEQEDIT_DATA")
-    if env:
-        yield Path(env)
-    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
-        for parent in (start, *start.parents):
-            yield parent / "shared" / "data"
-
-
 def _training_text() -> str:
     """The first ~200 KB of WikiText-2 validation, or the built-in fallback text."""
-    for root in _candidate_roots():
-        path = root / _WIKITEXT
-        if path.is_file():
-            with path.open("rb") as f:
-                return f.read(_TRAIN_BYTES).decode("utf-8", errors="ignore")
-    return _FALLBACK_TEXT * 20
+    try:
+        path = shared_data_dir() / _WIKITEXT
+    except SeqEditError:
+        return _FALLBACK_TEXT * 20
+    if not path.is_file():
+        return _FALLBACK_TEXT * 20
+    with path.open("rb") as f:
+        return f.read(_TRAIN_BYTES).decode("utf-8", errors="ignore")
 
 
 @functools.lru_cache(maxsize=None)
