@@ -53,11 +53,13 @@ def test_five_sequential_steps_equal_the_one_time_update(smol) -> None:
     editor_ote = seqedit.Editor(smol, mode="one_time", stats_tokens=STATS_TOKENS)
     editor_ote.apply_kv(keys, values)
     _restore(smol, w0)
+    rels = {}
     for l in hp.layers:
         ote = editor_ote.delta(l)
-        rel = float((se[l] - ote).norm() / ote.norm())
         assert ote.norm() > 0
-        assert rel < 1e-10, f"layer {l}: ‖ΔSE − ΔOTE‖/‖ΔOTE‖ = {rel:.3e}"
+        rels[l] = float((se[l] - ote).norm() / ote.norm())
+    print("‖ΔSE − ΔOTE‖/‖ΔOTE‖ per layer:", {l: f"{r:.2e}" for l, r in rels.items()})
+    assert max(rels.values()) < 1e-10, rels
 
 
 def test_a_real_edit_step_flips_the_facts(smol) -> None:

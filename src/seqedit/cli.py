@@ -27,6 +27,7 @@ ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="HF id, local dire
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 LayersOpt = typer.Option(None, "--layers", help="Edited layers, comma separated (default: model preset).")
 LamOpt = typer.Option(None, "--lam", help="Preservation weight λ of λ·Σ₀ (default: model preset).")
+VStepsOpt = typer.Option(None, "--v-steps", help="Value-optimisation step budget (default: model preset).")
 
 
 def _layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -110,6 +111,7 @@ def edit(
     fmt: str = typer.Option("auto", "--format", help="Facts file layout (auto-detected)."),
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
+    v_steps: Optional[int] = VStepsOpt,
     save: Optional[Path] = typer.Option(None, "--save", help="Write the edited model here (HF directory)."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompts to complete after editing."),
     as_json: bool = JsonOpt,
@@ -123,7 +125,7 @@ def edit(
     edited_layers = _layers(layers)
     lm, _ = _load(model)
     try:
-        editor = Editor(lm, method=method, mode=mode, layers=edited_layers, lam=lam)
+        editor = Editor(lm, method=method, mode=mode, layers=edited_layers, lam=lam, v_steps=v_steps)
         with _progress(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
     except (SeqEditError, ValueError, OSError) as e:
@@ -244,6 +246,7 @@ def bench(
     split: str = typer.Option("train", help="CounterFact split."),
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
+    v_steps: Optional[int] = VStepsOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Time an editing run (per step: keys / values / solve / apply) and its efficacy."""
@@ -255,7 +258,7 @@ def bench(
     t = time.perf_counter()
     before = _efficacy(lm, fs)
     eval_s = time.perf_counter() - t
-    editor = Editor(lm, layers=_layers(layers), lam=lam)
+    editor = Editor(lm, layers=_layers(layers), lam=lam, v_steps=v_steps)
     with _progress(not as_json) as cb:
         reports = editor.run(fs, batch_size=batch_size, progress=cb)
     after = _efficacy(lm, fs)
