@@ -237,3 +237,21 @@ def test_failing_step_leaves_the_editor_as_before_the_step(monkeypatch: pytest.M
     assert torch.equal(editor.systems[first].A, before["A"][first])
     assert torch.equal(editor.master[first], before["master"][first])
     assert not changed(editor.loaded.model, before["params"])
+
+
+def test_failing_apply_kv_leaves_the_editor_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen-constraint insertion is all-or-nothing too."""
+    editor = make_editor(v_steps=2)
+    editor.apply(cf_facts(2))
+    before = _state(editor)
+    d_out, d_in = editor.loaded.adapter.dims(LAYERS[0])
+    gen = torch.Generator().manual_seed(0)
+    keys = {l: torch.randn(d_in, 3, generator=gen, dtype=torch.float64) for l in LAYERS}
+    vals = {l: torch.randn(d_out, 3, generator=gen, dtype=torch.float64) for l in LAYERS}
+    _fail_layer_solve(editor, LAYERS[-1], monkeypatch)
+    with pytest.raises(IllConditionedError):
+        editor.apply_kv(keys, vals)
+    for l in LAYERS:
+        assert editor.systems[l].n_constraints == before["n"][l]
+        assert torch.equal(editor.master[l], before["master"][l])
+    assert not changed(editor.loaded.model, before["params"])

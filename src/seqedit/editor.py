@@ -16,8 +16,9 @@ With keys and values held fixed, the sum of the steps' Δ equals the one-time up
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -140,6 +141,27 @@ class Editor:
             )
         return self._templates
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """All-or-nothing for a step: layers are written one by one (upper layers read keys on the
+        updated model), so a failure part-way restores every system, master and model weight."""
+        saved_systems, saved_master = dict(self.systems), dict(self.master)
+        try:
+            yield
+        except BaseException:
+            self.systems, self.master = saved_systems, saved_master
+            for layer in self.hparams.layers:
+                self.loaded.adapter.set_weight(layer, self.master[layer])
+            raise
+
+    def _solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """Δ for ``layer`` from keys ``K: [d_in, n]`` and residuals ``R: [d_out, n]``; the updated
+        system replaces the old one (copy-on-update keeps the old one for a rollback)."""
+        system = self.systems[layer].copy()
+        delta = system.update(K, R)
+        self.systems[layer] = system
+        return delta
+
     def _write(self, layer: int, delta: torch.Tensor) -> None:
         self.master[layer] = self.master[layer] + delta
         self.loaded.adapter.set_weight(layer, self.master[layer])
@@ -196,13 +218,10 @@ class Editor:
         residual_norms: dict[int, float] = {}
         update_norms: dict[int, float] = {}
         n_layers = len(hp.layers)
-        # Layers are written inside the loop (upper layers read keys on the updated model), so a
-        # failure part-way must restore the systems, masters and model weights of the earlier ones.
-        saved_systems, saved_master = dict(self.systems), dict(self.master)
         # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
         ctx_reader = KeyReader(self.loaded, ctx, hp.key_batch_rows)
         bare_reader = KeyReader(self.loaded, bare, hp.key_batch_rows)
-        try:
+        with self._transaction():
             for i, layer in enumerate(hp.layers):
                 t = time.perf_counter()
                 K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
@@ -211,9 +230,7 @@ class Editor:
                 resid = values.z - H
                 residual_norms[layer] = float(resid.norm())
                 t = time.perf_counter()
-                system = self.systems[layer].copy()
-                delta = system.update(K, resid / (n_layers - i))
-                self.systems[layer] = system
+                delta = self._solve(layer, K, resid / (n_layers - i))
                 sec["solve"] += time.perf_counter() - t
                 t = time.perf_counter()
                 self._write(layer, delta)
@@ -221,11 +238,6 @@ class Editor:
                 sec["apply"] += time.perf_counter() - t
                 if progress:
                     progress("layers", 1, n_layers)
-        except BaseException:
-            self.systems, self.master = saved_systems, saved_master
-            for layer in hp.layers:
-                self.loaded.adapter.set_weight(layer, self.master[layer])
-            raise
         target_norm = residual_norms[hp.layers[0]]
         t = time.perf_counter()
         H = bare_reader.read([], z_layer=hp.z_layer).z_hidden
@@ -270,14 +282,14 @@ class Editor:
         """
         self._ensure_state()
         out = {}
-        for layer in self.hparams.layers:
-            K = keys[layer].to(torch.float64)
-            R = residuals_or_values[layer].to(torch.float64)
-            if values:
-                R = R - self.master[layer] @ K
-            delta = self.systems[layer].update(K, R)
-            self._write(layer, delta)
-            out[layer] = delta
+        with self._transaction():
+            for layer in self.hparams.layers:
+                K = keys[layer].to(torch.float64)
+                R = residuals_or_values[layer].to(torch.float64)
+                if values:
+                    R = R - self.master[layer] @ K
+                out[layer] = self._solve(layer, K, R)
+                self._write(layer, out[layer])
         return out
 
     def _with_ids(self, facts: Iterable[Fact]) -> list[Fact]:
