@@ -77,6 +77,48 @@ def _square(X: Any, name: str, device: torch.device | None) -> Tensor:
 _A_NAME = "A = λΣ₀ + ρI + Σ k kᵀ"
 
 
+def _check_symmetric(S: Tensor, name: str) -> None:
+    asym = (S - S.mT).abs().max().item()
+    tol = _SYMMETRY_RTOL * S.abs().max().item()
+    if asym > tol:
+        raise ValueError(
+            f"{name} is not symmetric: max |S − Sᵀ| = {asym:.3g} exceeds {_SYMMETRY_RTOL:g}·max|S| = {tol:.3g}"
+        )
+
+
+def _edit_columns(
+    d_in: int,
+    device: torch.device,
+    K_add: Tensor | None,
+    R_add: Tensor | None,
+    K_remove: Tensor | None,
+    R_remove: Tensor | None,
+) -> tuple[Tensor, Tensor, int]:
+    """``K = [K_add | K_remove]: [d_in, n+m]``, ``R = [R_add | −R_remove]: [d_out, n+m]`` and ``n``.
+
+    Removing a fact is adding it with the opposite residual sign, while its key leaves the Gram
+    matrix (the caller splits ``K`` at column ``n`` for that).
+    """
+    pairs: dict[str, tuple[Tensor, Tensor]] = {}
+    for which, K, R in (("add", K_add, R_add), ("remove", K_remove, R_remove)):
+        if K is None and R is None:
+            continue
+        if K is None or R is None:
+            raise ValueError(f"K_{which} and R_{which} must both be given or both be None")
+        K = _matrix(K, f"K_{which}", d_in, None, device)
+        pairs[which] = (K, _matrix(R, f"R_{which}", None, K.shape[1], device))
+    if not pairs:
+        raise ValueError("update needs K_add/R_add, K_remove/R_remove, or both")
+    d_outs = sorted({R.shape[0] for _, R in pairs.values()})
+    if len(d_outs) > 1:
+        raise ValueError(f"R_add and R_remove disagree on d_out: {d_outs}")
+    f64 = {"dtype": torch.float64, "device": device}
+    none = (torch.empty(d_in, 0, **f64), torch.empty(d_outs[0], 0, **f64))
+    Ka, Ra = pairs.get("add", none)
+    Kr, Rr = pairs.get("remove", none)
+    return torch.cat([Ka, Kr], dim=1), torch.cat([Ra, -Rr], dim=1), Ka.shape[1]
+
+
 class LayerSystem:
     """``A = λΣ₀ + ρI + Σ_f k_f k_fᵀ: [d_in, d_in]`` in float64 with its factorisation.
 
@@ -107,12 +149,7 @@ class LayerSystem:
         self._configure(lam, ridge, solver, reanchor_every, cond_warn)
         dev = torch.device(device) if device is not None else getattr(sigma0, "device", None)
         S = _square(sigma0, "sigma0", dev)
-        asym = (S - S.mT).abs().max().item()
-        if asym > _SYMMETRY_RTOL * S.abs().max().item():
-            raise ValueError(
-                f"sigma0 is not symmetric: max |Σ₀ − Σ₀ᵀ| = {asym:.3g} exceeds "
-                f"{_SYMMETRY_RTOL:g}·max|Σ₀| = {_SYMMETRY_RTOL * S.abs().max().item():.3g}"
-            )
+        _check_symmetric(S, "sigma0")
         A = self._lam * symmetrize(S) + self._ridge * torch.eye(S.shape[0], dtype=S.dtype, device=dev)
         self._n = 0
         self._install(A, self._factor(A, "raise lam or add a ridge (ridge > 0)"))
@@ -200,15 +237,6 @@ class LayerSystem:
         )
 
     # ------------------------------------------------------------------ operations
-    def _pair(self, K: Tensor | None, R: Tensor | None, which: str) -> tuple[Tensor, Tensor] | None:
-        if K is None and R is None:
-            return None
-        if K is None or R is None:
-            raise ValueError(f"K_{which} and R_{which} must both be given or both be None")
-        K = _matrix(K, f"K_{which}", self.d_in, None, self.device)
-        R = _matrix(R, f"R_{which}", None, K.shape[1], self.device)
-        return K, R
-
     def update(
         self,
         K_add: Tensor | None,
@@ -223,29 +251,15 @@ class LayerSystem:
         Transactional: on any error (``ValueError`` for bad inputs, ``IllConditionedError`` if the new
         ``A`` is not positive definite) the state is unchanged.
         """
-        add = self._pair(K_add, R_add, "add")
-        rem = self._pair(K_remove, R_remove, "remove")
-        if add is None and rem is None:
-            raise ValueError("update needs K_add/R_add, K_remove/R_remove, or both")
-        d_outs = {R.shape[0] for _, R in (p for p in (add, rem) if p is not None)}
-        if len(d_outs) > 1:
-            raise ValueError(f"R_add and R_remove disagree on d_out: {sorted(d_outs)}")
-        d_out = d_outs.pop()
-        none = (
-            torch.empty(self.d_in, 0, dtype=torch.float64, device=self.device),
-            torch.empty(d_out, 0, dtype=torch.float64, device=self.device),
-        )
-        Ka, Ra = add if add is not None else none
-        Kr, Rr = rem if rem is not None else none
+        K, R, n_add = _edit_columns(self.d_in, self.device, K_add, R_add, K_remove, R_remove)
+        Ka, Kr = K[:, :n_add], K[:, n_add:]
         n_new = self._n + Ka.shape[1] - Kr.shape[1]
         if n_new < 0:
             raise ValueError(
                 f"cannot remove {Kr.shape[1]} constraints: only {self._n + Ka.shape[1]} would be in force"
             )
-        K = torch.cat([Ka, Kr], dim=1)
-        R = torch.cat([Ra, -Rr], dim=1)
         if K.shape[1] == 0:
-            return torch.zeros(d_out, self.d_in, dtype=torch.float64, device=self.device)
+            return torch.zeros(R.shape[0], self.d_in, dtype=torch.float64, device=self.device)
 
         A_new = torch.addmm(self._A, Ka, Ka.mT)
         A_new.addmm_(Kr, Kr.mT, alpha=-1)  # in place on the fresh tensor only: self._A stays intact
