@@ -13,8 +13,11 @@ at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``.
 What is computed, and why it is exact: with causal attention nothing before the subject's last
 token depends on δ, in any layer. Each row is therefore split there: the *prefix* runs once per
 chunk (no grad) and is kept as a KV cache; every iteration runs only the *suffix* (subject-last
-token onwards) with that cache. Vocabulary logits are formed only at label positions and the KL
-position. Facts never interact (the total loss is a sum, Adam is element-wise and converged rows are
+token onwards) with that cache, and blocks up to the z-layer run on the suffix only once (their
+output there is recorded and replayed), so each iteration computes just the blocks above the
+z-layer. Suffix rows are grouped by length to keep padding small, vocabulary logits are formed only
+at label positions and the KL position, and parameters are frozen so autograd computes only ∂L/∂δ.
+Facts never interact (the total loss is a sum, Adam is element-wise and converged rows are
 frozen, moments included), so optimising a chunk of facts together equals optimising each alone.
 """
 
