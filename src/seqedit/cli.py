@@ -80,6 +80,9 @@ def _load(model: str):
     from .errors import SeqEditError
     from .models.load import load_model
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the spinner says it; tqdm bars would garble Rich's output
     t = time.perf_counter()
     try:
         with console.status(f"loading {model} …"):
