@@ -86,7 +86,7 @@ def test_edit_reports_steps_and_saves_the_edited_model(model_dir: Path, facts_fi
         "edit", facts_file, "--model", model_dir, "--layers", "1,2", "--n", "3", "--batch-size", "2",
         "--lam", "10", "--save", saved,
     )
-    assert data["model"] == str(model_dir) and data["method"] == "memit" and data["mode"] == "sequential"
+    assert data["model"] == str(model_dir) and data["method"] == "memit/aligned" and data["mode"] == "sequential"
     assert data["hparams"]["layers"] == [1, 2] and data["hparams"]["lam"] == 10.0
     steps = data["steps"]
     assert [s["id"] for s in steps] == [1, 2] and [s["n_facts"] for s in steps] == [2, 1]

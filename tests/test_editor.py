@@ -143,7 +143,7 @@ def test_run_batches_by_mode(mode: str, sizes: list[int]) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"method": "rome"}, ValueError, r"unknown method 'rome'; available: memit"),
+        ({"method": "rome"}, ValueError, r"unknown method 'rome'; valid \(method: alignments\): memit.*alphaedit"),
         ({"mode": "batched"}, ValueError, r"unknown mode 'batched'.*sequential.*one_time"),
         ({"layers": (1, 4)}, ValueError, r"edited layer 4 does not exist: the model has 4 layers"),
         ({"layers": (-1, 2)}, ValueError, r"edited layer -1 does not exist"),
@@ -255,3 +255,36 @@ def test_failing_apply_kv_leaves_the_editor_as_before(monkeypatch: pytest.Monkey
         assert editor.systems[l].n_constraints == before["n"][l]
         assert torch.equal(editor.master[l], before["master"][l])
     assert not changed(editor.loaded.model, before["params"])
+
+
+# ------------------------------------------------------------------------------- every method
+
+from seqedit.methods import METHODS  # noqa: E402
+
+ALL_FORMS = [(name, al) for name, als in METHODS.items() for al in als]
+
+
+@pytest.mark.parametrize(("method", "alignment"), ALL_FORMS)
+def test_every_method_runs_a_sequential_edit(method: str, alignment: str) -> None:
+    """Each method/alignment edits a tiny model in two steps, touching only the edited FFN outputs."""
+    lm = tiny_model("llama")
+    before = snapshot(lm.model)
+    # tiny random models have no eigenvalue of Σ₀ below AlphaEdit's 2e-2: take a wide null space
+    options = {"threshold": 1e3} if method in ("alphaedit", "memorize_latest") else {}
+    editor = make_editor(lm, v_steps=2, method=method, alignment=alignment, method_options=options)
+    reports = editor.run(cf_facts(3), batch_size=2)
+    assert [len(r.facts) for r in reports] == [2, 1]
+    assert all(r.method == f"{method}/{alignment}" for r in reports)
+    assert changed(lm.model, before) == ffn_names(lm)
+    for layer in LAYERS:
+        w = lm.adapter.weight(layer).double()
+        torch.testing.assert_close(w, editor.master[layer].to(w.dtype))
+
+
+def test_naive_prune_is_applied_once_at_the_end() -> None:
+    """Naive PRUNE compresses the total update after the last step; a finalized editor refuses more steps."""
+    editor = make_editor(v_steps=2, method="prune", alignment="naive")
+    editor.run(cf_facts(3), batch_size=2)
+    assert editor.finalize() == {}  # idempotent
+    with pytest.raises(RuntimeError, match="finalized"):
+        editor.apply(cf_facts(1))

@@ -106,7 +106,8 @@ def _facts(path: str, n: Optional[int], split: Optional[str], fmt: str):
 def edit(
     facts: str = typer.Argument(..., help="Facts file (JSON/JSONL: CounterFact, ZsRE or plain)."),
     model: str = ModelOpt,
-    method: str = typer.Option("memit", help="Editing method."),
+    method: str = typer.Option("memit", help="memit | alphaedit | prune | rect | rlsedit | memorize_latest."),
+    alignment: Optional[str] = typer.Option(None, help="aligned | naive | ... (default: the method's first)."),
     mode: str = typer.Option("sequential", help="sequential | one_time."),
     batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential step."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N facts (after --split)."),
@@ -128,7 +129,9 @@ def edit(
     edited_layers = _layers(layers)
     lm, _ = _load(model)
     try:
-        editor = Editor(lm, method=method, mode=mode, layers=edited_layers, lam=lam, v_steps=v_steps)
+        editor = Editor(
+            lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps
+        )
         with _progress(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
     except (SeqEditError, ValueError, OSError) as e:
@@ -141,7 +144,7 @@ def edit(
         out.print_json(
             data={
                 "model": lm.name,
-                "method": method,
+                "method": editor.spec.label,
                 "mode": mode,
                 "hparams": editor.hparams.to_dict(),
                 "setup_seconds": editor.setup_seconds,
@@ -151,7 +154,7 @@ def edit(
             }
         )
         return
-    table = Table(title=f"{len(fs)} facts edited into {lm.name} ({method}, {mode})")
+    table = Table(title=f"{len(fs)} facts edited into {lm.name} ({editor.spec.label}, {mode})")
     for col in ("step", "facts", "values s", "keys s", "solve s", "total s", "‖Z−H‖ before → after"):
         table.add_column(col, justify="right")
     for r in reports:

@@ -1,8 +1,8 @@
 """The editor: runs locate → solve → apply steps whose sum equals the one-time solution.
 
-Per edited layer ℓ it keeps a :class:`~seqedit.linalg.LayerSystem` with
-``A = λΣ₀ + ρI + Σ_facts k kᵀ`` (DESIGN.md §2) and a float64 master copy of the weight, so repeated
-small updates are not rounded away by the model's dtype. A step on n facts:
+Per edited layer ℓ it keeps the method's state (:mod:`seqedit.methods`; for aligned MEMIT a
+:class:`~seqedit.linalg.LayerSystem` with ``A = λΣ₀ + ρI + Σ_facts k kᵀ``, DESIGN.md §2) and a float64
+master copy of the weight, so repeated small updates are not rounded away by the model's dtype. A step on n facts:
 
 1. optimise target values ``z`` at the z-layer (batched, on the current model);
 2. for each edited layer in ascending order: read keys ``K_i`` and the z-layer state ``H_i`` on the
@@ -23,15 +23,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .facts import Fact
-from .linalg import LayerSystem
 from .locate.keys import ContextRows, KeyReader
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult, compute_values
 from .models.load import LoadedModel, load_model
+from .methods import LayerMethodState, MethodSpec, parse_method
 from .models.presets import EditHParams, preset_for
 
-METHODS = ("memit",)
 MODES = ("sequential", "one_time")
 
 
@@ -45,6 +44,7 @@ class StepReport:
     """
 
     id: int
+    method: str  # MethodSpec.label, e.g. "memit/aligned"
     facts: list[Fact]
     seconds: dict[str, float]
     residual_norms: dict[int, float]
@@ -58,6 +58,7 @@ class StepReport:
     def to_dict(self) -> dict:
         return {
             "id": self.id,
+            "method": self.method,
             "n_facts": len(self.facts),
             "fact_ids": [f.id for f in self.facts],
             "seconds": self.seconds,
@@ -85,35 +86,45 @@ class Editor:
         method: str = "memit",
         mode: str = "sequential",
         *,
+        alignment: str | None = None,
+        method_options: dict | None = None,
         hparams: EditHParams | None = None,
         stats_corpus: str | None = None,
-        solver: str = "cholesky",
         **overrides,
     ):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         self.loaded = load_model(model) if isinstance(model, str) else model
-        self.method, self.mode, self.solver = method, mode, solver
         hp = hparams or preset_for(self.loaded.name, self.loaded.adapter.n_layers)
         self.hparams = hp.override(**overrides)
+        options = dict(method_options or {})
+        if self.hparams.ridge and "ridge" not in options:
+            options["ridge"] = self.hparams.ridge
+        self.spec: MethodSpec = parse_method(method, alignment, **options)
+        self.method, self.mode = self.spec.name, mode
         for layer in self.hparams.layers:
             if not 0 <= layer < self.loaded.adapter.n_layers:
                 raise ValueError(
                     f"edited layer {layer} does not exist: the model has {self.loaded.adapter.n_layers} layers"
                 )
         self.stats_corpus = stats_corpus
-        self.systems: dict[int, LayerSystem] = {}
+        self.states: dict[int, LayerMethodState] = {}
         self.w0: dict[int, torch.Tensor] = {}
         self.master: dict[int, torch.Tensor] = {}
         self.steps: list[StepReport] = []
         self._templates: list[str] | None = None
+        self._finalized = False
         self.setup_seconds: dict[str, float] = {}
+
+    @property
+    def systems(self) -> dict:
+        """The normal-equation system of each layer (``LayerSystem`` or ``AlphaEditSystem``), where the
+        method keeps one (every method but naive MEMIT/PRUNE/RECT)."""
+        return {l: s._system for l, s in self.states.items() if hasattr(s, "_system")}
 
     # ------------------------------------------------------------------ state
     def _ensure_state(self, progress: Callable[[str, int, int | None], None] | None = None) -> None:
-        if self.systems:
+        if self.states:
             return
         from .facts import wikitext_path
 
@@ -127,8 +138,8 @@ class Editor:
         )
         t1 = time.perf_counter()
         for layer in hp.layers:
-            self.systems[layer] = LayerSystem(stats[layer].sigma0, hp.lam, hp.ridge, solver=self.solver)
             w = self.loaded.adapter.weight(layer).to(torch.float64).cpu().clone()
+            self.states[layer] = self.spec.init_layer(stats[layer].sigma0, hp.lam, w)
             self.w0[layer] = w
             self.master[layer] = w.clone()
         self.setup_seconds = {"stats": t1 - t0, "factorise": time.perf_counter() - t1}
@@ -144,23 +155,23 @@ class Editor:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """All-or-nothing for a step: layers are written one by one (upper layers read keys on the
-        updated model), so a failure part-way restores every system, master and model weight."""
-        saved_systems, saved_master = dict(self.systems), dict(self.master)
+        updated model), so a failure part-way restores every layer's method state, master and weight.
+        States share their tensors with the snapshot (they replace tensors, never modify them)."""
+        saved_states = {l: s.state_dict() for l, s in self.states.items()}
+        saved_master = dict(self.master)
         try:
             yield
         except BaseException:
-            self.systems, self.master = saved_systems, saved_master
+            self.states = {l: LayerMethodState.from_state_dict(d) for l, d in saved_states.items()}
+            self.master = saved_master
             for layer in self.hparams.layers:
                 self.loaded.adapter.set_weight(layer, self.master[layer])
             raise
 
     def _solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """Δ for ``layer`` from keys ``K: [d_in, n]`` and residuals ``R: [d_out, n]``; the updated
-        system replaces the old one (copy-on-update keeps the old one for a rollback)."""
-        system = self.systems[layer].copy()
-        delta = system.update(K, R)
-        self.systems[layer] = system
-        return delta
+        """The update to deploy in ``layer`` for keys ``K: [d_in, n]`` and residuals ``R: [d_out, n]``
+        on the current weight (the method's post-processing included)."""
+        return self.states[layer].step(K, R, self.master[layer]).applied
 
     def _write(self, layer: int, delta: torch.Tensor) -> None:
         self.master[layer] = self.master[layer] + delta
@@ -183,6 +194,8 @@ class Editor:
         ``values`` reuses target values computed earlier for exactly these facts (e.g. on the
         original model, to compare sequential and one-time editing on the same targets).
         """
+        if self._finalized:
+            raise RuntimeError("this editor was finalized (end-of-run post-processing applied); start a new one")
         if self.mode == "one_time" and self.steps:
             raise RuntimeError(
                 "a one_time editor solves all facts in one step and has already been applied; "
@@ -246,6 +259,7 @@ class Editor:
         sec["total"] = sum(sec.values())
         report = StepReport(
             id=len(self.steps) + 1,
+            method=self.spec.label,
             facts=list(facts),
             seconds=sec,
             residual_norms=residual_norms,
@@ -269,8 +283,28 @@ class Editor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.mode == "one_time":
-            return [self.apply(facts, progress)]
-        return [self.apply(facts[i : i + batch_size], progress) for i in range(0, len(facts), batch_size)]
+            reports = [self.apply(facts, progress)]
+        else:
+            reports = [self.apply(facts[i : i + batch_size], progress) for i in range(0, len(facts), batch_size)]
+        self.finalize()
+        return reports
+
+    def finalize(self) -> dict[int, torch.Tensor]:
+        """Apply the end-of-run update of methods that have one (naive PRUNE compresses the total
+        update ``W_T − W₀``, REFERENCE_NOTES §2.8); ``run`` calls it. Idempotent: later calls do nothing.
+        Returns the per-layer updates written."""
+        if self._finalized or not self.states:
+            return {}
+        out: dict[int, torch.Tensor] = {}
+        with self._transaction():
+            for layer, state in self.states.items():
+                delta = state.finalize(self.master[layer])
+                if delta is not None:
+                    self._write(layer, delta)
+                    out[layer] = delta
+        self._finalized = True
+        return out
+
 
     def apply_kv(self, keys: dict[int, torch.Tensor], residuals_or_values: dict[int, torch.Tensor], *, values: bool = True) -> dict[int, torch.Tensor]:
         """Insert frozen constraints: per layer ``K: [d_in, n]`` and targets ``V: [d_out, n]``.
