@@ -17,25 +17,15 @@ import time
 
 
 import seqedit
-from seqedit.evaluate.scoring import score_targets
+from seqedit.evaluate.counterfact import counterfact_metrics
 from seqedit.facts import counterfact_path, wikitext_path
 from seqedit.locate.stats import layer_stats
 from seqedit.locate.values import compute_values
 
 
 def metrics(lm, facts) -> dict[str, float]:
-    n = len(facts)
-    pairs = []
-    for f in facts:
-        para = f.paraphrases[0]
-        nb_prompt, nb_answer = f.neighbors[0]
-        pairs += [(f.text, f.target), (f.text, f.true_target), (para, f.target), (para, f.true_target),
-                  (nb_prompt, f.target), (nb_prompt, nb_answer)]
-    s = [x.mean_nll for x in score_targets(lm, pairs)]
-    eff = sum(s[6 * i] < s[6 * i + 1] for i in range(n)) / n
-    gen = sum(s[6 * i + 2] < s[6 * i + 3] for i in range(n)) / n
-    spec = sum(s[6 * i + 5] < s[6 * i + 4] for i in range(n)) / n
-    return {"efficacy": eff, "generalization": gen, "specificity": spec}
+    r = counterfact_metrics(lm, facts)
+    return {"efficacy": r.efficacy, "generalization": r.generalization, "specificity": r.specificity}
 
 
 def main() -> None:

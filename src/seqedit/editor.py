@@ -120,7 +120,7 @@ class Editor:
     def systems(self) -> dict:
         """The normal-equation system of each layer (``LayerSystem`` or ``AlphaEditSystem``), where the
         method keeps one (every method but naive MEMIT/PRUNE/RECT)."""
-        return {l: s._system for l, s in self.states.items() if hasattr(s, "_system")}
+        return {l: s.system for l, s in self.states.items() if s.system is not None}
 
     # ------------------------------------------------------------------ state
     def _ensure_state(self, progress: Callable[[str, int, int | None], None] | None = None) -> None:

@@ -238,6 +238,12 @@ class LayerMethodState:
     def _step(self, K: Tensor, R: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    @property
+    def system(self) -> Any:
+        """The normal-equation system carried across steps (``LayerSystem`` / ``AlphaEditSystem``), or
+        ``None`` for forms that keep none (naive MEMIT/PRUNE/RECT solve afresh each step)."""
+        return None
+
     def finalize(self, W: Tensor) -> Tensor | None:
         """Update ``[d_out, d_in]`` to add to the deployed ``W`` after the last step, or ``None``
         (only naive PRUNE has one)."""
@@ -287,6 +293,10 @@ class _OneSystem(LayerMethodState):
 
     _system: Any
     _system_cls: ClassVar[type] = LayerSystem
+
+    @property
+    def system(self) -> Any:
+        return self._system
 
     def _dump(self) -> dict[str, Any]:
         return {"system": self._system.state_dict()}

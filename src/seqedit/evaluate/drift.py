@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..facts import wikitext_path
-from .zsre import forward_log_probs
+from .scoring import forward_log_probs
 
 __all__ = ["DriftReference", "DriftResult", "drift_metrics", "drift_reference", "wikitext_windows"]
 

@@ -9,7 +9,7 @@ concatenated (no re-tokenisation across the boundary), right-padded, scored in b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -28,30 +28,54 @@ class TargetScore:
         return float(torch.tensor(self.logprob).exp())
 
 
+def target_rows(
+    loaded, pairs: Sequence[tuple[str, str]]
+) -> tuple[list[list[int]], list[tuple[int, tuple[int, ...]]]]:
+    """Rows ``ids(prompt) + ids(" " + target)`` and each row's ``(prompt length, target ids)``.
+
+    The logit predicting target token ``j`` sits at position ``prompt length + j − 1``.
+    """
+    tok = loaded.tokenizer
+    rows, spans = [], []
+    for prompt, target in pairs:
+        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        t = target_ids(tok, target)
+        rows.append(list(p) + list(t))
+        spans.append((len(p), t))
+    return rows, spans
+
+
+def forward_log_probs(
+    loaded, rows: Sequence[Sequence[int]], batch_rows: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first row index, log-probs [B, T, V] float32 on the model's device)`` per batch.
+
+    Rows are token id lists, right-padded with the tokenizer's pad id (masked out). Log-probs stay on
+    the device so callers gather what they need without copying a ``B×T×V`` tensor to the host.
+    """
+    model = loaded.model
+    device = next(model.parameters()).device
+    pad = pad_id_of(loaded.tokenizer)
+    for lo in range(0, len(rows), batch_rows):
+        ids, mask = pad_right([list(r) for r in rows[lo : lo + batch_rows]], pad)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        yield lo, torch.log_softmax(logits.float(), -1)
+
+
 @torch.no_grad()
 def score_targets(
     loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64
 ) -> list[TargetScore]:
     """Score ``target`` after ``prompt`` for every ``(prompt, target)`` pair on the current model."""
-    tok, model = loaded.tokenizer, loaded.model
-    device = next(model.parameters()).device
-    pad = pad_id_of(tok)
-    rows, spans = [], []
-    for prompt, target in pairs:
-        p = tok(prompt, add_special_tokens=True)["input_ids"]
-        t = list(target_ids(tok, target))
-        rows.append(p + t)
-        spans.append((len(p), t))
+    rows, spans = target_rows(loaded, pairs)
     out: list[TargetScore] = []
-    for lo in range(0, len(rows), batch_rows):
-        ids, mask = pad_right(rows[lo : lo + batch_rows], pad)
-        logp = torch.log_softmax(
-            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1
-        ).cpu()
+    for lo, logp in forward_log_probs(loaded, rows, batch_rows):
+        logp = logp.cpu()
         for r, (start, t) in enumerate(spans[lo : lo + batch_rows]):
             pos = torch.arange(start - 1, start - 1 + len(t))
-            lp = logp[r, pos, torch.tensor(t)]
-            exact = bool((logp[r, pos].argmax(-1) == torch.tensor(t)).all())
+            want = torch.tensor(t)
+            lp = logp[r, pos, want]
+            exact = bool((logp[r, pos].argmax(-1) == want).all())
             out.append(TargetScore(float(-lp.mean()), float(lp.sum()), exact))
     return out
 

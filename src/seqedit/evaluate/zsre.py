@@ -15,21 +15,20 @@ Specificity is reported two ways, because the paper and the official code disagr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..facts import Fact
-from ..locate.tokens import pad_id_of, pad_right, target_ids
+from .scoring import forward_log_probs, target_rows
 from .counterfact import _mean, _Summarised
 
 __all__ = [
     "ZsreRecord",
     "ZsreReference",
     "ZsreResult",
-    "forward_log_probs",
     "teacher_forced_argmax",
     "zsre_metrics",
     "zsre_reference",
@@ -37,35 +36,6 @@ __all__ = [
 
 
 @torch.no_grad()
-def forward_log_probs(
-    loaded, rows: Sequence[Sequence[int]], batch_rows: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first row index, log-probs [B, T, V] float32 on the model's device)`` per batch.
-
-    Rows are token id lists, right-padded with the tokenizer's pad id (masked out). Log-probs stay on
-    the device so callers gather what they need without copying a ``B×T×V`` tensor to the host.
-    """
-    model = loaded.model
-    device = next(model.parameters()).device
-    pad = pad_id_of(loaded.tokenizer)
-    for lo in range(0, len(rows), batch_rows):
-        ids, mask = pad_right([list(r) for r in rows[lo : lo + batch_rows]], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        yield lo, torch.log_softmax(logits.float(), -1)
-
-
-def _rows(loaded, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[tuple[int, tuple[int, ...]]]]:
-    """Rows ``ids(prompt) + ids(" " + target)`` and each row's ``(prompt length, target ids)``."""
-    tok = loaded.tokenizer
-    rows, spans = [], []
-    for prompt, target in pairs:
-        p = tok(prompt, add_special_tokens=True)["input_ids"]
-        t = target_ids(tok, target)
-        rows.append(list(p) + list(t))
-        spans.append((len(p), t))
-    return rows, spans
-
-
 def teacher_forced_argmax(
     loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64
 ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -74,7 +44,7 @@ def teacher_forced_argmax(
     Identical pairs are computed once. One forward per row (prompt + full target).
     """
     unique = list(dict.fromkeys(pairs))
-    rows, spans = _rows(loaded, unique)
+    rows, spans = target_rows(loaded, unique)
     preds: list[tuple[int, ...]] = []
     for lo, logp in forward_log_probs(loaded, rows, batch_rows):
         arg = logp.argmax(-1).cpu()
