@@ -193,7 +193,8 @@ def _fail_layer_solve(editor: Editor, layer: int, monkeypatch: pytest.MonkeyPatc
     def boom(*_args, **_kwargs):
         raise IllConditionedError(f"injected failure in layer {layer}")
 
-    monkeypatch.setattr(editor.systems[layer], "update", boom)
+    # every solve path (update, update_factors) goes through update_factors
+    monkeypatch.setattr(editor.systems[layer], "update_factors", boom)
 
 
 def _state(editor: Editor) -> dict[str, object]:

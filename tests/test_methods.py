@@ -196,3 +196,35 @@ def test_init_layer_rejects_mismatched_shapes() -> None:
     sigma0, lam, W0, _ = _problem(0)
     with pytest.raises(ValueError, match="sigma0 must be a tensor"):
         parse_method("memit").init_layer(sigma0[:5, :5], lam, W0)
+
+
+@pytest.mark.parametrize("alignment", ["aligned", "uncorrected"])
+def test_prune_gets_the_low_rank_factors_of_each_update(alignment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PRUNE finds the singular values of Δ = R (A⁻¹K)ᵀ from its factors (no SVD of Δ); the result is the
+    same as from the dense path. W₀ is scaled down so that σ_max(Δ) > σ_max(W) and PRUNE compresses."""
+    import seqedit.methods as methods
+
+    sigma0, lam, W0, batches = _problem(3)
+    W0 = W0 * 0.05
+    seen: list[bool] = []
+    compressed: list[bool] = []
+
+    def spy(delta, W, *, low_rank=None, sigma_max=None):
+        seen.append(low_rank is not None)
+        out = prune(delta, W, low_rank=low_rank)
+        compressed.append(out is not delta)
+        dense = prune(delta, W)
+        assert torch.allclose(out, dense, rtol=0, atol=1e-10 * max(1.0, float(dense.abs().max())))
+        return out
+
+    monkeypatch.setattr(methods, "prune", spy)
+    spec = parse_method("prune", alignment)
+    state, W, _ = _run_steps(spec, sigma0, lam, W0, batches)
+    assert len(seen) == STEPS and seen[0] and any(compressed)
+    # uncorrected updates are always low-rank; aligned ones while E = 0 (after a compressing step,
+    # E ≠ 0 makes Δ full-rank and the dense path is taken)
+    if alignment == "uncorrected":
+        assert all(seen)
+    monkeypatch.undo()
+    _, W_dense, _ = _run_steps(spec, sigma0, lam, W0, batches)
+    assert torch.allclose(W, W_dense, rtol=0, atol=1e-9 * float(W_dense.abs().max()))

@@ -3,7 +3,7 @@
     import seqedit
     model = seqedit.load_model("smollm2-135m")
     facts = seqedit.load_facts("facts.jsonl")
-    editor = seqedit.Editor(model, method="memit")
+    editor = seqedit.Editor(model, method="memit")        # or ledger="edits/" (durable; docs/ledger.md)
     step = editor.apply(facts[:100])
 """
 
@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .facts import Fact, dump_facts, load_facts
+from .ledger import Ledger, LedgerCorruptError, LedgerError, StepRecord, VerifyReport, apply_delta, load_delta
 from .models.load import LoadedModel, load_model
 from .models.presets import EditHParams, preset_for
 
@@ -25,6 +26,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Editor",
     "StepReport",
+    "Ledger",
+    "LedgerError",
+    "LedgerCorruptError",
+    "StepRecord",
+    "VerifyReport",
+    "apply_delta",
+    "load_delta",
     "Fact",
     "load_facts",
     "dump_facts",

@@ -1,4 +1,4 @@
-"""``seqedit`` command line: edit, generate, stats, bench, demo."""
+"""``seqedit`` command line: edit, generate, stats, verify-equivalence, bench, demo."""
 
 from __future__ import annotations
 
@@ -106,10 +106,15 @@ def _facts(path: str, n: Optional[int], split: Optional[str], fmt: str):
 def edit(
     facts: str = typer.Argument(..., help="Facts file (JSON/JSONL: CounterFact, ZsRE or plain)."),
     model: str = ModelOpt,
-    method: str = typer.Option("memit", help="memit | alphaedit | prune | rect | rlsedit | memorize_latest."),
+    method: Optional[str] = typer.Option(
+        None, help="memit | alphaedit | prune | rect | rlsedit | memorize_latest (default: memit, or the ledger's)."
+    ),
     alignment: Optional[str] = typer.Option(None, help="aligned | naive | ... (default: the method's first)."),
     mode: str = typer.Option("sequential", help="sequential | one_time."),
     batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential step."),
+    ledger: Optional[Path] = typer.Option(
+        None, "--ledger", "-l", help="Ledger directory: created, or reopened and continued (durable steps)."
+    ),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N facts (after --split)."),
     split: Optional[str] = typer.Option(None, help="CounterFact split: edit | train."),
     fmt: str = typer.Option("auto", "--format", help="Facts file layout (auto-detected)."),
@@ -130,9 +135,10 @@ def edit(
     lm, _ = _load(model)
     try:
         editor = Editor(
-            lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps
+            lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
+            ledger=ledger,
         )
-        with _progress(not as_json) as cb:
+        with editor, _progress(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
     except (SeqEditError, ValueError, OSError) as e:
         _fail(str(e))
@@ -151,6 +157,7 @@ def edit(
                 "steps": [r.to_dict() for r in reports],
                 "completions": completions,
                 "saved": str(save) if save else None,
+                "ledger": str(ledger) if ledger else None,
             }
         )
         return
@@ -168,6 +175,9 @@ def edit(
         out.print(f"[bold]{p}[/]{c}")
     if save:
         out.print(f"edited model written to {save}")
+    if ledger:
+        replaced = sum(len(r.removed) for r in reports)
+        out.print(f"committed to ledger {ledger} (steps {reports[0].id}–{reports[-1].id}, {replaced} facts replaced)")
 
 
 @app.command()
@@ -225,6 +235,113 @@ def stats(
     for l, r in rows.items():
         table.add_row(str(l), str(r["d_in"]), str(r["tokens"]), f"{r['trace']:.4g}")
     out.print(table)
+
+
+def _specs(method: str, alignment: Optional[str], options: dict):
+    """MethodSpecs for ``--method`` (comma list or ``all``) × ``--alignment`` (comma list, ``all``, or
+    omitted = each method's default)."""
+    from .methods import METHODS, parse_method
+
+    every = method.strip().lower() == "all"
+    names = list(METHODS) if every else [m.strip() for m in method.split(",") if m.strip()]
+    specs = []
+    try:
+        for name in names:
+            key = name.lower().replace("-", "_")
+            if alignment is None:
+                aligns: list[Optional[str]] = [None]
+            elif alignment.strip().lower() == "all":
+                aligns = list(METHODS.get(key, (None,)))
+            else:
+                aligns = [a.strip() for a in alignment.split(",") if a.strip()]
+                # a list applies to the methods that have those forms; a method named alone must have one
+                aligns = [a for a in aligns if key not in METHODS or a in METHODS[key]] or ([] if every else aligns)
+            for al in aligns:
+                opts = {k: v for k, v in options.items() if v is not None}
+                if key == "alphaedit" or (key, al) == ("memorize_latest", "nullspace"):
+                    opts.pop("ridge", None)
+                specs.append(parse_method(name, al, **opts))
+    except ValueError as e:
+        _fail(str(e))
+    if not specs:
+        _fail("--method names no method")
+    return specs
+
+
+@app.command("verify-equivalence")
+def verify_equivalence(
+    model: str = ModelOpt,
+    method: str = typer.Option("memit", help="Method(s), comma separated, or 'all'."),
+    alignment: Optional[str] = typer.Option(
+        None, help="Alignment(s), comma separated, or 'all' (default: each method's first)."
+    ),
+    facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
+    n: int = typer.Option(200, "--n", help="Number of facts."),
+    batch_size: int = typer.Option(20, "--batch-size", "-b", help="Facts per sequential step."),
+    split: Optional[str] = typer.Option(None, help="CounterFact split (default: train of the shared CounterFact)."),
+    layers: Optional[str] = LayersOpt,
+    lam: Optional[float] = LamOpt,
+    v_steps: Optional[int] = VStepsOpt,
+    ridge: Optional[float] = typer.Option(None, help="Ridge ρ (rlsedit: its λ²); default per method."),
+    stats_tokens: Optional[int] = typer.Option(None, "--stats-tokens", help="Σ₀ token budget (default: preset)."),
+    tol: float = typer.Option(1e-10, help="Largest relative gap accepted for the aligned forms."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Sequential vs one-time editing on the same real (K, V): per-layer relative gap ‖W_SE − W_OTE‖/‖W_OTE − W₀‖.
+
+    Keys and values are read once on the unedited model (cached). Aligned forms must stay below
+    --tol (prune/rect: W + Δ before post-processing); naive forms show their gap. Exits with 1 if
+    an aligned form fails.
+    """
+    from .equivalence import verify_equivalence as run
+    from .errors import SeqEditError
+    from .facts import counterfact_path
+    from .models.presets import preset_for
+
+    specs = _specs(method, alignment, {"ridge": ridge})
+    fs = _facts(facts or str(counterfact_path()), n, split or (None if facts else "train"), "auto")
+    lm, _ = _load(model)
+    hp = preset_for(lm.name, lm.adapter.n_layers).override(
+        layers=_layers(layers), lam=lam, v_steps=v_steps, stats_tokens=stats_tokens
+    )
+    t = time.perf_counter()
+    try:
+        with _progress(not as_json) as cb:
+            rows = run(lm, specs, fs, hp, batch_size, tol=tol, progress=cb)
+    except (SeqEditError, ValueError, OSError) as e:
+        _fail(str(e))
+    secs = time.perf_counter() - t
+    failed = [r for r in rows if r.passed is False]
+    if as_json:
+        out.print_json(
+            data={
+                "model": lm.name,
+                "n_facts": len(fs),
+                "batch_size": batch_size,
+                "tolerance": tol,
+                "hparams": hp.to_dict(),
+                "seconds": secs,
+                "rows": [r.to_dict() for r in rows],
+                "passed": not failed,
+            }
+        )
+    else:
+        steps = rows[0].steps if rows else 0
+        table = Table(
+            title=f"SE ({steps} steps of {batch_size}) vs OTE on {lm.name}, {len(fs)} facts: "
+            "‖W_SE − W_OTE‖_F / ‖W_OTE − W₀‖_F"
+        )
+        for col in ("method", "layer", "deployed", "before R_p", "claim"):
+            table.add_column(col, justify="right" if col != "method" else "left")
+        for r in rows:
+            claim = {True: "[green]≡ OTE[/]", False: "[red]FAIL[/]", None: "[dim]control[/]"}[r.passed]
+            raw = "" if r.gap_raw is None else f"{r.gap_raw:.2e}"
+            table.add_row(r.method, str(r.layer), f"{r.gap_deployed:.2e}", raw, claim)
+        out.print(table)
+        out.print(f"{len(rows)} rows in {secs:.1f} s (keys/values cached after the first run)")
+    if failed:
+        console.print(f"[bold red]{len(failed)} aligned row(s) above {tol:g}[/]")
+        raise typer.Exit(1)
 
 
 def _efficacy(lm, fs) -> dict:
@@ -366,6 +483,10 @@ def demo(
         f"(cached after the first run) · templates {s['templates']:.1f} s · values {s['values']:.1f} s · "
         f"keys {s['keys']:.1f} s · solve {s['solve']:.2f} s · total {time.perf_counter() - t0:.1f} s"
     )
+
+
+from . import cli_eval  # noqa: E402,F401  (registers commands)
+from . import cli_ledger  # noqa: E402,F401  (registers commands)
 
 
 def main() -> None:  # pragma: no cover

@@ -139,6 +139,13 @@ class MethodSpec:
         return _ERR_RIDGE if self.name in POST_PROCESSED and self.alignment == "aligned" else 0.0
 
     @property
+    def matches_one_time(self) -> bool:
+        """True for the forms whose sequential steps reproduce the one-time solution of all batches
+        (``W + raw`` before R_p for prune/rect); the naive, uncorrected and memorize_latest forms are
+        controls that do not."""
+        return self.name != "memorize_latest" and self.alignment in ("aligned", "full")
+
+    @property
     def post_processed(self) -> bool:
         """True for prune and rect: the deployed update differs from the solved one."""
         return self.name in POST_PROCESSED
@@ -148,12 +155,14 @@ class MethodSpec:
         return dataclasses.asdict(self)
 
     def post(self) -> PostProcessor | None:
-        """The per-step R_p of this form, or ``None`` (naive PRUNE applies PRUNE only in ``finalize``)."""
+        """The per-step R_p of this form, called ``post(Δ, W, low_rank=None)`` with optional factors
+        ``(U, X)`` of ``Δ = U Xᵀ`` (PRUNE then needs no SVD of Δ), or ``None`` (naive PRUNE applies PRUNE
+        only in ``finalize``)."""
         if self.name == "rect":
             top = float(self.top_percent)
-            return lambda delta, W: rect(delta, W, top)
+            return lambda delta, W, low_rank=None: rect(delta, W, top)
         if self.name == "prune" and self.alignment != "naive":
-            return lambda delta, W: prune(delta, W)
+            return lambda delta, W, low_rank=None: prune(delta, W, low_rank=low_rank)
         return None
 
     def init_layer(self, sigma0: Tensor, lam: float, W0: Tensor) -> LayerMethodState:
@@ -326,9 +335,10 @@ class _Accumulated(_OneSystem):
         return not self.spec.post_processed
 
     def _step(self, K: Tensor, R: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-        raw = self._system.update(K, R)
+        U, X = self._system.update_factors(K, R)
+        raw = U @ X.mT
         post = self.spec.post()
-        return (raw if post is None else post(raw, W)), raw
+        return (raw if post is None else post(raw, W, low_rank=(U, X))), raw
 
 
 class _Fresh(LayerMethodState):
@@ -347,9 +357,10 @@ class _Fresh(LayerMethodState):
         return self
 
     def _step(self, K: Tensor, R: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-        raw = self._base.copy().update(K, R)
+        U, X = self._base.copy().update_factors(K, R)
+        raw = U @ X.mT
         post = self.spec.post()
-        return (raw if post is None else post(raw, W)), raw
+        return (raw if post is None else post(raw, W, low_rank=(U, X))), raw
 
     def finalize(self, W: Tensor) -> Tensor | None:
         """Naive PRUNE: compress the total update ``W − W₀`` relative to ``σ_max(W₀)`` and return the
@@ -421,7 +432,7 @@ class _Compensated(_OneSystem):
     def _step(self, K: Tensor, R: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
         post = self.spec.post()
         assert post is not None
-        return self._ec.step(self._system, K, R, W, post)
+        return self._ec.step(self._system, K, R, W, post, low_rank=True)
 
     def _dump(self) -> dict[str, Any]:
         return {**super()._dump(), "ec": self._ec.state_dict()}

@@ -2,7 +2,7 @@
 
 Tasks: sst2, mrpc, cola, rte, mmlu, nli from ``<shared data>/general/*.jsonl``. Prompts are the
 official 0-shot ones. Each example predicts the option whose ``" " + option`` has the lowest mean
-per-token NLL after the prompt (:func:`~seqedit.evaluate.scoring.score_targets`). The prompt is
+per-token NLL after the prompt (one prompt forward per example when every option is one token) (:func:`~seqedit.evaluate.scoring.score_targets`). The prompt is
 right-stripped before scoring because the option already carries its leading space (CoLA's official
 prompt ends in ``"Answer: "``, which would otherwise give a double space).
 
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..facts import shared_data_dir
-from .scoring import score_targets
+from ..locate.tokens import target_ids
+from .scoring import score_targets, target_log_probs
 
 __all__ = [
     "TASKS",
@@ -37,6 +38,7 @@ __all__ = [
     "general_metrics",
     "load_general_task",
     "matthews_corrcoef",
+    "task_result",
     "weighted_f1",
 ]
 
@@ -128,15 +130,38 @@ class TaskResult:
     labels: tuple[int, ...]
 
 
+def task_result(pred: Sequence[int], gold: Sequence[int]) -> TaskResult:
+    """Accuracy, weighted F1 and MCC of predicted option indices against gold ones (all 0 if empty)."""
+    if not gold:
+        return TaskResult(0.0, 0.0, 0.0, 0, tuple(pred), ())
+    acc = float(np.mean(np.array(pred) == np.array(gold)))
+    return TaskResult(acc, weighted_f1(gold, pred), matthews_corrcoef(gold, pred), len(gold), tuple(pred), tuple(gold))
+
+
 def choose_options(loaded, examples: Sequence[GeneralExample], batch_rows: int = 64) -> list[int]:
-    """Index of the lowest-mean-NLL option per example; all options of all examples in one pass."""
-    pairs = [(ex.prompt.rstrip(), opt) for ex in examples for opt in ex.options]
-    unique = list(dict.fromkeys(pairs))
-    scores = score_targets(loaded, unique, batch_rows=batch_rows)
-    nll = {pair: sc.mean_nll for pair, sc in zip(unique, scores)}
+    """Index of the lowest-mean-NLL option per example, batched.
+
+    An example whose options are all single tokens (``" " + option``; the usual case: Yes/No,
+    True/False, A–D) costs ONE prompt forward: every option is read off the log-probs at the prompt's
+    last position. Examples with a multi-token option get one row per (prompt, option) pair.
+    """
+    tok = loaded.tokenizer
+    prompts = [ex.prompt.rstrip() for ex in examples]
+    option_ids = [[target_ids(tok, o) for o in ex.options] for ex in examples]
+    single = [all(len(t) == 1 for t in ids) for ids in option_ids]
+    nll: dict[tuple[str, str], float] = {}
+    heads = list(dict.fromkeys(p for p, one in zip(prompts, single) if one))
+    rows = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in heads]
+    last = [lp[0] for batch in target_log_probs(loaded, rows, [(len(r), (0,)) for r in rows], batch_rows)
+            for lp in batch]  # log-probs [V] after each prompt
+    at = dict(zip(heads, last))
+    for ex, p, ids, one in zip(examples, prompts, option_ids, single):
+        if one:
+            nll.update({(p, o): -float(at[p][t[0]]) for o, t in zip(ex.options, ids)})
+    pairs = list(dict.fromkeys((p, o) for ex, p, one in zip(examples, prompts, single) if not one for o in ex.options))
+    nll.update({pair: sc.mean_nll for pair, sc in zip(pairs, score_targets(loaded, pairs, batch_rows=batch_rows))})
     # min() keeps the first option on ties, so ties resolve deterministically.
-    return [min(range(len(ex.options)), key=lambda k: nll[(ex.prompt.rstrip(), ex.options[k])])
-            for ex in examples]
+    return [min(range(len(ex.options)), key=lambda k: nll[(p, ex.options[k])]) for ex, p in zip(examples, prompts)]
 
 
 def general_metrics(
@@ -152,11 +177,4 @@ def general_metrics(
     data = {t: load_general_task(t, start, stop, official_rte_inversion=official_rte_inversion) for t in tasks}
     flat = [ex for t in tasks for ex in data[t]]
     chosen = iter(choose_options(loaded, flat, batch_rows))
-    out = {}
-    for t in tasks:
-        pred = [next(chosen) for _ in data[t]]
-        gold = [ex.label for ex in data[t]]
-        acc = float(np.mean(np.array(pred) == np.array(gold))) if gold else 0.0
-        out[t] = TaskResult(acc, weighted_f1(gold, pred) if gold else 0.0,
-                            matthews_corrcoef(gold, pred) if gold else 0.0, len(gold), tuple(pred), tuple(gold))
-    return out
+    return {t: task_result([next(chosen) for _ in data[t]], [ex.label for ex in data[t]]) for t in tasks}

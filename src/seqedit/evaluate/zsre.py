@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..facts import Fact
-from .scoring import forward_log_probs, target_rows
+from .scoring import target_log_probs, target_rows
 from .counterfact import _mean, _Summarised
 
 __all__ = [
@@ -45,11 +45,8 @@ def teacher_forced_argmax(
     """
     unique = list(dict.fromkeys(pairs))
     rows, spans = target_rows(loaded, unique)
-    preds: list[tuple[int, ...]] = []
-    for lo, logp in forward_log_probs(loaded, rows, batch_rows):
-        arg = logp.argmax(-1).cpu()
-        for r, (start, t) in enumerate(spans[lo : lo + len(arg)]):
-            preds.append(tuple(arg[r, start - 1 : start - 1 + len(t)].tolist()))
+    preds = [tuple(logp.argmax(-1).tolist()) for batch in target_log_probs(loaded, rows, spans, batch_rows)
+             for logp in batch]
     found = {pair: (pred, span[1]) for pair, pred, span in zip(unique, preds, spans)}
     return [found[pair] for pair in pairs]
 

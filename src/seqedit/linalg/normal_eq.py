@@ -251,6 +251,18 @@ class LayerSystem:
         Transactional: on any error (``ValueError`` for bad inputs, ``IllConditionedError`` if the new
         ``A`` is not positive definite) the state is unchanged.
         """
+        U, X = self.update_factors(K_add, R_add, K_remove, R_remove)
+        return U @ X.mT
+
+    def update_factors(
+        self,
+        K_add: Tensor | None,
+        R_add: Tensor | None,
+        K_remove: Tensor | None = None,
+        R_remove: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`update`, returning ``Δ`` as its factors ``(U: [d_out, n+m], X: [d_in, n+m])``,
+        ``Δ = U Xᵀ`` (rank ≤ n + m): what PRUNE needs to find Δ's singular values without an SVD of Δ."""
         K, R, n_add = _edit_columns(self.d_in, self.device, K_add, R_add, K_remove, R_remove)
         Ka, Kr = K[:, :n_add], K[:, n_add:]
         n_new = self._n + Ka.shape[1] - Kr.shape[1]
@@ -259,7 +271,7 @@ class LayerSystem:
                 f"cannot remove {Kr.shape[1]} constraints: only {self._n + Ka.shape[1]} would be in force"
             )
         if K.shape[1] == 0:
-            return torch.zeros(R.shape[0], self.d_in, dtype=torch.float64, device=self.device)
+            return R, torch.zeros(self.d_in, 0, dtype=torch.float64, device=self.device)
 
         A_new = torch.addmm(self._A, Ka, Ka.mT)
         A_new.addmm_(Kr, Kr.mT, alpha=-1)  # in place on the fresh tensor only: self._A stays intact
@@ -280,7 +292,7 @@ class LayerSystem:
             self._A, self._C = A_new, C_new
             self._since_anchor += 1
         self._n = n_new
-        return R @ self._solve(K).mT
+        return R, self._solve(K)
 
     def _solve(self, X: Tensor) -> Tensor:
         """``A⁻¹ X`` for ``X: [d_in, m]``."""

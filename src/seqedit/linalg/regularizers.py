@@ -25,7 +25,8 @@ from seqedit.linalg.solvers import SINGULAR_COND, cho_solve, cholesky_factor, sy
 __all__ = ["AlphaEditSystem", "ErrorCompensation", "NullSpace", "PostProcessor", "prune", "rect"]
 
 PostProcessor = Callable[[Tensor, Tensor], Tensor]
-"""``R_p(Δ: [d_out, d_in], W: [d_out, d_in]) -> [d_out, d_in]``, float64; must not modify its inputs."""
+"""``R_p(Δ: [d_out, d_in], W: [d_out, d_in]) -> [d_out, d_in]``, float64; must not modify its inputs.
+Post-processors used with ``ErrorCompensation.step(..., low_rank=True)`` also take ``low_rank=(U, X)``."""
 
 # The reference's guard against dividing by a zero weight in RECT's relative change.
 _RECT_EPS = 1e-8
@@ -488,12 +489,15 @@ class ErrorCompensation:
     def __repr__(self) -> str:
         return f"ErrorCompensation(d_out={self._d_out}, d_in={self._d_in}, is_zero={self.is_zero})"
 
-    def step(self, system: LayerSystem, K: Tensor, R: Tensor, W: Tensor, post: PostProcessor) -> tuple[Tensor, Tensor]:
+    def step(
+        self, system: LayerSystem, K: Tensor, R: Tensor, W: Tensor, post: PostProcessor, *, low_rank: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """One step: add ``K: [d_in, n]`` to ``system`` and return ``(R_p(Δ_t), Δ_t)``, both ``[d_out, d_in]``.
 
         ``R: [d_out, n]`` are residuals on the deployed weight ``W: [d_out, d_in]``; the caller deploys
         ``W + R_p(Δ_t)``. ``post(Δ_t, W)`` is called exactly once, and its result serves both the
-        deployed update and ``E_t``. Transactional: if validation, the system update or ``post``
+        deployed update and ``E_t``. With ``low_rank=True``, ``post`` also takes ``low_rank=(U, X)``
+        (``Δ_t = U Xᵀ``), passed while ``E = 0`` (then ``Δ_t`` has rank ≤ n; otherwise ``None``). Transactional: if validation, the system update or ``post``
         fails (or ``post`` returns a wrong shape or non-finite values), ``system`` and ``E`` are unchanged.
         """
         if not isinstance(system, LayerSystem):
@@ -508,10 +512,13 @@ class ErrorCompensation:
         W = _matrix(W, "W", self._d_out, self._d_in, dev)
         snapshot = system.copy()
         try:
-            raw = system.update(K, R)
+            U, X = system.update_factors(K, R)
+            raw = U @ X.mT
+            factors = (U, X) if self._E is None else None
             if self._E is not None:
                 raw = raw - system.solve_right(self._E.to(dev))
-            applied = _matrix(post(raw, W), "post(Δ, W)", self._d_out, self._d_in, dev)
+            out = post(raw, W, low_rank=factors) if low_rank else post(raw, W)
+            applied = _matrix(out, "post(Δ, W)", self._d_out, self._d_in, dev)
         except BaseException:
             # LayerSystem replaces its tensors and never mutates them, so the attributes of a copy()
             # taken before the update are exactly the prior state.

@@ -1,0 +1,158 @@
+"""``seqedit eval`` and ``seqedit report``: the benchmark suite from one command (registered on ``cli.app``)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .cli import JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, _fail, _layers, _load, app, console, out
+
+
+def _csv(value: str, what: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(x.strip().lower() for x in value.split(",") if x.strip()))
+    if not items:
+        raise typer.BadParameter(f"{what} names nothing: {value!r}")
+    return items
+
+
+@contextmanager
+def _eval_progress(enabled: bool) -> Iterator:
+    """``cb(phase, advance, total)`` for :func:`run_eval`: bars for configurations, steps and the
+    editor's phases, and a line saying what is running."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        now = bar.add_task("starting", total=None)
+        tasks: dict[str, int] = {}
+        labels = {"configs": "configurations", "steps": "steps of this configuration", "values": "value optimisation",
+                  "layers": "layer solves", "stats": "Σ₀ statistics (tokens)"}
+
+        def cb(phase: str, advance: int, total: Optional[int]) -> None:
+            if phase.startswith("status:"):
+                bar.update(now, description=phase[len("status:"):])
+                return
+            if phase == "stats-total":
+                phase, total = "stats", total
+                tasks.pop("stats", None)
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(labels.get(phase, phase), total=total)
+            elif bar.tasks[tasks[phase]].finished and phase != "configs":
+                bar.reset(tasks[phase], total=total)
+            bar.advance(tasks[phase], advance)
+
+        yield cb
+
+
+@app.command("eval")
+def eval_(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (results.json, report.md, plots); resumable."),
+    model: str = ModelOpt,
+    dataset: str = typer.Option("counterfact", help="counterfact | zsre."),
+    n: int = typer.Option(100, "--n", help="Number of facts edited (a seeded shuffle of the dataset)."),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential (SE) step."),
+    methods: str = typer.Option("memit", "--methods", help="Comma list: memit,alphaedit,prune,rect,rlsedit."),
+    alignment: str = typer.Option("aligned", "--alignment", help="Comma list: aligned,naive (,uncorrected,full)."),
+    modes: str = typer.Option("se,ote", "--modes", help="Comma list: se (sequential), ote (one-time)."),
+    values: str = typer.Option(
+        "original", help="original: values optimised once on the unedited model, shared by all methods and modes; "
+        "current: SE re-optimises values on the edited model at every step (real SE protocol, slow)."),
+    seed: int = typer.Option(0, help="Seed of the record shuffle and of fluency sampling."),
+    general_every: int = typer.Option(5, "--general-every", help="General capability + drift every K SE steps (0: final only)."),
+    general_n: int = typer.Option(100, "--general-n", help="Examples per general task (0: skip the tasks)."),
+    general_scoring: str = typer.Option("likelihood", "--general-scoring", help="likelihood | generation."),
+    rte_inversion: bool = typer.Option(False, "--official-rte-inversion", help="Copy the official RTE label inversion."),
+    retention_every: int = typer.Option(0, "--retention-every", help="Re-score the facts edited so far every K steps (0: off)."),
+    drift_windows: int = typer.Option(32, "--drift-windows", help="256-token WikiText-2 test windows for drift (0: off)."),
+    fluency_n: int = typer.Option(50, "--fluency-n", help="CounterFact records whose generations are scored (0: off)."),
+    fluency_tokens: int = typer.Option(100, "--fluency-tokens", help="Tokens per generation, prompt included (ROME: 100)."),
+    layout: str = typer.Option("knowedit", help="CounterFact layout: knowedit (20k cases) | rome (1,115-case subset)."),
+    split: str = typer.Option("auto", help="CounterFact split: auto (= edit) | edit | train | all."),
+    zsre_file: str = typer.Option("mend-eval", "--zsre-file", help="ZsRE file: mend-eval | mend-train | knowedit."),
+    zsre_target: str = typer.Option("answers", "--zsre-target", help="ZsRE target: answers (answers[0], ROME) | alt (EasyEdit)."),
+    facts: Optional[str] = typer.Option(None, "--facts", help="Facts file to draw from instead of the shared data."),
+    layers: Optional[str] = LayersOpt,
+    lam: Optional[float] = LamOpt,
+    v_steps: Optional[int] = VStepsOpt,
+    stats_tokens: Optional[int] = typer.Option(None, "--stats-tokens", help="Σ₀ token budget (default: preset)."),
+    eval_batch_rows: int = typer.Option(64, "--eval-batch-rows", help="Rows per scoring forward."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Evaluate methods × alignments × SE/OTE on CounterFact or ZsRE: results.json, report.md and plots in --out."""
+    from .errors import SeqEditError
+    from .evaluate.runner import EvalConfig, check_out_dir, run_eval
+    from .report import render, rendered
+
+    overrides = {"layers": _layers(layers), "lam": lam, "v_steps": v_steps, "stats_tokens": stats_tokens}
+    config = EvalConfig(
+        model=model, dataset=dataset, n=n, batch_size=batch_size, methods=_csv(methods, "--methods"),
+        alignments=_csv(alignment, "--alignment"), modes=_csv(modes, "--modes"), values=values, seed=seed,
+        general_every=general_every, general_n=general_n, general_scoring=general_scoring,
+        official_rte_inversion=rte_inversion, retention_every=retention_every, drift_windows=drift_windows,
+        fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
+        facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
+        eval_batch_rows=eval_batch_rows,
+    )
+    try:
+        t = time.perf_counter()
+        check_out_dir(config, out_dir)  # bad settings or a clash with earlier results fail before loading
+        lm, _ = _load(model)
+        with _eval_progress(not as_json) as cb:
+            data = run_eval(config, out_dir, cb, loaded=lm)
+        last = data["runs"][-1]
+        # nothing new since the last render: keep the files (plots cost ~1 s each)
+        paths = (None if last["ran"] or last["reused"] else rendered(out_dir)) or render(out_dir)
+    except (SeqEditError, ValueError, OSError) as e:
+        _fail(str(e))
+    wall = time.perf_counter() - t
+    summary = {
+        label: {"final": {k: v for k, v in (e.get("final", {}).get("edit") or {}).items() if not isinstance(v, dict)},
+                "same_as": e.get("same_as"), "seconds": e.get("seconds")}
+        for label, e in data["configs"].items()
+    }
+    if as_json:
+        out.print_json(data={"out": str(out_dir), "results": str(Path(out_dir) / "results.json"), **paths,
+                             "protocol": data["protocol"], "ran": last["ran"], "resumed": last["resumed"],
+                             "reused": last["reused"], "skipped": data["skipped"], "wall_seconds": wall,
+                             "baseline": data["baseline"].get("edit"), "configs": summary})
+        return
+    metrics = [k for k in ("efficacy", "generalization", "specificity", "specificity_vs_pre_edit",
+                           "specificity_vs_gold") if k in (data["baseline"].get("edit") or {})]
+    table = Table(title=f"{dataset}: {n} edits on {data['model']['name']} (values: {values}; ×100)")
+    for col in ("config", *metrics, "note"):
+        table.add_column(col, justify="left" if col in ("config", "note") else "right")
+    table.add_row("pre-edit", *[f"{100 * (data['baseline']['edit'][m] or 0):.1f}" for m in metrics], "")
+    for label, e in data["configs"].items():
+        fin = e["final"]["edit"]
+        note = f"= {e['same_as']}" if e.get("same_as") else ("resumed" if label in last["resumed"] else "")
+        table.add_row(label, *[f"{100 * (fin[m] or 0):.1f}" for m in metrics], note)
+    out.print(table)
+    for s in data["skipped"]:
+        out.print(f"skipped {s['config']}: {s['reason']}")
+    out.print(f"wrote {Path(out_dir) / 'results.json'}, {paths['markdown']} and {len(paths['plots'])} plots "
+              f"in {wall:.0f} s")
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="An eval output folder (holding results.json)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-render report.md and the PNG plots of an eval folder from its results.json."""
+    from .report import render
+
+    try:
+        paths = render(folder)
+    except (OSError, ValueError, KeyError) as e:
+        _fail(f"cannot render {folder}: {e}")
+    if as_json:
+        out.print_json(data=paths)
+        return
+    out.print(f"wrote {paths['markdown']} and {len(paths['plots'])} plots")

@@ -1,0 +1,163 @@
+"""Ledger commands of the ``seqedit`` CLI: forget, undo, log, verify, export (``docs/ledger.md``).
+
+Each takes ``--ledger DIR``; those that need the model load the ledger's base model (its recorded
+name) unless ``--model`` says otherwise, and every one has ``--json``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import JsonOpt, _fail, _load, app, console, out
+
+LedgerOpt = typer.Option(..., "--ledger", "-l", help="Ledger directory.")
+BaseOpt = typer.Option(None, "--model", "-m", help="Base model (default: the one the ledger records).")
+
+
+@contextmanager
+def _editor(ledger: Path, model: Optional[str]) -> Iterator:
+    """The ledger reopened on a freshly loaded base model; SeqEditErrors become CLI errors."""
+    from .editor import Editor
+    from .errors import SeqEditError
+    from .ledger import Ledger
+
+    try:
+        with Ledger(ledger) as L:
+            name = model or L.manifest["base"]["name"]
+        lm, _ = _load(name)
+        with console.status("restoring the ledger's weights …"):
+            editor = Editor(lm, ledger=ledger)
+    except (SeqEditError, ValueError, OSError) as e:
+        _fail(str(e))
+    try:
+        yield editor
+    except (SeqEditError, ValueError, OSError) as e:
+        _fail(str(e))
+    finally:
+        editor.close()
+
+
+def _print_step(rec, as_json: bool, what: str) -> None:
+    if as_json:
+        out.print_json(data=rec.to_dict())
+        return
+    out.print(f"step {rec.id} ({what}): {len(rec.added)} facts back in force, {len(rec.removed)} removed")
+
+
+@app.command()
+def forget(
+    ids: list[str] = typer.Argument(..., help="Ids of the facts in force to remove."),
+    ledger: Path = LedgerOpt,
+    model: Optional[str] = BaseOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Remove facts exactly: the weights become the one-time solution of the remaining facts."""
+    with _editor(ledger, model) as editor:
+        rec = editor.forget(ids)
+    _print_step(rec, as_json, "forget")
+
+
+@app.command()
+def undo(
+    step: int = typer.Argument(..., help="The step to revert (see `seqedit log`)."),
+    ledger: Path = LedgerOpt,
+    model: Optional[str] = BaseOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Revert a step: its facts leave, the facts it replaced or forgot come back (undo an undo to redo)."""
+    with _editor(ledger, model) as editor:
+        rec = editor.undo(step)
+    _print_step(rec, as_json, f"undo of step {step}")
+
+
+@app.command()
+def log(
+    ledger: Path = LedgerOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """The ledger's steps and the facts in force (no model needed)."""
+    from .errors import SeqEditError
+    from .ledger import Ledger
+
+    try:
+        with Ledger(ledger) as L:
+            man, steps, rows = L.manifest, L.steps(), L.in_force()
+    except SeqEditError as e:
+        _fail(str(e))
+    if as_json:
+        out.print_json(data={
+            "ledger": str(ledger), "manifest": man, "steps": [s.to_dict() for s in steps],
+            "in_force": [{"added": r.added, **r.fact.to_dict()} for r in rows],
+        })
+        return
+    t = Table(title=f"ledger {ledger}: {man['base']['name']}, {man['method_label']}, {len(steps)} steps")
+    for col in ("step", "kind", "when", "+facts", "−facts", "note"):
+        t.add_column(col, justify="right" if col in ("step", "+facts", "−facts") else "left")
+    for s in steps:
+        note = f"undoes step {s.target}" if s.target else ""
+        if s.undone_by:
+            note = (note + "; " if note else "") + f"undone by step {s.undone_by}"
+        when = datetime.fromtimestamp(s.created).strftime("%Y-%m-%d %H:%M:%S")
+        t.add_row(str(s.id), s.kind, when, str(len(s.added)), str(len(s.removed)), note)
+    out.print(t)
+    f = Table(title=f"{len(rows)} facts in force")
+    for col in ("id", "subject", "prompt", "target", "step"):
+        f.add_column(col)
+    for r in rows:
+        f.add_row(str(r.fact.id), r.fact.subject, r.fact.prompt, r.fact.target, str(r.added))
+    out.print(f)
+
+
+@app.command()
+def verify(
+    ledger: Path = LedgerOpt,
+    model: Optional[str] = BaseOpt,
+    tol: float = typer.Option(1e-8, help="Largest relative error accepted per layer."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-solve the one-time problem of the facts in force, compare with the restored weights per layer,
+    and check every file's checksum. Exits with 1 when anything fails."""
+    with _editor(ledger, model) as editor:
+        rep = editor.verify(tol)
+    if as_json:
+        out.print_json(data=rep.to_dict())
+    else:
+        t = Table(title=f"verify {ledger}: {rep.method}, {rep.n_facts} facts in force after {rep.steps} steps")
+        for col in ("layer", "relative error", "deployed = master"):
+            t.add_column(col, justify="right")
+        for l, e in rep.layers.items():
+            rel = "n/a (not a one-time solution)" if e["rel_error"] is None else f"{e['rel_error']:.2e}"
+            t.add_row(str(l), rel, "yes" if e["deployed_matches"] else "[red]NO[/]")
+        out.print(t)
+        out.print(f"{rep.files_checked} files checked, {len(rep.bad_files)} bad" +
+                  "".join(f"\n  [red]{n}: {p}[/]" for n, p in rep.bad_files))
+        out.print("[bold green]OK[/]" if rep.ok else f"[bold red]FAILED[/] (tolerance {rep.tol:g})")
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    dest: Path = typer.Argument(..., help="New directory to write."),
+    ledger: Path = LedgerOpt,
+    model: Optional[str] = BaseOpt,
+    delta: bool = typer.Option(False, "--delta", help="Write only W − W₀ of the edited matrices + a loader."),
+    delta_dtype: str = typer.Option("float32", "--delta-dtype", help="float32 | float64 (bit-exact weights)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write the edited model as a plain HF directory (AutoModelForCausalLM.from_pretrained), or its deltas."""
+    with _editor(ledger, model) as editor:
+        path = editor.export(dest, delta=delta, delta_dtype=delta_dtype)
+        step = editor.ledger.last_step
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if as_json:
+        out.print_json(data={"path": str(path), "delta": delta, "bytes": size, "step": step})
+        return
+    kind = "weight deltas + apply_delta.py" if delta else "HF model"
+    out.print(f"{kind} of ledger step {step} written to {path} ({size / 1e6:.1f} MB)")

@@ -1,0 +1,165 @@
+"""Export an edited model: a plain HF directory, or only the edited matrices' deltas plus a loader.
+
+The delta directory holds ``delta.safetensors`` (one tensor per edited parameter, named as in the
+model's ``state_dict`` and in its storage layout, ``W − W₀``), ``seqedit_delta.json`` (base model name and
+fingerprint, dtype) and ``apply_delta.py``, a standalone loader that needs only torch, safetensors and
+transformers. Deltas are added in float64 and cast to the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .store import LedgerError
+
+if TYPE_CHECKING:
+    from ..editor import Editor
+
+__all__ = ["apply_delta", "export_delta", "export_model", "load_delta"]
+
+DELTA_FILE = "delta.safetensors"
+DELTA_META = "seqedit_delta.json"
+PROVENANCE = "seqedit_ledger.json"
+
+_LOADER = '''"""Apply seqedit weight deltas to a base model (standalone: torch, safetensors, transformers).
+
+    python apply_delta.py BASE_MODEL_DIR_OR_ID OUT_DIR      # writes the edited model
+    from apply_delta import load; model = load("BASE")      # in Python
+"""
+import json, pathlib, sys
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def apply(model):
+    deltas = load_file(str(HERE / "delta.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, d in deltas.items():
+            p = params[name]
+            p.copy_((p.double() + d.double().to(p.device)).to(p.dtype))
+    return model
+
+
+def load(base, **kwargs):
+    meta = json.loads((HERE / "seqedit_delta.json").read_text())
+    kwargs.setdefault("dtype", getattr(torch, meta["dtype"]))
+    return apply(AutoModelForCausalLM.from_pretrained(base, **kwargs))
+
+
+if __name__ == "__main__":
+    m = load(sys.argv[1])
+    m.save_pretrained(sys.argv[2])
+'''
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise LedgerError(f"export target {path} exists and is not an empty directory; choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def _publish(tmp: Path, path: Path) -> Path:
+    """Move the finished temp dir into place (a crash leaves no half-written export under ``path``)."""
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as fh:
+                os.fsync(fh.fileno())
+    if path.exists():
+        path.rmdir()  # empty, checked by _fresh_dir
+    os.rename(tmp, path)
+    return path
+
+
+def _provenance(editor: Editor) -> dict[str, Any]:
+    L = editor.ledger
+    man = L.manifest
+    return {
+        "base": {k: man["base"][k] for k in ("name", "fingerprint", "dtype")},
+        "method": man["method_label"],
+        "ledger": str(L.path.resolve()),
+        "step": L.last_step,
+        "facts_in_force": [r.fact.id for r in L.in_force()],
+    }
+
+
+def export_model(editor: Editor, path: str | os.PathLike) -> Path:
+    """Save the live model (``save_pretrained``, safetensors) and tokenizer to ``path``."""
+    path = Path(path)
+    tmp = _fresh_dir(path)
+    try:
+        lm = editor.loaded
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE).write_text(json.dumps(_provenance(editor), indent=2) + "\n")
+        return _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_delta(editor: Editor, path: str | os.PathLike, dtype: str = "float32") -> Path:
+    """Save ``W − W₀`` of every edited matrix (``dtype`` float32 or float64) and the loader to ``path``."""
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"delta dtype must be float32 or float64, got {dtype!r}")
+    path = Path(path)
+    tmp = _fresh_dir(path)
+    try:
+        lm = editor.loaded
+        conv1d = lm.adapter.spec.conv1d
+        tensors = {}
+        for l in editor.hparams.layers:
+            d = editor.delta(l).to(getattr(torch, dtype))
+            tensors[f"{lm.adapter.ffn_out_name(l)}.weight"] = (d.T if conv1d else d).contiguous().cpu()
+        save_file(tensors, str(tmp / DELTA_FILE))
+        meta = {**_provenance(editor), "dtype": str(lm.dtype).removeprefix("torch."), "delta_dtype": dtype}
+        (tmp / DELTA_META).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "apply_delta.py").write_text(_LOADER)
+        return _publish(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def apply_delta(model: Any, delta_dir: str | os.PathLike, *, check_fingerprint: bool = True) -> Any:
+    """Add the deltas in ``delta_dir`` to ``model`` (a :class:`~seqedit.LoadedModel` or an HF model) in
+    place and return it. For a ``LoadedModel`` the base fingerprint must match unless told otherwise."""
+    delta_dir = Path(delta_dir)
+    meta = json.loads((delta_dir / DELTA_META).read_text())
+    hf = getattr(model, "model", model)
+    fp = getattr(model, "fingerprint", None)
+    if check_fingerprint and fp is not None and fp != meta["base"]["fingerprint"]:
+        raise LedgerError(
+            f"the deltas in {delta_dir} were made for base {meta['base']['name']!r} "
+            f"(fingerprint {meta['base']['fingerprint'][:16]}…), not {getattr(model, 'name', '?')!r} ({fp[:16]}…)"
+        )
+    params = dict(hf.named_parameters())
+    deltas = load_file(str(delta_dir / DELTA_FILE))
+    missing = sorted(set(deltas) - set(params))
+    if missing:
+        raise LedgerError(f"the model has no parameters {missing} named in {delta_dir / DELTA_FILE}")
+    with torch.no_grad():
+        for name, d in deltas.items():
+            p = params[name]
+            if p.shape != d.shape:
+                raise LedgerError(f"{name}: delta shape {tuple(d.shape)} does not fit the parameter {tuple(p.shape)}")
+            p.copy_((p.double() + d.double().to(p.device)).to(p.dtype))
+    return model
+
+
+def load_delta(base: str, delta_dir: str | os.PathLike, **kwargs: Any) -> Any:
+    """``seqedit.load_model(base, **kwargs)`` with the deltas of ``delta_dir`` applied."""
+    from ..models.load import load_model
+
+    return apply_delta(load_model(base, **kwargs), delta_dir)

@@ -1,0 +1,481 @@
+"""The ledger directory: an SQLite journal (manifest, steps, facts, file checksums) and tensor files.
+
+Layout of ``DIR/``::
+
+    ledger.sqlite                       WAL journal, synchronous=FULL (tables meta, steps, facts, files)
+    lock                                flock'ed by the one process that may write
+    base/sigma0-L006.safetensors        Σ₀ of each edited layer (float64), written once
+    steps/step-000001.safetensors       per-layer K.{ℓ}: [d_in, n], V.{ℓ}: [d_out, n] of the facts a step added
+    snapshots/snap-000010-L006.safetensors   method state + float64 weight of a layer after a step
+
+Commit protocol: tensor files are written under their final names (temp → fsync → rename → fsync dir),
+then ONE SQLite transaction records the step, its facts and the files' sha256. The SQLite commit is the
+commit point: on reopen, files that no committed row names are leftovers of an interrupted step (or of
+snapshot clean-up) and are removed; a committed row whose file is missing or has another checksum is
+corruption, reported and never repaired by deleting anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_write
+from ..errors import SeqEditError
+from ..facts import Fact
+from . import tensorio
+
+__all__ = ["FORMAT_VERSION", "FactRow", "Ledger", "LedgerCorruptError", "LedgerError", "StepRecord"]
+
+FORMAT_VERSION = 1
+DB_NAME = "ledger.sqlite"
+KEEP_SNAPSHOTS = 2  # the newest two: the one before the latest step serves undo of non-exact methods
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS steps (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    target INTEGER,
+    undone_by INTEGER,
+    snapshot INTEGER NOT NULL DEFAULT 0,
+    info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS facts (
+    row INTEGER PRIMARY KEY,
+    fact_id TEXT NOT NULL,
+    slot_subject TEXT NOT NULL,
+    slot_prompt TEXT NOT NULL,
+    fact TEXT NOT NULL,
+    kv_step INTEGER NOT NULL,
+    kv_col INTEGER NOT NULL,
+    added INTEGER NOT NULL,
+    removed INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS facts_slot_in_force ON facts(slot_subject, slot_prompt) WHERE removed IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS facts_id_in_force ON facts(fact_id) WHERE removed IS NULL;
+CREATE INDEX IF NOT EXISTS facts_added ON facts(added);
+CREATE INDEX IF NOT EXISTS facts_removed ON facts(removed);
+CREATE TABLE IF NOT EXISTS files (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    step INTEGER
+);
+"""
+
+_STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
+_SNAP_FILE = re.compile(r"^snap-(\d+)-L(\d+)\.safetensors$")
+
+
+class LedgerError(SeqEditError):
+    """A ledger operation was refused: other base model or method, conflicting facts, unsupported op."""
+
+
+class LedgerCorruptError(LedgerError):
+    """The ledger on disk is damaged (checksum mismatch, missing file, unknown format). Nothing was deleted."""
+
+
+@dataclass(frozen=True)
+class FactRow:
+    """One fact's life in force: added at step ``added``, removed at ``removed`` (``None``: in force).
+
+    Its per-layer (k, v) are column ``kv_col`` of step ``kv_step``'s file (an undo that brings a fact
+    back makes a new row pointing at the same column).
+    """
+
+    row: int
+    fact: Fact
+    kv_step: int
+    kv_col: int
+    added: int
+    removed: int | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A committed step: ``kind`` is ``apply``, ``forget`` or ``undo`` (of ``target``)."""
+
+    id: int
+    kind: str
+    created: float
+    target: int | None
+    undone_by: int | None
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "kind": self.kind, "created": self.created, "target": self.target,
+            "undone_by": self.undone_by, "added": list(self.added), "removed": list(self.removed),
+            "info": self.info,
+        }
+
+
+def _fact_row(r: sqlite3.Row) -> FactRow:
+    return FactRow(r["row"], Fact.from_dict(json.loads(r["fact"])), r["kv_step"], r["kv_col"], r["added"], r["removed"])
+
+
+class Ledger:
+    """A ledger directory (see the module docstring). ``Ledger(path)`` opens an existing one read-only
+    (journal queries: ``manifest``, ``steps()``, ``in_force()``); the :class:`~seqedit.Editor` opens it
+    for writing with ``Ledger.open_for_writing``. Use ``close()`` (or ``with``) to release it.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, _write: bool = False, _create: dict | None = None) -> None:
+        self.path = Path(path)
+        self.recovered: list[str] = []  # files of interrupted steps removed by this open
+        self._lock_fd: int | None = None
+        db = self.path / DB_NAME
+        if _create is None and not db.is_file():
+            raise LedgerError(f"{self.path} is not a seqedit ledger (no {DB_NAME})")
+        if _write:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock()
+        self.conn = sqlite3.connect(db, isolation_level=None)  # explicit BEGIN/COMMIT below
+        self.conn.row_factory = sqlite3.Row
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            if _create is not None:
+                self._create(_create)
+            self.manifest = self._read_manifest()
+            if _write:
+                self._recover()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ open / close
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        return (Path(path) / DB_NAME).is_file()
+
+    @classmethod
+    def open_for_writing(cls, path: str | os.PathLike, manifest: dict | None = None) -> Ledger:
+        """Open ``path`` exclusively, creating it with ``manifest`` if it holds no ledger yet."""
+        return cls(path, _write=True, _create=None if cls.exists(path) else manifest)
+
+    def _lock(self) -> None:
+        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise LedgerError(
+                f"ledger {self.path} is open for writing by another editor (close it first)"
+            ) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.close()
+            self.conn = None  # type: ignore[assignment]
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _create(self, manifest: dict) -> None:
+        with self._tx():
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self.conn.execute(stmt)
+            self.conn.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
+            self.conn.execute("INSERT INTO meta VALUES ('manifest', ?)", (json.dumps(manifest),))
+
+    def _read_manifest(self) -> dict:
+        try:
+            rows = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as e:
+            raise LedgerCorruptError(f"ledger {self.path}: cannot read its journal: {e}") from None
+        version = rows.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise LedgerCorruptError(
+                f"ledger {self.path} has format version {version!r}; this seqedit reads version {FORMAT_VERSION}"
+            )
+        try:
+            return json.loads(rows["manifest"])
+        except (KeyError, ValueError):
+            raise LedgerCorruptError(f"ledger {self.path}: the manifest is missing or not JSON") from None
+
+    def _tx(self):
+        """``with self._tx():`` one IMMEDIATE transaction, rolled back on any error."""
+        conn = self.conn
+
+        class _T:
+            def __enter__(self_inner):
+                conn.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                return False
+
+        return _T()
+
+    def _recover(self) -> None:
+        """Finish or roll back an interrupted step: remove unreferenced files, check referenced ones exist."""
+        known = {r["name"] for r in self.conn.execute("SELECT name FROM files")}
+        last = self.last_step
+        for sub in ("base", "steps", "snapshots"):
+            d = self.path / sub
+            if not d.is_dir():
+                continue
+            for p in d.iterdir():
+                name = f"{sub}/{p.name}"
+                if name in known:
+                    continue
+                m = _STEP_FILE.match(p.name) or _SNAP_FILE.match(p.name)
+                interrupted = p.name.startswith(".") and p.name.endswith(".tmp")  # atomic_write temp
+                interrupted |= bool(m) and (int(m.group(1)) > last or sub == "snapshots")
+                interrupted |= sub == "base" and p.name.startswith("sigma0-")
+                if interrupted:
+                    p.unlink()
+                    self.recovered.append(name)
+        missing = [n for n in known if not (self.path / n).is_file()]
+        if missing:
+            raise LedgerCorruptError(f"ledger {self.path}: committed files are missing: {sorted(missing)}")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def last_step(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM steps").fetchone()[0]
+
+    def _ids(self, sql: str, step: int) -> tuple[str, ...]:
+        return tuple(r[0] for r in self.conn.execute(sql, (step,)))
+
+    def _record(self, r: sqlite3.Row) -> StepRecord:
+        return StepRecord(
+            r["id"], r["kind"], r["created"], r["target"], r["undone_by"],
+            self._ids("SELECT fact_id FROM facts WHERE added = ? ORDER BY row", r["id"]),
+            self._ids("SELECT fact_id FROM facts WHERE removed = ? ORDER BY row", r["id"]),
+            json.loads(r["info"]),
+        )
+
+    def steps(self) -> list[StepRecord]:
+        return [self._record(r) for r in self.conn.execute("SELECT * FROM steps ORDER BY id")]
+
+    def step(self, step_id: int) -> StepRecord:
+        r = self.conn.execute("SELECT * FROM steps WHERE id = ?", (step_id,)).fetchone()
+        if r is None:
+            raise LedgerError(f"ledger {self.path} has no step {step_id} (steps 1..{self.last_step})")
+        return self._record(r)
+
+    def in_force(self) -> list[FactRow]:
+        """Facts in force, in the order they were (re-)added."""
+        return [_fact_row(r) for r in self.conn.execute("SELECT * FROM facts WHERE removed IS NULL ORDER BY row")]
+
+    def in_force_after(self, step: int) -> list[FactRow]:
+        """Facts that were in force right after ``step``."""
+        sql = "SELECT * FROM facts WHERE added <= ? AND (removed IS NULL OR removed > ?) ORDER BY row"
+        return [_fact_row(r) for r in self.conn.execute(sql, (step, step))]
+
+    def rows_added(self, step: int) -> list[FactRow]:
+        return [_fact_row(r) for r in self.conn.execute("SELECT * FROM facts WHERE added = ? ORDER BY row", (step,))]
+
+    def rows_removed(self, step: int) -> list[FactRow]:
+        sql = "SELECT * FROM facts WHERE removed = ? ORDER BY row"
+        return [_fact_row(r) for r in self.conn.execute(sql, (step,))]
+
+    def snapshot_steps(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM steps WHERE snapshot = 1 ORDER BY id")]
+
+    # ------------------------------------------------------------------ files
+    def _sha(self, name: str) -> str:
+        r = self.conn.execute("SELECT sha256 FROM files WHERE name = ?", (name,)).fetchone()
+        if r is None:
+            raise LedgerCorruptError(f"ledger {self.path}: no committed file {name!r}")
+        return r[0]
+
+    def read(self, name: str) -> Any:
+        """Decode committed file ``name`` after checking its sha256 against the journal."""
+        want = self._sha(name)
+        try:
+            data = (self.path / name).read_bytes()
+        except OSError as e:
+            raise LedgerCorruptError(f"ledger {self.path}: cannot read {name}: {e}") from None
+        got = tensorio.sha256(data)
+        if got != want:
+            raise LedgerCorruptError(
+                f"ledger {self.path}: {name} is corrupt (sha256 {got[:12]}…, journal says {want[:12]}…)"
+            )
+        return tensorio.decode(data)
+
+    def check_files(self) -> list[tuple[str, str]]:
+        """``(name, problem)`` for every committed file that is missing or has another checksum."""
+        bad = []
+        for r in self.conn.execute("SELECT name, sha256 FROM files ORDER BY name"):
+            p = self.path / r["name"]
+            if not p.is_file():
+                bad.append((r["name"], "missing"))
+            elif tensorio.sha256(p.read_bytes()) != r["sha256"]:
+                bad.append((r["name"], "checksum mismatch"))
+        return bad
+
+    def file_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+
+    def _write_file(self, name: str, obj: Any, step: int | None, written: list[tuple[str, str, int, int | None]]) -> None:
+        data = tensorio.encode(obj)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+
+        atomic_write(self.path / name, write)
+        written.append((name, tensorio.sha256(data), len(data), step))
+
+    def kv(self, rows: Sequence[FactRow], layers: Iterable[int]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Stored constraints of ``rows``: ``{layer: (K: [d_in, m], V: [d_out, m])}`` float64, in row order."""
+        layers = list(layers)
+        files: dict[int, dict] = {}
+        for r in rows:
+            if r.kv_step not in files:
+                files[r.kv_step] = self.read(_step_name(r.kv_step))
+        out = {}
+        for l in layers:
+            Ks = [files[r.kv_step][f"K.{l}"][:, r.kv_col] for r in rows]
+            Vs = [files[r.kv_step][f"V.{l}"][:, r.kv_col] for r in rows]
+            out[l] = (
+                torch.stack(Ks, 1).to(torch.float64) if Ks else None,
+                torch.stack(Vs, 1).to(torch.float64) if Vs else None,
+            )
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ Σ₀ and snapshots
+    def sigma0(self, layers: Iterable[int]) -> dict[int, Tensor] | None:
+        """Stored Σ₀ per layer, or ``None`` before the first step stored them."""
+        layers = list(layers)
+        names = [_sigma_name(l) for l in layers]
+        have = {r[0] for r in self.conn.execute("SELECT name FROM files WHERE name LIKE 'base/%'")}
+        if not have:
+            return None
+        if not set(names) <= have:
+            raise LedgerCorruptError(f"ledger {self.path}: Σ₀ files missing for some of layers {layers}")
+        return {l: self.read(n)["sigma0"] for l, n in zip(layers, names)}
+
+    def store_sigma0(self, sigma0: dict[int, Tensor]) -> None:
+        written: list = []
+        for l, s in sigma0.items():
+            self._write_file(_sigma_name(l), {"sigma0": s.to(torch.float64)}, None, written)
+        with self._tx():
+            self.conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", written)
+
+    def snapshot(self, step: int, layers: Iterable[int]) -> dict[int, dict]:
+        """``{layer: {"state": method state dict, "master": W: [d_out, d_in]}}`` saved after ``step``."""
+        return {l: self.read(_snap_name(step, l)) for l in layers}
+
+    # ------------------------------------------------------------------ commit
+    def commit(
+        self,
+        kind: str,
+        *,
+        add: Sequence[Fact] = (),
+        kv: dict[int, tuple[Tensor, Tensor]] | None = None,
+        readd: Sequence[FactRow] = (),
+        remove: Sequence[FactRow] = (),
+        target: int | None = None,
+        info: dict | None = None,
+        snapshot: dict[int, dict] | None = None,
+    ) -> StepRecord:
+        """Record one step atomically (module docstring): new facts ``add`` with their per-layer
+        ``kv`` (column i = ``add[i]``), rows brought back (``readd``) or removed (``remove``), and an
+        optional ``snapshot`` of every layer's state after the step. Returns the committed record."""
+        step = self.last_step + 1
+        written: list[tuple[str, str, int, int | None]] = []
+        try:
+            if add:
+                assert kv is not None
+                tensors = {f"{w}.{l}": t.contiguous() for l, (K, V) in kv.items() for w, t in (("K", K), ("V", V))}
+                self._write_file(_step_name(step), tensors, step, written)
+            if snapshot is not None:
+                for l, s in snapshot.items():
+                    self._write_file(_snap_name(step, l), s, step, written)
+            dropped = self._commit_rows(step, kind, add, readd, remove, target, info or {}, snapshot is not None, written)
+        except BaseException:
+            for name, *_ in written:  # never committed: these files belong to no step
+                try:
+                    (self.path / name).unlink()
+                except OSError:
+                    pass
+            raise
+        for name in dropped:  # superseded snapshots; a crash here leaves files _recover removes
+            try:
+                (self.path / name).unlink()
+            except OSError:
+                pass
+        return self.step(step)
+
+    def annotate(self, step: int, extra: dict) -> None:
+        """Merge ``extra`` into a committed step's info (e.g. the step report, known only after commit)."""
+        info = {**self.step(step).info, **extra}
+        with self._tx():
+            self.conn.execute("UPDATE steps SET info = ? WHERE id = ?", (json.dumps(info, default=str), step))
+
+    def _commit_rows(self, step, kind, add, readd, remove, target, info, snap, written) -> list[str]:
+        c = self.conn
+        dropped: list[str] = []
+        with self._tx():
+            c.execute(
+                "INSERT INTO steps (id, kind, created, target, snapshot, info) VALUES (?, ?, ?, ?, ?, ?)",
+                (step, kind, time.time(), target, int(snap), json.dumps(info, default=str)),
+            )
+            for r in remove:
+                if c.execute("UPDATE facts SET removed = ? WHERE row = ? AND removed IS NULL", (step, r.row)).rowcount != 1:
+                    raise LedgerError(f"fact {r.fact.id!r} (row {r.row}) is not in force")
+            new = [(f, step, i) for i, f in enumerate(add)] + [(r.fact, r.kv_step, r.kv_col) for r in readd]
+            try:
+                c.executemany(
+                    "INSERT INTO facts (fact_id, slot_subject, slot_prompt, fact, kv_step, kv_col, added) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(f.id, *f.slot, json.dumps(f.to_dict()), ks, kc, step) for f, ks, kc in new],
+                )
+            except sqlite3.IntegrityError as e:  # planning checks this first; the index is the backstop
+                raise LedgerError(f"step {step} would put two facts with one slot or id in force: {e}") from None
+            if target is not None:
+                c.execute("UPDATE steps SET undone_by = ? WHERE id = ?", (step, target))
+            c.executemany("INSERT INTO files VALUES (?, ?, ?, ?)", written)
+            if snap:
+                old = [s for s in self.snapshot_steps() if s != step][: -(KEEP_SNAPSHOTS - 1) or None]
+                for s in old:
+                    names = [r[0] for r in c.execute("SELECT name FROM files WHERE step = ? AND name LIKE 'snapshots/%'", (s,))]
+                    c.executemany("DELETE FROM files WHERE name = ?", [(n,) for n in names])
+                    c.execute("UPDATE steps SET snapshot = 0 WHERE id = ?", (s,))
+                    dropped += names
+        return dropped
+
+
+def _step_name(step: int) -> str:
+    return f"steps/step-{step:06d}.safetensors"
+
+
+def _snap_name(step: int, layer: int) -> str:
+    return f"snapshots/snap-{step:06d}-L{layer:03d}.safetensors"
+
+
+def _sigma_name(layer: int) -> str:
+    return f"base/sigma0-L{layer:03d}.safetensors"

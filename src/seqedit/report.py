@@ -1,0 +1,283 @@
+"""Tables and plots of an evaluation run, rendered from ``results.json`` alone.
+
+``render(folder)`` writes ``report.md`` (the paper's layout: one row per method/alignment, one column
+per metric, each cell ``SE | OTE``) and small PNG plots (matplotlib, Agg backend):
+
+* ``edit_metrics_vs_edits.png`` — efficacy / generalization / specificity against the number of edits
+  (SE retention curve where recorded, else the final point; OTE as a cross at n; pre-edit at 0);
+* ``se_vs_ote.png`` — final metrics, SE and OTE side by side per method/alignment;
+* ``general_vs_edits.png`` — general-task F1 (mean and per task), WikiText-2 perplexity and top-1
+  agreement against the number of edits.
+
+Colour = method, line style = alignment (solid aligned, dashed otherwise), so aligned vs naive reads
+off each panel. Rates are ×100 in the table, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write, atomic_write_text
+
+__all__ = ["EDIT_METRICS", "PLOTS", "markdown", "render", "render_plots", "rendered"]
+
+EDIT_METRICS = {
+    "counterfact": ("efficacy", "generalization", "specificity"),
+    "zsre": ("efficacy", "generalization", "specificity_vs_pre_edit", "specificity_vs_gold"),
+}
+_SHORT = {"efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe.", "specificity_vs_pre_edit":
+          "Spe. (vs pre-edit)", "specificity_vs_gold": "Spe. (vs gold)", "fluency": "Flu.", "consistency": "Consis."}
+
+
+def load_results(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results.json in {folder}")
+    return json.loads(path.read_text("utf-8"))
+
+
+def _rows(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, dict]]:
+    """``{(method, alignment): {"se": entry, "ote": entry}}`` of the completed configurations."""
+    out: dict[tuple[str, str], dict[str, dict]] = {}
+    for label, e in data.get("configs", {}).items():
+        if e.get("status") == "done":
+            m, a, mode = label.split("/")
+            out.setdefault((m, a), {})[mode] = e
+    return out
+
+
+def _get(d: dict | None, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _fmt(x: Any, scale: float = 100.0, digits: int = 1) -> str:
+    return "–" if x is None else f"{x * scale:.{digits}f}"
+
+
+def _cell(e: dict[str, dict], path: tuple[str, ...], scale: float, digits: int) -> str:
+    se = _fmt(_get(e.get("se"), *path), scale, digits) if "se" in e else "·"
+    ote = _fmt(_get(e.get("ote"), *path), scale, digits) if "ote" in e else "·"
+    if _get(e.get("ote"), "same_as"):
+        ote += "†"
+    return f"{se} \\| {ote}"
+
+
+def _table(data: dict, columns: list[tuple[str, tuple[str, ...], float, int]]) -> list[str]:
+    head = "| Method | Alignment | " + " | ".join(c[0] for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    base = data.get("baseline", {})
+    lines.append("| pre-edit | – | " + " | ".join(_fmt(_get(base, *p), s, d) for _, p, s, d in columns) + " |")
+    for (m, a), e in _rows(data).items():
+        lines.append(f"| {m} | {a} | " + " | ".join(_cell(e, p, s, d) for _, p, s, d in columns) + " |")
+    return lines
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The report as markdown (tables in the paper's layout plus the protocol and timings)."""
+    st, proto = data.get("settings", {}), data.get("protocol", {})
+    ds = st.get("dataset", "counterfact")
+    lines = [
+        f"# seqedit evaluation: {ds}, {st.get('n')} edits, {data.get('model', {}).get('name')}",
+        "",
+        f"Batch size {st.get('batch_size')} per sequential step; seed {st.get('seed')} "
+        f"(records: {data.get('selection', {}).get('method', 'seeded shuffle')}); "
+        f"values protocol **{proto.get('values')}**: {proto.get('values_description')}.",
+        f"Evaluation: {proto.get('evaluation')}. Cells are **SE \\| OTE**; rates ×100.",
+        "",
+        "## Editing metrics (final model)",
+        "",
+    ]
+    cols = [(_SHORT[m], ("final", "edit", m), 100.0, 1) for m in EDIT_METRICS.get(ds, ())]
+    if ds == "counterfact":
+        cols.append(("Flu. (×100)", ("final", "fluency", "fluency"), 100.0, 1))
+    lines += _table(_unwrap_baseline(data), cols)
+    if ds == "counterfact":
+        flu = _get(data, "baseline", "fluency") or {}
+        lines += ["", f"Fluency on {flu.get('n_records', 0)} records' ROME generation prompts "
+                      f"({flu.get('n_without_prompts', 0)} selected records have none). {proto.get('consistency', '')}"]
+    else:
+        lines += ["", f"ZsRE target convention: {proto.get('zsre_target')}. {proto.get('zsre_specificity')}."]
+    tasks = st.get("general_tasks", [])
+    if st.get("general_n"):
+        lines += ["", f"## General capability (F1 ×100, {proto.get('general_scoring')} scoring, "
+                      f"{st.get('general_n')} items per task) and WikiText-2 drift", ""]
+        gcols = [(t, ("final", "general", "tasks", t, "f1"), 100.0, 1) for t in tasks]
+        gcols.append(("mean F1", ("final", "general", "mean_f1"), 100.0, 1))
+        gcols += [("PPL", ("final", "drift", "ppl"), 1.0, 2), ("top-1 agree", ("final", "drift", "agreement"), 100.0, 1)]
+        lines += _table(_unwrap_baseline(data), gcols)
+        lines += ["", f"RTE: {proto.get('rte_labels')}."]
+    same = [lbl for lbl, e in data.get("configs", {}).items() if e.get("same_as")]
+    if same:
+        lines += ["", "† " + "; ".join(f"{lbl} is the identical one-step solve of {data['configs'][lbl]['same_as']}: "
+                                      "numbers reused, not re-run" for lbl in same) + "."]
+    for s in data.get("skipped", []):
+        lines.append(f"Skipped {s['config']}: {s['reason']}.")
+    lines += ["", "## Timings", "", "| Config | steps | edit s | mean step s | eval s | scoring records/s |",
+              "|---|---|---|---|---|---|"]
+    for label, e in data.get("configs", {}).items():
+        if e.get("status") != "done" or e.get("same_as"):
+            continue
+        s = e.get("seconds", {})
+        lines.append(f"| {label} | {e.get('n_steps')} | {s.get('edit', 0):.1f} | {s.get('mean_step', 0):.1f} | "
+                     f"{s.get('evaluation', 0):.1f} | {_fmt(_get(e, 'final', 'edit', 'records_per_second'), 1, 1)} |")
+    v = data.get("versions", {})
+    lines += ["", f"Versions: seqedit {v.get('seqedit')} ({v.get('git_commit') or 'no git'}), torch {v.get('torch')}, "
+                  f"transformers {v.get('transformers')}, python {v.get('python')}, {v.get('torch_threads')} threads."]
+    return "\n".join(lines) + "\n"
+
+
+def _unwrap_baseline(data: dict) -> dict:
+    """The baseline under the same ``final`` path as the configurations, for :func:`_table`."""
+    return {**data, "baseline": {"final": data.get("baseline", {})}}
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _style(rows: dict) -> dict[tuple[str, str], dict]:
+    colors = "C0 C1 C2 C3 C4 C5 C6 C7 C8 C9".split()
+    methods = list(dict.fromkeys(m for m, _ in rows))
+    return {(m, a): {"color": colors[methods.index(m) % 10], "linestyle": "-" if a == "aligned" else "--"}
+            for m, a in rows}
+
+
+def _series(points: list[dict], *path: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for p in points:
+        y = _get(p, *path)
+        if y is not None:
+            xs.append(p["edits"])
+            ys.append(y)
+    return xs, ys
+
+
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _points(entry: dict, source: str, n: int) -> list[dict]:
+    """Curve points of one configuration: ``retention`` (edit metrics, else the final one) or ``curve``."""
+    if source == "retention":
+        return entry.get("retention") or [{"edits": n, **entry["final"]["edit"]}]
+    return entry.get("curve") or [{"edits": n, **entry["final"]}]
+
+
+def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], path: Path,
+                  scales: dict[str, float]) -> Path:
+    """One panel per ``(title, source, value path)``; ``source`` is ``retention`` (path inside the edit
+    metrics) or ``curve`` (path inside a general/drift point)."""
+    import matplotlib.pyplot as plt
+
+    rows, n = _rows(data), data.get("settings", {}).get("n", 0)
+    style = _style(rows)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows + (0 if cols * nrows > len(panels) else 0.8)),
+                             squeeze=False)
+    for ax, (title, source, vpath) in zip(axes.flat, panels):
+        scale = scales.get(title, 100.0)
+        inner = ("edit", *vpath) if source == "retention" else vpath
+        b = _get(data.get("baseline"), *inner)
+        for (m, a), e in rows.items():
+            if e.get("se"):
+                xs, ys = _series(_points(e["se"], source, n), *vpath)
+                if b is not None:
+                    xs, ys = [0, *xs], [b, *ys]
+                ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, label=f"{m}/{a} SE", **style[(m, a)])
+            if (y := _get(e.get("ote"), "final", *inner)) is not None:
+                ax.plot([n], [y * scale], marker="x", ms=8, ls="none", color=style[(m, a)]["color"],
+                        label=f"{m}/{a} OTE")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("edits", fontsize=8)
+        ax.tick_params(labelsize=7)
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if spare and handles:  # the legend fills the unused panels
+        spare[0].legend(handles, labels, fontsize=7, loc="upper left", frameon=False, ncol=1 + len(spare) // 2)
+        fig.tight_layout()
+    elif handles:
+        rows_of_legend = -(-len(labels) // 4)
+        fig.tight_layout(rect=(0, 0.05 + 0.05 * rows_of_legend, 1, 1))
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    return _save(fig, path, tight=False)
+
+
+def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = _rows(data)
+    labels = [f"{m}/{a}" for m, a in rows]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    x = np.arange(len(rows))
+    for ax, metric in zip(axes.flat, metrics):
+        for k, (mode, color) in enumerate((("se", "C0"), ("ote", "C1"))):
+            ys = [(_get(e.get(mode), "final", "edit", metric) or 0.0) * 100 for e in rows.values()]
+            ax.bar(x + (k - 0.5) * 0.38, ys, 0.38, label=mode.upper(), color=color)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(_SHORT.get(metric, metric) + " ×100", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 100)
+    axes.flat[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write the PNG plots of ``data`` into ``folder``; returns their paths (none if nothing is done)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    folder = Path(folder)
+    if not _rows(data):
+        return []
+    ds = data.get("settings", {}).get("dataset", "counterfact")
+    metrics = EDIT_METRICS.get(ds, ())
+    out = [
+        _curve_panels(data, [(_SHORT[m], "retention", (m,)) for m in metrics],
+                      folder / "edit_metrics_vs_edits.png", {}),
+        _se_vs_ote(data, metrics, folder / "se_vs_ote.png"),
+    ]
+    st = data.get("settings", {})
+    panels: list[tuple[str, str, tuple[str, ...]]] = []
+    if st.get("general_n"):
+        panels.append(("mean F1", "curve", ("general", "mean_f1")))
+        panels += [(f"{t} F1", "curve", ("general", "tasks", t, "f1")) for t in st.get("general_tasks", [])]
+    if st.get("drift_windows"):
+        panels += [("PPL", "curve", ("drift", "ppl")), ("top-1 agree", "curve", ("drift", "agreement"))]
+    if panels:
+        out.append(_curve_panels(data, panels, folder / "general_vs_edits.png", {"PPL": 1.0}))
+    return out
+
+
+PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png")
+
+
+def rendered(folder: str | Path) -> dict[str, Any] | None:
+    """The report files already in ``folder`` (as :func:`render` returns them), or ``None`` if there is no report."""
+    folder = Path(folder)
+    if not (folder / "report.md").is_file():
+        return None
+    return {"markdown": str(folder / "report.md"), "plots": [str(folder / p) for p in PLOTS if (folder / p).is_file()]}
+
+
+def render(folder: str | Path) -> dict[str, Any]:
+    """Re-render ``report.md`` and the plots of ``folder/results.json``; returns the paths written."""
+    folder = Path(folder)
+    data = load_results(folder)
+    md = atomic_write_text(folder / "report.md", markdown(data))
+    plots = render_plots(data, folder)
+    return {"markdown": str(md), "plots": [str(p) for p in plots]}

@@ -1,0 +1,250 @@
+"""The evaluation runner on a tiny llama: what results.json records, that the numbers are those of a
+direct Editor run, resuming after an interruption, settings clashes, every error path, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seqedit.cli import app
+from seqedit.editor import Editor
+from seqedit.evaluate.counterfact import counterfact_metrics
+from seqedit.evaluate.runner import EvalConfig, EvalSettingsError, check_out_dir, plan, run_eval
+from seqedit.evaluate.selection import select_facts
+from seqedit.locate.frozen import frozen_targets
+from seqedit.locate.templates import context_templates
+from seqedit.models.presets import preset_for
+from seqedit.testing import tiny_model
+from test_cli import model_dir  # noqa: F401  (fixture: a tiny llama saved as an HF folder)
+
+OVERRIDES = dict(layers=(1, 2), stats_tokens=2000, v_steps=4, lam=10.0)
+MEMIT4 = {"memit/aligned/se", "memit/aligned/ote", "memit/naive/se", "memit/naive/ote"}
+
+
+def config(**kw) -> EvalConfig:
+    """4 ROME-layout facts in steps of 2, everything on but tiny."""
+    base = dict(model="tiny-llama", n=4, batch_size=2, methods=("memit",), alignments=("aligned", "naive"),
+                modes=("se", "ote"), general_n=1, general_tasks=("sst2", "rte"), general_every=1, retention_every=1,
+                drift_windows=1, drift_window=16, fluency_n=1, fluency_tokens=24, layout="rome", overrides=dict(OVERRIDES),
+                eval_batch_rows=16)
+    return EvalConfig(**(base | kw))
+
+
+def light(**kw) -> EvalConfig:
+    """Edit metrics only (no general, drift, fluency or curves): the cheapest full run."""
+    return config(**(dict(general_n=0, drift_windows=0, fluency_n=0, retention_every=0, general_every=0) | kw))
+
+
+def weights(lm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+def same_weights(lm, before) -> bool:
+    return all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def without_seconds(d):
+    """``d`` with every timing removed (timings differ between otherwise identical evaluations)."""
+    if isinstance(d, dict):
+        return {k: without_seconds(v) for k, v in d.items() if k not in ("seconds", "records_per_second")}
+    return [without_seconds(v) for v in d] if isinstance(d, list) else d
+
+
+def test_run_records_everything_and_matches_a_direct_editor_run(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    before = weights(lm)
+    calls: list[tuple] = []
+    cfg = config()
+    data = run_eval(cfg, tmp_path, lambda *a: calls.append(a), loaded=lm)
+    assert same_weights(lm, before)  # every configuration started from, and the run ends on, the base weights
+    assert json.loads((tmp_path / "results.json").read_text()) == data
+
+    assert set(data["configs"]) == MEMIT4 and data["planned"] == list(data["configs"])
+    run = data["runs"][-1]
+    assert run["ran"] == ["memit/aligned/se", "memit/aligned/ote", "memit/naive/se"]
+    assert run["reused"] == ["memit/naive/ote"] and run["finished"] and run["wall_seconds"] > 0
+    naive_ote, aligned_ote = data["configs"]["memit/naive/ote"], data["configs"]["memit/aligned/ote"]
+    assert naive_ote["same_as"] == "memit/aligned/ote" and naive_ote["final"] == aligned_ote["final"]
+    assert [c for c in calls if c[0] == "configs"] == [("configs", 1, 4)] * 4
+
+    sel = select_facts("counterfact", 4, cfg.seed, layout="rome", split="edit")
+    assert data["selection"]["fact_ids"] == [f.id for f in sel.facts] and data["selection"]["seed"] == 0
+    assert data["settings"]["split"] == "edit" and "methods" not in data["settings"]
+    assert data["protocol"]["values"] == "original" and "NOT copied" in data["protocol"]["rte_labels"]
+    assert "attribute_snippets" in data["protocol"]["consistency"]
+    assert data["versions"]["torch"] == torch.__version__ and data["hparams"]["layers"] == [1, 2]
+
+    base = data["baseline"]
+    assert set(base["general"]["tasks"]) == {"sst2", "rte"} and base["drift"]["agreement"] == 1.0
+    assert base["fluency"]["n_records"] == 1 and base["fluency"]["consistency"] is None
+    se = data["configs"]["memit/aligned/se"]
+    assert se["n_steps"] == 2 and [s["n_facts"] for s in se["steps"]] == [2, 2]
+    assert all(s["seconds"]["total"] > 0 for s in se["steps"]) and se["seconds"]["edit"] > 0
+    assert [p["edits"] for p in se["curve"]] == [2, 4] and [p["edits"] for p in se["retention"]] == [2, 4]
+    assert se["retention"][0]["n_records"] == 2
+    assert without_seconds(se["retention"][-1]) == {"step": 2, "edits": 4, **without_seconds(se["final"]["edit"])}
+    assert se["final"]["edit"]["records_per_second"] > 0
+    assert [p["edits"] for p in aligned_ote["curve"]] == [4] and aligned_ote["n_steps"] == 1
+
+    # The same edit done by hand: two Editor steps on the frozen values, then the CounterFact metrics.
+    hp = preset_for(lm.name, lm.adapter.n_layers).override(**OVERRIDES)
+    templates = context_templates(lm, hp.n_context_templates, hp.context_template_len, hp.template_seed)
+    targets = frozen_targets(lm, sel.facts, templates, hp)
+    editor = Editor(lm, method="memit", alignment="aligned", hparams=hp)
+    for lo in (0, 2):
+        editor.apply(sel.facts[lo : lo + 2], values=targets.value_result(lo, lo + 2))
+    direct = counterfact_metrics(lm, sel.facts, 16).summary()
+    assert without_seconds(se["final"]["edit"]) == without_seconds(direct)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_skips_done_configs(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    before = weights(lm)
+    cfg = light(retention_every=1)
+
+    def stop_after_first(phase, advance, total):
+        if phase == "configs":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_eval(cfg, tmp_path, stop_after_first, loaded=lm)
+    assert same_weights(lm, before)  # restored even though the run died
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["configs"]) == ["memit/aligned/se"] and saved["runs"][0]["finished"] is None
+
+    data = run_eval(cfg, tmp_path, loaded=lm)
+    assert data["configs"]["memit/aligned/se"] == saved["configs"]["memit/aligned/se"]
+    assert data["baseline"] == saved["baseline"]
+    assert data["runs"][-1]["resumed"] == ["memit/aligned/se"] and len(data["runs"]) == 2
+    assert data["runs"][-1]["ran"] == ["memit/aligned/ote", "memit/naive/se"]
+    # the resumed configuration has the numbers a fresh run gives
+    fresh = run_eval(cfg, tmp_path / "fresh", loaded=lm)
+    assert without_seconds(fresh["configs"]["memit/aligned/se"]["final"]) == without_seconds(
+        data["configs"]["memit/aligned/se"]["final"])
+    again = run_eval(cfg, tmp_path, loaded=lm)
+    assert again["runs"][-1]["ran"] == [] and set(again["runs"][-1]["resumed"]) == MEMIT4
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    cfg = light(modes=("ote",), alignments=("aligned",))
+    run_eval(cfg, tmp_path, loaded=lm)
+    for change, named in [(dict(n=5), "n: 4 there, 5 now"), (dict(values="current"), "values"),
+                          (dict(overrides=dict(OVERRIDES, lam=11.0)), "overrides"), (dict(seed=1), "seed")]:
+        with pytest.raises(EvalSettingsError, match=named):
+            run_eval(dataclasses.replace(cfg, **change), tmp_path, loaded=lm)
+        with pytest.raises(EvalSettingsError, match="another --out folder"):
+            check_out_dir(dataclasses.replace(cfg, **change), tmp_path)
+    with pytest.raises(EvalSettingsError, match="another model or base weights"):
+        run_eval(cfg, tmp_path, loaded=tiny_model("llama", seed=1))
+    # more configurations in the same folder are fine: done ones are kept
+    more = run_eval(dataclasses.replace(cfg, methods=("memit", "rlsedit")), tmp_path, loaded=lm)
+    assert more["runs"][-1]["resumed"] == ["memit/aligned/ote"] and more["runs"][-1]["ran"] == ["rlsedit/aligned/ote"]
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    with pytest.raises(EvalSettingsError, match="not valid JSON"):
+        check_out_dir(cfg, tmp_path / "bad")
+    (tmp_path / "bad" / "results.json").write_text('{"format": "other"}')
+    with pytest.raises(EvalSettingsError, match="not a seqedit-eval/1"):
+        check_out_dir(cfg, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(dataset="wiki"), "unknown dataset"),
+    (dict(n=0), "n and batch_size"),
+    (dict(batch_size=0), "n and batch_size"),
+    (dict(values="later"), "values protocol"),
+    (dict(modes=("se", "batch")), "modes"),
+    (dict(modes=()), "modes"),
+    (dict(methods=("rome",)), "unknown method"),
+    (dict(methods=()), "at least one method"),
+    (dict(alignments=("uncorrected",)), "exists for none"),
+    (dict(general_scoring="vibes"), "general_scoring"),
+    (dict(general_tasks=("squad",)), "general task"),
+    (dict(general_every=-1), "general_every"),
+    (dict(retention_every=-2), "retention_every"),
+    (dict(fluency_n=-1), "fluency_n"),
+    (dict(drift_window=1), "drift_window"),
+    (dict(fluency_tokens=1), "fluency_tokens"),
+    (dict(layout="mend"), "layout"),
+    (dict(zsre_target="gold"), "zsre_target"),
+])
+def test_invalid_settings_are_named(tmp_path: Path, change: dict, match: str) -> None:
+    with pytest.raises(EvalSettingsError, match=match):
+        check_out_dir(config(**change), tmp_path)
+
+
+def test_bad_override_is_a_settings_error(tmp_path: Path) -> None:
+    with pytest.raises(EvalSettingsError, match="bad hyperparameter override"):
+        run_eval(light(overrides={"layerz": (1,)}), tmp_path, loaded=tiny_model("llama"))
+
+
+def test_plan_reuses_identical_ote_runs_and_names_skips() -> None:
+    runs, skipped = plan(config(methods=("memit", "prune", "rlsedit")))
+    labels = [r["label"] for r in runs]
+    assert labels == ["memit/aligned/se", "memit/aligned/ote", "memit/naive/se", "memit/naive/ote",
+                      "prune/aligned/se", "prune/aligned/ote", "prune/naive/se", "prune/naive/ote",
+                      "rlsedit/aligned/se", "rlsedit/aligned/ote"]
+    same = {r["label"]: r["same_as"] for r in runs if r["same_as"]}
+    assert same == {"memit/naive/ote": "memit/aligned/ote"}  # prune naive (ridge 0, PRUNE at the end) differs
+    assert skipped == [{"config": "rlsedit/naive", "reason": "rlsedit has no 'naive' form (it has aligned)"}]
+    runs, _ = plan(config(alignments=("naive",), modes=("ote",)))
+    assert [(r["label"], r["same_as"]) for r in runs] == [("memit/naive/ote", None)]
+
+
+def test_zsre_with_current_values(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    cfg = light(dataset="zsre", values="current", modes=("se",), alignments=("aligned",), retention_every=1)
+    data = run_eval(cfg, tmp_path, loaded=lm)
+    assert data["settings"]["split"] is None and data["protocol"]["values"] == "current"
+    assert data["baseline"]["edit"]["specificity_vs_pre_edit"] == 1.0
+    assert "answers[0]" in data["protocol"]["zsre_target"] and (tmp_path / "reference_zsre.json").is_file()
+    entry = data["configs"]["memit/aligned/se"]
+    assert entry["values"].startswith("current") and [p["edits"] for p in entry["retention"]] == [2, 4]
+    assert entry["steps"][0]["value_work"]  # values were optimised by the step itself
+    assert set(entry["final"]["edit"]) >= {"efficacy", "generalization", "specificity_vs_gold", "specificity_vs_pre_edit"}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_eval_resume_report_and_errors(model_dir: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    args = ["eval", "--out", out, "--model", model_dir, "--n", "4", "-b", "2", "--alignment", "aligned,naive",
+            "--modes", "ote", "--layers", "1,2", "--lam", "10", "--v-steps", "4", "--stats-tokens", "2000",
+            "--general-n", "1", "--drift-windows", "0", "--fluency-n", "0", "--layout", "rome"]
+    first = invoke(*args, "--json")
+    assert first.exit_code == 0, first.output
+    doc = json.loads(first.stdout)
+    assert doc["ran"] == ["memit/aligned/ote"] and doc["reused"] == ["memit/naive/ote"]
+    assert doc["protocol"]["values"] == "original" and doc["configs"]["memit/naive/ote"]["same_as"] == "memit/aligned/ote"
+    assert all(Path(p).is_file() for p in [doc["results"], doc["markdown"], *doc["plots"]]) and len(doc["plots"]) == 3
+    again = json.loads(invoke(*args, "--json").stdout)
+    assert again["ran"] == [] and again["resumed"] == ["memit/aligned/ote", "memit/naive/ote"]
+    table = invoke(*args)  # the human-readable form
+    assert table.exit_code == 0 and "memit/naive/ote" in table.stdout and "resumed" in table.stdout
+
+    clash = invoke(*args, "--json", "--seed", "3")
+    assert clash.exit_code == 2 and "error:" in clash.stderr and "seed" in clash.stderr and not clash.stdout
+    bad = invoke("eval", "--out", tmp_path / "x", "--model", model_dir, "--values", "later")
+    assert bad.exit_code == 2 and "valuesprotocol" in "".join(bad.stderr.split()) and not (tmp_path / "x" / "results.json").exists()
+
+    rendered = invoke("report", out, "--json")
+    assert rendered.exit_code == 0 and json.loads(rendered.stdout)["markdown"] == str(out / "report.md")
+    missing = invoke("report", tmp_path / "nothing-here")
+    assert missing.exit_code == 2 and "noresults.json" in "".join(missing.stderr.split())

@@ -1,0 +1,122 @@
+"""report.py renders from results.json alone: the table shows the recorded numbers in the paper's
+layout (SE | OTE per cell), the plots are small PNGs, and missing pieces degrade gracefully."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from seqedit.evaluate.fluency import CONSISTENCY_UNAVAILABLE
+from seqedit.report import load_results, markdown, render, render_plots, rendered
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def edit(eff, gen, spe):
+    return {"efficacy": eff, "generalization": gen, "specificity": spe, "n_records": 4, "seconds": 0.1,
+            "records_per_second": 40.0}
+
+
+def capability(f1, ppl, agree):
+    tasks = {t: {"accuracy": f1, "f1": f1, "mcc": 0.0, "n": 2} for t in ("sst2", "rte")}
+    return {"general": {"scoring": "likelihood", "tasks": tasks, "mean_f1": f1, "mean_accuracy": f1, "mean_mcc": 0.0},
+            "drift": {"ppl": ppl, "agreement": agree, "n_tokens": 10}}
+
+
+def entry(mode, eff, gen, spe, *, same_as=None, retention=True):
+    final = {"edit": edit(eff, gen, spe), **capability(0.5, 12.5, 0.9), "fluency": {"fluency": 6.1}}
+    steps = 2 if mode == "se" else 1
+    return {
+        "status": "done", "mode": mode, "same_as": same_as, "n_steps": steps, "final": final,
+        "curve": ([{"step": 1, "edits": 2, **capability(0.6, 11.0, 0.95)}] if mode == "se" else [])
+        + [{"step": steps, "edits": 4, "general": final["general"], "drift": final["drift"]}],
+        "retention": [{"step": 1, "edits": 2, **edit(1.0, 0.5, 0.5)}, {"step": 2, "edits": 4, **final["edit"]}]
+        if mode == "se" and retention else [],
+        "seconds": {"edit": 3.25, "mean_step": 1.5, "evaluation": 2.0, "total": 5.0},
+    }
+
+
+@pytest.fixture
+def results() -> dict:
+    return {
+        "format": "seqedit-eval/1",
+        "settings": {"dataset": "counterfact", "n": 4, "batch_size": 2, "seed": 7, "general_n": 2,
+                     "general_tasks": ["sst2", "rte"], "drift_windows": 1},
+        "model": {"name": "tiny-llama"},
+        "selection": {"method": "seeded shuffle"},
+        "protocol": {"values": "original", "values_description": "frozen values", "evaluation": "final model",
+                     "consistency": CONSISTENCY_UNAVAILABLE, "general_scoring": "likelihood",
+                     "rte_labels": "GLUE labels; the official inversion is NOT copied"},
+        "baseline": {"edit": edit(0.25, 0.125, 0.875), **capability(0.5, 10.0, 1.0),
+                     "fluency": {"fluency": 6.2, "n_records": 1, "n_without_prompts": 3}},
+        "configs": {
+            "memit/aligned/se": entry("se", 1.0, 0.75, 0.5),
+            "memit/aligned/ote": entry("ote", 0.975, 0.7, 0.55),
+            "memit/naive/se": entry("se", 0.5, 0.25, 0.625),
+            "memit/naive/ote": {**entry("ote", 0.975, 0.7, 0.55), "same_as": "memit/aligned/ote"},
+        },
+        "skipped": [{"config": "rlsedit/naive", "reason": "rlsedit has no 'naive' form"}],
+        "versions": {"seqedit": "0.1.0", "torch": "2.x"},
+    }
+
+
+def test_markdown_table_holds_the_numbers_in_the_papers_layout(results: dict) -> None:
+    md = markdown(results)
+    lines = md.splitlines()
+    assert "| Method | Alignment | Eff. | Gen. | Spe. | Flu. (×100) |" in lines
+    assert "| pre-edit | – | 25.0 | 12.5 | 87.5 | 620.0 |" in lines
+    assert "| memit | aligned | 100.0 \\| 97.5 | 75.0 \\| 70.0 | 50.0 \\| 55.0 | 610.0 \\| 610.0 |" in lines
+    assert "| memit | naive | 50.0 \\| 97.5† | 25.0 \\| 70.0† | 62.5 \\| 55.0† | 610.0 \\| 610.0† |" in lines
+    assert "| Method | Alignment | sst2 | rte | mean F1 | PPL | top-1 agree |" in lines
+    assert "| memit | aligned | 50.0 \\| 50.0 | 50.0 \\| 50.0 | 50.0 \\| 50.0 | 12.50 \\| 12.50 | 90.0 \\| 90.0 |" in lines
+    assert "| pre-edit | – | 50.0 | 50.0 | 50.0 | 10.00 | 100.0 |" in lines
+    assert "| memit/aligned/se | 2 | 3.2 | 1.5 | 2.0 | 40.0 |" in lines
+    assert "memit/naive/ote" not in [l.split(" | ")[0].strip("| ") for l in lines if l.startswith("| memit/")]
+    assert "values protocol **original**" in md and "seed 7" in md and "NOT copied" in md
+    assert CONSISTENCY_UNAVAILABLE in md and "Skipped rlsedit/naive" in md
+    assert "† memit/naive/ote is the identical one-step solve of memit/aligned/ote" in md
+
+
+def test_zsre_columns_and_missing_values(results: dict) -> None:
+    z = copy.deepcopy(results)
+    z["settings"]["dataset"] = "zsre"
+    z["protocol"]["zsre_target"] = "answers[0] (ROME/MEMIT)"
+    for e in [z["baseline"], *[c["final"] for c in z["configs"].values()]]:
+        e["edit"] = {"efficacy": 0.5, "generalization": 0.25, "specificity_vs_pre_edit": 1.0,
+                     "specificity_vs_gold": None}
+    del z["configs"]["memit/aligned/ote"], z["configs"]["memit/naive/ote"]
+    md = markdown(z)
+    assert "| Method | Alignment | Eff. | Gen. | Spe. (vs pre-edit) | Spe. (vs gold) |" in md
+    assert "| memit | aligned | 50.0 \\| · | 25.0 \\| · | 100.0 \\| · | – \\| · |" in md  # no OTE run, no gold value
+    assert "answers[0] (ROME/MEMIT)" in md and "Flu." not in md
+
+
+def test_plots_are_small_pngs_and_render_rereads_the_folder(results: dict, tmp_path: Path) -> None:
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    paths = render(tmp_path)
+    assert paths["markdown"] == str(tmp_path / "report.md")
+    assert (tmp_path / "report.md").read_text() == markdown(results)
+    assert rendered(tmp_path) == paths and rendered(tmp_path / "elsewhere") is None
+    names = sorted(Path(p).name for p in paths["plots"])
+    assert names == ["edit_metrics_vs_edits.png", "general_vs_edits.png", "se_vs_ote.png"]
+    for p in paths["plots"]:
+        blob = Path(p).read_bytes()
+        assert blob.startswith(PNG) and 2_000 < len(blob) <= 100_000
+    # without retention curves or general/drift settings: final points only, and no general plot
+    bare = copy.deepcopy(results)
+    bare["settings"].update(general_n=0, drift_windows=0)
+    for c in bare["configs"].values():
+        c["retention"] = []
+    assert sorted(p.name for p in render_plots(bare, tmp_path / "bare")) == ["edit_metrics_vs_edits.png", "se_vs_ote.png"]
+
+
+def test_nothing_done_and_missing_folder(results: dict, tmp_path: Path) -> None:
+    empty = {**results, "configs": {"memit/aligned/se": {"status": "running"}}}
+    assert render_plots(empty, tmp_path) == []
+    md = markdown(empty)
+    assert "| pre-edit | – | 25.0 |" in md and "| memit | aligned" not in md
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        load_results(tmp_path / "nowhere")
