@@ -248,3 +248,18 @@ def test_cli_eval_resume_report_and_errors(model_dir: Path, tmp_path: Path, monk
     assert rendered.exit_code == 0 and json.loads(rendered.stdout)["markdown"] == str(out / "report.md")
     missing = invoke("report", tmp_path / "nothing-here")
     assert missing.exit_code == 2 and "noresults.json" in "".join(missing.stderr.split())
+
+
+def test_a_folder_grows_with_new_methods_and_keeps_earlier_skips(tmp_path: Path) -> None:
+    """A second run adding a method to a finished folder runs only the new configurations and keeps the
+    first run's requests and skips (found on a real run whose 'skipped' entry was overwritten)."""
+    lm = tiny_model("llama")
+    first = run_eval(light(methods=("memit", "rlsedit"), modes=("se",)), tmp_path, loaded=lm)
+    assert first["skipped"] == [{"config": "rlsedit/naive", "reason": "rlsedit has no 'naive' form (it has aligned)"}]
+    data = run_eval(light(methods=("alphaedit",), alignments=("aligned",), modes=("se",)), tmp_path, loaded=lm)
+    assert data["runs"][-1]["ran"] == ["alphaedit/aligned/se"]
+    assert list(data["configs"]) == ["memit/aligned/se", "memit/naive/se", "rlsedit/aligned/se", "alphaedit/aligned/se"]
+    assert data["configs"]["rlsedit/aligned/se"] == first["configs"]["rlsedit/aligned/se"]
+    assert data["skipped"] == first["skipped"]
+    assert data["requested"]["methods"] == ["memit", "rlsedit", "alphaedit"]
+    assert data["planned"] == list(data["configs"])

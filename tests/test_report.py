@@ -120,3 +120,18 @@ def test_nothing_done_and_missing_folder(results: dict, tmp_path: Path) -> None:
     assert "| pre-edit | – | 25.0 |" in md and "| memit | aligned" not in md
     with pytest.raises(FileNotFoundError, match="no results.json"):
         load_results(tmp_path / "nowhere")
+
+
+def test_drift_table_without_general_tasks_and_fluency_off(results: dict) -> None:
+    """A run with --general-n 0 --fluency-n 0 still reports perplexity and agreement (found on a real run,
+    whose drift numbers were missing from report.md), and says fluency was not measured."""
+    data = copy.deepcopy(results)
+    data["settings"] |= {"general_n": 0, "fluency_n": 0, "drift_window": 256}
+    data["skipped"] = [{"config": "rlsedit/naive", "reason": "no naive form"}]
+    text = markdown(data)
+    assert "## WikiText-2 test drift (1 windows of 256 tokens)" in text
+    assert "General capability" not in text and "sst2" not in text and "RTE:" not in text
+    assert "| memit | aligned | 12.50 \\| 12.50 | 90.0 \\| 90.0 |" in text
+    assert "| pre-edit | – | 10.00 | 100.0 |" in text
+    assert "Fluency not measured" in text and "Flu. (×100)" not in text
+    assert "\n\nSkipped rlsedit/naive: no naive form." in text  # a paragraph, not a table row

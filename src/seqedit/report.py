@@ -94,28 +94,39 @@ def markdown(data: dict[str, Any]) -> str:
         "",
     ]
     cols = [(_SHORT[m], ("final", "edit", m), 100.0, 1) for m in EDIT_METRICS.get(ds, ())]
-    if ds == "counterfact":
+    fluency_on = ds == "counterfact" and bool(st.get("fluency_n", 1))
+    if fluency_on:
         cols.append(("Flu. (×100)", ("final", "fluency", "fluency"), 100.0, 1))
     lines += _table(_unwrap_baseline(data), cols)
     if ds == "counterfact":
         flu = _get(data, "baseline", "fluency") or {}
-        lines += ["", f"Fluency on {flu.get('n_records', 0)} records' ROME generation prompts "
-                      f"({flu.get('n_without_prompts', 0)} selected records have none). {proto.get('consistency', '')}"]
+        what = (f"Fluency on {flu.get('n_records', 0)} records' ROME generation prompts "
+                f"({flu.get('n_without_prompts', 0)} selected records have none)." if fluency_on
+                else "Fluency not measured (--fluency-n 0).")
+        lines += ["", f"{what} {proto.get('consistency', '')}"]
     else:
         lines += ["", f"ZsRE target convention: {proto.get('zsre_target')}. {proto.get('zsre_specificity')}."]
-    tasks = st.get("general_tasks", [])
-    if st.get("general_n"):
-        lines += ["", f"## General capability (F1 ×100, {proto.get('general_scoring')} scoring, "
-                      f"{st.get('general_n')} items per task) and WikiText-2 drift", ""]
+    tasks = st.get("general_tasks", []) if st.get("general_n") else []
+    drift_on = bool(st.get("drift_windows"))
+    if tasks or drift_on:
+        parts = [f"General capability (F1 ×100, {proto.get('general_scoring')} scoring, {st.get('general_n')} items "
+                 "per task)"] if tasks else []
+        parts += [f"WikiText-2 test drift ({st.get('drift_windows')} windows of {st.get('drift_window')} tokens)"] if drift_on else []
+        lines += ["", "## " + " and ".join(parts), ""]
         gcols = [(t, ("final", "general", "tasks", t, "f1"), 100.0, 1) for t in tasks]
-        gcols.append(("mean F1", ("final", "general", "mean_f1"), 100.0, 1))
-        gcols += [("PPL", ("final", "drift", "ppl"), 1.0, 2), ("top-1 agree", ("final", "drift", "agreement"), 100.0, 1)]
+        if tasks:
+            gcols.append(("mean F1", ("final", "general", "mean_f1"), 100.0, 1))
+        if drift_on:
+            gcols += [("PPL", ("final", "drift", "ppl"), 1.0, 2), ("top-1 agree", ("final", "drift", "agreement"), 100.0, 1)]
         lines += _table(_unwrap_baseline(data), gcols)
-        lines += ["", f"RTE: {proto.get('rte_labels')}."]
+        if tasks:
+            lines += ["", f"RTE: {proto.get('rte_labels')}."]
     same = [lbl for lbl, e in data.get("configs", {}).items() if e.get("same_as")]
     if same:
         lines += ["", "† " + "; ".join(f"{lbl} is the identical one-step solve of {data['configs'][lbl]['same_as']}: "
                                       "numbers reused, not re-run" for lbl in same) + "."]
+    if data.get("skipped"):
+        lines.append("")
     for s in data.get("skipped", []):
         lines.append(f"Skipped {s['config']}: {s['reason']}.")
     lines += ["", "## Timings", "", "| Config | steps | edit s | mean step s | eval s | scoring records/s |",

@@ -151,6 +151,11 @@ class EvalConfig:
         return d
 
 
+def _union(old: list, new) -> list:
+    """``old`` followed by the items of ``new`` it lacks, in order."""
+    return list(old) + [x for x in new if x not in old]
+
+
 def plan(config: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """The configurations to evaluate, in order, and those skipped with the reason.
 
@@ -424,10 +429,11 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: Progress = None,
         },
     })
     data.setdefault("configs", {})
-    data["requested"] = {"methods": list(config.methods), "alignments": list(config.alignments),
-                         "modes": list(config.modes)}
-    data["planned"] = [r["label"] for r in runs]
-    data["skipped"] = skipped
+    # A folder can grow (methods or modes added by a later run): keep what earlier runs requested.
+    asked = {"methods": config.methods, "alignments": config.alignments, "modes": config.modes}
+    data["requested"] = {k: _union(data.get("requested", {}).get(k, []), v) for k, v in asked.items()}
+    data["planned"] = _union(data.get("planned", []), [r["label"] for r in runs])
+    data["skipped"] = _union(data.get("skipped", []), skipped)
     this_run = {"started": _now(), "finished": None, "ran": [], "resumed": [], "reused": []}
     data.setdefault("runs", []).append(this_run)
     t_run = time.perf_counter()
