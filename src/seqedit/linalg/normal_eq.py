@@ -119,6 +119,18 @@ def _edit_columns(
     return torch.cat([Ka, Kr], dim=1), torch.cat([Ra, -Rr], dim=1), Ka.shape[1]
 
 
+def _gram_update(G: Tensor, n_in_force: int, Ka: Tensor, Kr: Tensor) -> tuple[Tensor, int]:
+    """``(sym(G + Ka Kaᵀ − Kr Krᵀ), n_in_force + #Ka − #Kr)`` for a Gram-type matrix ``G: [p, p]``;
+    ``G`` itself is never modified. Raises ``ValueError`` if more constraints would leave than are in
+    force (the state is untouched then)."""
+    n_new = n_in_force + Ka.shape[1] - Kr.shape[1]
+    if n_new < 0:
+        raise ValueError(f"cannot remove {Kr.shape[1]} constraints: only {n_in_force + Ka.shape[1]} would be in force")
+    G_new = torch.addmm(G, Ka, Ka.mT)
+    G_new.addmm_(Kr, Kr.mT, alpha=-1)  # in place on the fresh tensor only
+    return symmetrize(G_new), n_new
+
+
 class LayerSystem:
     """``A = λΣ₀ + ρI + Σ_f k_f k_fᵀ: [d_in, d_in]`` in float64 with its factorisation.
 
@@ -265,17 +277,9 @@ class LayerSystem:
         ``Δ = U Xᵀ`` (rank ≤ n + m): what PRUNE needs to find Δ's singular values without an SVD of Δ."""
         K, R, n_add = _edit_columns(self.d_in, self.device, K_add, R_add, K_remove, R_remove)
         Ka, Kr = K[:, :n_add], K[:, n_add:]
-        n_new = self._n + Ka.shape[1] - Kr.shape[1]
-        if n_new < 0:
-            raise ValueError(
-                f"cannot remove {Kr.shape[1]} constraints: only {self._n + Ka.shape[1]} would be in force"
-            )
+        A_new, n_new = _gram_update(self._A, self._n, Ka, Kr)
         if K.shape[1] == 0:
             return R, torch.zeros(self.d_in, 0, dtype=torch.float64, device=self.device)
-
-        A_new = torch.addmm(self._A, Ka, Ka.mT)
-        A_new.addmm_(Kr, Kr.mT, alpha=-1)  # in place on the fresh tensor only: self._A stays intact
-        A_new = symmetrize(A_new)
         hint = (
             f"the update (+{Ka.shape[1]}/−{Kr.shape[1]} keys) would leave A without a positive definite "
             "factorisation (removed keys must be keys in force); state unchanged"

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from seqedit.errors import IllConditionedError
-from seqedit.linalg.normal_eq import LayerSystem, _check_symmetric, _edit_columns, _matrix, _nonneg, _square
+from seqedit.linalg.normal_eq import LayerSystem, _check_symmetric, _edit_columns, _gram_update, _matrix, _nonneg, _square
 from seqedit.linalg.solvers import SINGULAR_COND, cho_solve, cholesky_factor, symmetrize
 
 __all__ = ["AlphaEditSystem", "ErrorCompensation", "NullSpace", "PostProcessor", "prune", "rect"]
@@ -285,18 +285,11 @@ class AlphaEditSystem:
             raise ValueError("K_remove needs accumulate=True: the naive form keeps no keys to remove")
         K, R, n_add = _edit_columns(self.d_in, self.device, K_add, R_add, K_remove, R_remove)
         n_rem = K.shape[1] - n_add
-        n_new = self._n + n_add - n_rem
-        if n_new < 0:
-            raise ValueError(f"cannot remove {n_rem} constraints: only {self._n + n_add} would be in force")
-        if K.shape[1] == 0:
-            return torch.zeros(R.shape[0], self.d_in, dtype=torch.float64, device=self.device)
-
         U0 = self._null.U0
         Kn = U0.mT @ K  # [r, n+m]: the keys in null-space coordinates
-        Ka, Kr = Kn[:, :n_add], Kn[:, n_add:]
-        M_new = torch.addmm(self._M if accumulate else self._base(), Ka, Ka.mT)
-        M_new.addmm_(Kr, Kr.mT, alpha=-1)  # in place on the fresh tensor only: self._M stays intact
-        M_new = symmetrize(M_new)
+        M_new, n_new = _gram_update(self._M if accumulate else self._base(), self._n, Kn[:, :n_add], Kn[:, n_add:])
+        if K.shape[1] == 0:
+            return torch.zeros(R.shape[0], self.d_in, dtype=torch.float64, device=self.device)
         L = self._factor(
             M_new,
             f"the update (+{n_add}/−{n_rem} keys) would leave M without a positive definite factorisation "
