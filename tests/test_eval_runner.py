@@ -263,3 +263,30 @@ def test_a_folder_grows_with_new_methods_and_keeps_earlier_skips(tmp_path: Path)
     assert data["skipped"] == first["skipped"]
     assert data["requested"]["methods"] == ["memit", "rlsedit", "alphaedit"]
     assert data["planned"] == list(data["configs"])
+
+
+def test_bit_identical_final_weights_are_scored_once(tmp_path: Path) -> None:
+    # n == batch_size: SE is one step from an empty history, the same arithmetic as OTE, so both end on
+    # the same float32 weights; naive SE over two steps does not.
+    lm = tiny_model("llama")
+    data = run_eval(config(n=4, batch_size=4, general_every=0, retention_every=0), tmp_path, loaded=lm)
+    se, ote = data["configs"]["memit/aligned/se"], data["configs"]["memit/aligned/ote"]
+    assert se["final_weights_sha256"] == ote["final_weights_sha256"]
+    assert se["final_reused_from"] is None and ote["final_reused_from"] == "memit/aligned/se"
+    assert ote["final"] == se["final"] and ote["curve"][-1]["drift"] == se["final"]["drift"]
+    # the reused numbers are those a fresh scoring of that model gives
+    alone = run_eval(config(n=4, batch_size=4, general_every=0, retention_every=0, modes=("ote",),
+                            alignments=("aligned",)), tmp_path / "alone", loaded=lm)
+    assert alone["configs"]["memit/aligned/ote"]["final_reused_from"] is None
+    assert without_seconds(alone["configs"]["memit/aligned/ote"]["final"]) == without_seconds(ote["final"])
+
+    two_steps = run_eval(light(alignments=("naive",), modes=("se",)), tmp_path / "two", loaded=lm)
+    naive = two_steps["configs"]["memit/naive/se"]
+    assert naive["final_reused_from"] is None and naive["final_weights_sha256"] != se["final_weights_sha256"]
+    # a resumed run keeps the scored configurations as sources: an added OTE reuses the stored SE
+    grown = run_eval(config(n=4, batch_size=4, general_every=0, retention_every=0, alignments=("aligned",),
+                            modes=("se",)), tmp_path / "grow", loaded=lm)
+    assert "memit/aligned/ote" not in grown["configs"]
+    grown = run_eval(config(n=4, batch_size=4, general_every=0, retention_every=0, alignments=("aligned",)),
+                     tmp_path / "grow", loaded=lm)
+    assert grown["configs"]["memit/aligned/ote"]["final_reused_from"] == "memit/aligned/se"

@@ -80,6 +80,15 @@ def test_markdown_table_holds_the_numbers_in_the_papers_layout(results: dict) ->
     assert "† memit/naive/ote is the identical one-step solve of memit/aligned/ote" in md
 
 
+def test_shared_final_scores_are_marked(results: dict) -> None:
+    r = copy.deepcopy(results)
+    r["configs"]["memit/aligned/ote"] = {**entry("ote", 1.0, 0.75, 0.5), "final_reused_from": "memit/aligned/se"}
+    md = markdown(r)
+    assert "| memit | aligned | 100.0 \\| 100.0‡ | 75.0 \\| 75.0‡ | 50.0 \\| 50.0‡ | 610.0 \\| 610.0‡ |" in md
+    assert "‡ memit/aligned/ote ended on float32 weights bit-identical to memit/aligned/se's" in md
+    assert "‡" not in markdown(results)
+
+
 def test_zsre_columns_and_missing_values(results: dict) -> None:
     z = copy.deepcopy(results)
     z["settings"]["dataset"] = "zsre"

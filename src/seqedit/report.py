@@ -60,11 +60,15 @@ def _fmt(x: Any, scale: float = 100.0, digits: int = 1) -> str:
     return "–" if x is None else f"{x * scale:.{digits}f}"
 
 
+def _mark(entry: dict | None) -> str:
+    """† the run itself was not made (identical to another); ‡ its final model was bit-identical to
+    another configuration's, whose final-model scores it shares."""
+    return "†" if _get(entry, "same_as") else "‡" if _get(entry, "final_reused_from") else ""
+
+
 def _cell(e: dict[str, dict], path: tuple[str, ...], scale: float, digits: int) -> str:
-    se = _fmt(_get(e.get("se"), *path), scale, digits) if "se" in e else "·"
-    ote = _fmt(_get(e.get("ote"), *path), scale, digits) if "ote" in e else "·"
-    if _get(e.get("ote"), "same_as"):
-        ote += "†"
+    se = _fmt(_get(e.get("se"), *path), scale, digits) + _mark(e.get("se")) if "se" in e else "·"
+    ote = _fmt(_get(e.get("ote"), *path), scale, digits) + _mark(e.get("ote")) if "ote" in e else "·"
     return f"{se} \\| {ote}"
 
 
@@ -125,6 +129,11 @@ def markdown(data: dict[str, Any]) -> str:
     if same:
         lines += ["", "† " + "; ".join(f"{lbl} is the identical one-step solve of {data['configs'][lbl]['same_as']}: "
                                       "numbers reused, not re-run" for lbl in same) + "."]
+    shared = [(lbl, e["final_reused_from"]) for lbl, e in data.get("configs", {}).items()
+              if e.get("final_reused_from") and not e.get("same_as")]
+    if shared:
+        lines += ["", "‡ " + "; ".join(f"{lbl} ended on float32 weights bit-identical to {src}'s (sha256 of the edited "
+                                      "layers), so it shares that final model's scores" for lbl, src in shared) + "."]
     if data.get("skipped"):
         lines.append("")
     for s in data.get("skipped", []):
