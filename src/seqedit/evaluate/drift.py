@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..facts import wikitext_path
 from .scoring import forward_log_probs
 
@@ -58,10 +59,13 @@ class DriftReference:
     ppl: float
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write an ``.npz`` file (the path is returned as given)."""
-        path = Path(path)
-        np.savez(path, windows=self.windows, argmax=self.argmax, ppl=np.float64(self.ppl))
-        return path
+        """Write an ``.npz`` file atomically, at exactly ``path`` (returned)."""
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
+                np.savez(fh, windows=self.windows, argmax=self.argmax, ppl=np.float64(self.ppl))
+
+        return atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DriftReference:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write, atomic_write_json
+from ..atomic import atomic_write_json
 from ..facts import Fact
 from .counterfact import counterfact_metrics
 from .drift import DriftReference, drift_metrics, drift_reference
@@ -47,13 +47,7 @@ class References:
 
     def save(self, folder: Path) -> None:
         if self.drift is not None:
-            d = self.drift
-
-            def write(tmp: str) -> None:
-                with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a name
-                    np.savez(fh, windows=d.windows, argmax=d.argmax, ppl=np.float64(d.ppl))
-
-            atomic_write(folder / DRIFT_FILE, write)
+            self.drift.save(folder / DRIFT_FILE)
         if self.zsre is not None:
             atomic_write_json(folder / ZSRE_FILE, self.zsre.to_dict())
 
