@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ from seqedit.evaluate.general import (
     matthews_corrcoef,
     weighted_f1,
 )
-from seqedit.evaluate.scoring import score_targets
+from seqedit.evaluate.scoring import length_batches, score_targets
 from seqedit.evaluate.zsre import ZsreReference, zsre_metrics, zsre_reference
 from seqedit.facts import Fact, shared_data_dir
 from seqedit.testing import tiny_model, tiny_tokenizer
@@ -142,6 +144,40 @@ def test_counterfact_batched_equals_unbatched_on_tiny_transformer():
     direct = score_targets(loaded, [(FACTS[0].text, "Rome")], batch_rows=1)[0].mean_nll
     assert math.exp(-direct) - math.exp(-score_targets(loaded, [(FACTS[0].text, "Paris")])[0].mean_nll) == \
         pytest.approx(batched.records[0].rewrite_gm_prob_new_minus_true, abs=1e-6)
+
+
+@given(st.lists(st.integers(1, 300), max_size=60), st.integers(1, 9), st.integers(1, 50))
+def test_length_batches_cover_every_row_once_within_budget(lengths, batch_rows, tokens_per_row):
+    batches = length_batches(lengths, batch_rows, tokens_per_row)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    widths = [max(lengths[i] for i in b) for b in batches]
+    assert widths == sorted(widths, reverse=True)  # longest first
+    for b in batches:
+        assert len(b) <= batch_rows
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= batch_rows * tokens_per_row
+
+
+def test_length_batches_pad_less_than_file_order():
+    lengths = [500, 20, 20, 20, 500, 20, 20, 20]
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in length_batches(lengths, 4, 200))
+    assert padded == 2 * 500 + 6 * 20 < 8 * 500
+    with pytest.raises(ValueError):
+        length_batches(lengths, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_scores_keep_input_order_across_length_sorted_batches(family):
+    # Prompts of very different lengths, shuffled: each score must equal that pair scored alone.
+    loaded = tiny_model(family)
+    if family == "gpt2":
+        loaded = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)  # no adapter: full-logits path
+    pairs = [("The capital of France is", "Paris"), ("word " * 40 + "and so", "on and on"),
+             ("A", "B"), ("Lorem ipsum " * 12, "dolor"), ("Rome is in", "Italy")]
+    together = score_targets(loaded, pairs, batch_rows=2)
+    alone = [score_targets(loaded, [p], batch_rows=1)[0] for p in pairs]
+    for a, b in zip(together, alone):
+        assert a.mean_nll == pytest.approx(b.mean_nll, abs=1e-5) and a.exact == b.exact
+    assert len({round(s.mean_nll, 3) for s in together}) > 1
 
 
 # ------------------------------------------------------------------------------------------- ZsRE

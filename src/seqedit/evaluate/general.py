@@ -28,7 +28,7 @@ import numpy as np
 
 from ..facts import shared_data_dir
 from ..locate.tokens import target_ids
-from .scoring import score_targets, target_log_probs
+from .scoring import map_target_log_probs, score_targets
 
 __all__ = [
     "TASKS",
@@ -152,8 +152,8 @@ def choose_options(loaded, examples: Sequence[GeneralExample], batch_rows: int =
     nll: dict[tuple[str, str], float] = {}
     heads = list(dict.fromkeys(p for p, one in zip(prompts, single) if one))
     rows = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in heads]
-    last = [lp[0] for batch in target_log_probs(loaded, rows, [(len(r), (0,)) for r in rows], batch_rows)
-            for lp in batch]  # log-probs [V] after each prompt
+    last = map_target_log_probs(loaded, rows, [(len(r), (0,)) for r in rows], lambda _, lp: lp[0], batch_rows)
+    # ^ log-probs [V] after each prompt
     at = dict(zip(heads, last))
     for ex, p, ids, one in zip(examples, prompts, option_ids, single):
         if one:

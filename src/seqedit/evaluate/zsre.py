@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..facts import Fact
-from .scoring import target_log_probs, target_rows
+from .scoring import map_target_log_probs, target_rows
 from .counterfact import _mean, _Summarised
 
 __all__ = [
@@ -45,8 +45,7 @@ def teacher_forced_argmax(
     """
     unique = list(dict.fromkeys(pairs))
     rows, spans = target_rows(loaded, unique)
-    preds = [tuple(logp.argmax(-1).tolist()) for batch in target_log_probs(loaded, rows, spans, batch_rows)
-             for logp in batch]
+    preds = map_target_log_probs(loaded, rows, spans, lambda _, logp: tuple(logp.argmax(-1).tolist()), batch_rows)
     found = {pair: (pred, span[1]) for pair, pred, span in zip(unique, preds, spans)}
     return [found[pair] for pair in pairs]
 
