@@ -354,8 +354,8 @@ class _Run:
         editor.finalize()
         edit_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        # Bit-identical weights give bit-identical scores: aligned SE and OTE usually end on the same
-        # float32 weights (their float64 gap is ~1e-15), so their final model is scored once.
+        # Bit-identical weights give bit-identical scores, so such a final model is scored once (e.g. a
+        # one-step SE and its OTE; over several steps SE reads keys on the edited model and differs).
         sha = self.final_weights_sha()
         reused_from = self.finals[sha][0] if sha in self.finals else None
         final = self.finals[sha][1] if reused_from else self.final()
