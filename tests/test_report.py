@@ -51,7 +51,7 @@ def results() -> dict:
                      "consistency": CONSISTENCY_UNAVAILABLE, "general_scoring": "likelihood",
                      "rte_labels": "GLUE labels; the official inversion is NOT copied"},
         "baseline": {"edit": edit(0.25, 0.125, 0.875), **capability(0.5, 10.0, 1.0),
-                     "fluency": {"fluency": 6.2, "n_records": 1, "n_without_prompts": 3}},
+                     "fluency": {"fluency": 6.2, "n_records": 1, "n_texts": 10, "n_without_prompts": 3}},
         "configs": {
             "memit/aligned/se": entry("se", 1.0, 0.75, 0.5),
             "memit/aligned/ote": entry("ote", 0.975, 0.7, 0.55),
@@ -77,6 +77,7 @@ def test_markdown_table_holds_the_numbers_in_the_papers_layout(results: dict) ->
     assert "memit/naive/ote" not in [l.split(" | ")[0].strip("| ") for l in lines if l.startswith("| memit/")]
     assert "values protocol **original**" in md and "seed 7" in md and "NOT copied" in md
     assert CONSISTENCY_UNAVAILABLE in md and "Skipped rlsedit/naive" in md
+    assert "Fluency on 1 records' ROME generation prompts (10 sampled texts; 3 selected records have none" in md
     assert "† memit/naive/ote is the identical one-step solve of memit/aligned/ote" in md
 
 

@@ -105,7 +105,9 @@ def markdown(data: dict[str, Any]) -> str:
     if ds == "counterfact":
         flu = _get(data, "baseline", "fluency") or {}
         what = (f"Fluency on {flu.get('n_records', 0)} records' ROME generation prompts "
-                f"({flu.get('n_without_prompts', 0)} selected records have none)." if fluency_on
+                f"({flu.get('n_texts', 0)} sampled texts; {flu.get('n_without_prompts', 0)} selected records "
+                "have none: KnowEdit-layout records get them only by case id from the 1,115-case ROME subset)."
+                if fluency_on
                 else "Fluency not measured (--fluency-n 0).")
         lines += ["", f"{what} {proto.get('consistency', '')}"]
     else:
