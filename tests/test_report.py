@@ -90,6 +90,14 @@ def test_shared_final_scores_are_marked(results: dict) -> None:
     assert "‡" not in markdown(results)
 
 
+def test_an_unfinished_run_names_what_is_pending(results: dict) -> None:
+    r = copy.deepcopy(results)
+    r["planned"] = [*r["configs"], "prune/aligned/se"]
+    md = markdown(r)
+    assert "**Unfinished run**: 1 planned configurations not yet evaluated (prune/aligned/se)" in md
+    assert "Unfinished" not in markdown({**r, "planned": list(r["configs"])})
+
+
 def test_zsre_columns_and_missing_values(results: dict) -> None:
     z = copy.deepcopy(results)
     z["settings"]["dataset"] = "zsre"

@@ -136,6 +136,10 @@ def markdown(data: dict[str, Any]) -> str:
     if shared:
         lines += ["", "‡ " + "; ".join(f"{lbl} ended on float32 weights bit-identical to {src}'s (sha256 of the edited "
                                       "layers), so it shares that final model's scores" for lbl, src in shared) + "."]
+    pending = [lbl for lbl in data.get("planned", []) if data.get("configs", {}).get(lbl, {}).get("status") != "done"]
+    if pending:
+        lines += ["", f"**Unfinished run**: {len(pending)} planned configurations not yet evaluated "
+                      f"({', '.join(pending)}); rerun the same `seqedit eval` command to resume."]
     if data.get("skipped"):
         lines.append("")
     for s in data.get("skipped", []):
