@@ -206,6 +206,16 @@ def _weights_sha(base: dict[int, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{final_weights_sha256: (label, final metrics)}`` of the done configurations that scored their
+    own final model (the first such one per sha)."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for label, c in configs.items():
+        if c.get("status") == "done" and c.get("final_weights_sha256") and not c.get("final_reused_from"):
+            out.setdefault(c["final_weights_sha256"], (label, c["final"]))
+    return out
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -253,8 +263,6 @@ class _Run:
         self.base = {l: loaded.adapter.weight(l).detach().clone() for l in hp.layers}
         self.refs: References | None = None
         self._targets = None
-        # final edited-layer weights (sha256) -> (label, final metrics) of configurations already scored
-        self.finals: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def say(self, what: str) -> None:
         if self.progress:
@@ -322,7 +330,10 @@ class _Run:
     def final_weights_sha(self) -> str:
         return _weights_sha({l: self.lm.adapter.weight(l) for l in self.hp.layers})
 
-    def config(self, method: str, alignment: str, mode: str) -> dict[str, Any]:
+    def config(self, method: str, alignment: str, mode: str,
+               scored: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """Run one configuration. ``scored`` maps the final-weights sha256 of configurations already
+        scored to ``(label, final metrics)`` (see :func:`_scored_finals`)."""
         from ..editor import Editor
 
         c, n = self.cfg, len(self.facts)
@@ -357,8 +368,8 @@ class _Run:
         # Bit-identical weights give bit-identical scores, so such a final model is scored once (e.g. a
         # one-step SE and its OTE; over several steps SE reads keys on the edited model and differs).
         sha = self.final_weights_sha()
-        reused_from = self.finals[sha][0] if sha in self.finals else None
-        final = self.finals[sha][1] if reused_from else self.final()
+        hit = scored.get(sha)
+        reused_from, final = hit if hit else (None, self.final())
         eval_s += time.perf_counter() - t0
         curve.append({"step": len(bounds), "edits": n, "general": final["general"], "drift": final["drift"]})
         if c.retention_every:
@@ -447,8 +458,6 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: Progress = None,
     this_run = {"started": _now(), "finished": None, "ran": [], "resumed": [], "reused": []}
     data.setdefault("runs", []).append(this_run)
     t_run = time.perf_counter()
-    run.finals = {c["final_weights_sha256"]: (label, c["final"]) for label, c in data["configs"].items()
-                  if c.get("status") == "done" and c.get("final_weights_sha256") and not c.get("final_reused_from")}
     try:
         if "baseline" in data and (refs := References.load(folder, config.dataset, config.drift_windows)):
             run.refs = refs
@@ -464,10 +473,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: Progress = None,
                                           "same_as": r["same_as"], "status": "done"}
                 this_run["reused"].append(label)
             else:
-                entry = run.config(r["method"], r["alignment"], r["mode"])
+                entry = run.config(r["method"], r["alignment"], r["mode"], _scored_finals(data["configs"]))
                 data["configs"][label] = {**entry, "status": "done", "completed": _now()}
-                if not entry["final_reused_from"]:
-                    run.finals.setdefault(entry["final_weights_sha256"], (label, entry["final"]))
                 this_run["ran"].append(label)
             this_run["wall_seconds"] = time.perf_counter() - t_run
             store.write()
