@@ -78,6 +78,19 @@ def test_markdown_table_holds_the_numbers_in_the_papers_layout(results: dict) ->
     assert "values protocol **original**" in md and "seed 7" in md and "NOT copied" in md
     assert CONSISTENCY_UNAVAILABLE in md and "Skipped rlsedit/naive" in md
     assert "Fluency on 1 records' ROME generation prompts (10 sampled texts; 3 selected records have none" in md
+    assert md.startswith("# seqedit evaluation: counterfact (knowedit layout), 4 edits, tiny-llama")
+
+
+def test_the_fluency_line_explains_missing_prompts_only_when_some_are_missing(results: dict) -> None:
+    r = copy.deepcopy(results)
+    r["baseline"]["fluency"]["n_without_prompts"] = 0
+    r["settings"].update(layout="rome", split="edit")
+    md = markdown(r)
+    assert "Fluency on 1 records' ROME generation prompts (10 sampled texts)." in md
+    assert "have none" not in md
+    assert md.startswith("# seqedit evaluation: counterfact (rome layout, edit split), 4 edits")
+    zsre = {**r, "settings": {**r["settings"], "dataset": "zsre", "zsre_file": "mend-eval"}}
+    assert markdown(zsre).startswith("# seqedit evaluation: zsre (mend-eval file), 4 edits")
     assert "† memit/naive/ote is the identical one-step solve of memit/aligned/ote" in md
 
 

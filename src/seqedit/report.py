@@ -82,12 +82,25 @@ def _table(data: dict, columns: list[tuple[str, tuple[str, ...], float, int]]) -
     return lines
 
 
+def _source(settings: dict[str, Any]) -> str:
+    """Where the records came from, e.g. ``counterfact (knowedit layout, train split)``."""
+    ds = settings.get("dataset", "counterfact")
+    if settings.get("facts_path"):
+        where = [f"file {settings['facts_path']}"]
+    elif ds == "counterfact":
+        where = [f"{settings.get('layout', 'knowedit')} layout"]
+        where += [f"{settings['split']} split"] if settings.get("split") else []
+    else:
+        where = [f"{settings.get('zsre_file', 'mend-eval')} file"]
+    return f"{ds} ({', '.join(where)})"
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The report as markdown (tables in the paper's layout plus the protocol and timings)."""
     st, proto = data.get("settings", {}), data.get("protocol", {})
     ds = st.get("dataset", "counterfact")
     lines = [
-        f"# seqedit evaluation: {ds}, {st.get('n')} edits, {data.get('model', {}).get('name')}",
+        f"# seqedit evaluation: {_source(st)}, {st.get('n')} edits, {data.get('model', {}).get('name')}",
         "",
         f"Batch size {st.get('batch_size')} per sequential step; seed {st.get('seed')} "
         f"(records: {data.get('selection', {}).get('method', 'seeded shuffle')}); "
@@ -104,9 +117,11 @@ def markdown(data: dict[str, Any]) -> str:
     lines += _table(_unwrap_baseline(data), cols)
     if ds == "counterfact":
         flu = _get(data, "baseline", "fluency") or {}
+        missing = flu.get("n_without_prompts", 0)
         what = (f"Fluency on {flu.get('n_records', 0)} records' ROME generation prompts "
-                f"({flu.get('n_texts', 0)} sampled texts; {flu.get('n_without_prompts', 0)} selected records "
-                "have none: KnowEdit-layout records get them only by case id from the 1,115-case ROME subset)."
+                f"({flu.get('n_texts', 0)} sampled texts"
+                + (f"; {missing} selected records have none: KnowEdit-layout records get them only by case id "
+                   "from the 1,115-case ROME subset)." if missing else ").")
                 if fluency_on
                 else "Fluency not measured (--fluency-n 0).")
         lines += ["", f"{what} {proto.get('consistency', '')}"]
