@@ -11,7 +11,7 @@ import time
 import torch
 
 import seqedit
-from seqedit.facts import counterfact_path
+from seqedit.shared_data import counterfact_path
 from seqedit.locate.templates import context_templates
 from seqedit.locate.values import compute_values
 

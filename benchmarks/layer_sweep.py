@@ -18,7 +18,7 @@ import time
 
 import seqedit
 from seqedit.evaluate.counterfact import counterfact_metrics
-from seqedit.facts import counterfact_path, wikitext_path
+from seqedit.shared_data import counterfact_path, wikitext_path
 from seqedit.locate.stats import layer_stats
 from seqedit.locate.values import compute_values
 

@@ -22,7 +22,7 @@ import torch
 
 import seqedit
 from seqedit.evaluate.counterfact import counterfact_metrics
-from seqedit.facts import counterfact_path
+from seqedit.shared_data import counterfact_path
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "ledger-forget.json"
 

@@ -22,7 +22,7 @@ from seqedit.testing import tiny_model  # noqa: E402
 def work(ledger: str, log: str) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     editor = make_editor(ledger, snapshot_every=3)
-    editor._ensure_state()
+    editor.prepare()
     os.write(fd, f"ready {editor.ledger.last_step}\n".encode())
     while True:
         step = editor.ledger.last_step + 1

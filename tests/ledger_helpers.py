@@ -10,7 +10,6 @@ import zlib
 import torch
 
 from seqedit import Editor, Fact
-from seqedit.ledger import ops
 from seqedit.testing import tiny_model
 
 LAYERS = (1, 2)
@@ -59,11 +58,11 @@ def _w0(editor: Editor) -> dict[int, torch.Tensor]:
 def ote_gap(editor: Editor, ids) -> float:
     """max over layers of ‖W_live − W_OTE‖ / ‖W_OTE − W₀‖ with W_OTE solved by a fresh method state from
     the test's own (k, v) of ``ids`` (not the ledger's stored ones)."""
-    editor._ensure_state()
+    editor.prepare()
     K, V = columns(sorted(ids), editor.w0)
     gaps = []
     for l in LAYERS:
-        _, W = ops.one_time(editor.spec, editor.sigma0[l], editor.hparams.lam, editor.w0[l], K[l], V[l])
+        _, W = editor.bank.one_time(l, K[l], V[l])
         scale = float((W - editor.w0[l]).norm()) or float(editor.w0[l].norm())
         gaps.append(float((editor.master[l] - W).norm()) / scale)
     return max(gaps)

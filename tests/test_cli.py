@@ -12,14 +12,15 @@ from typer.testing import CliRunner, Result
 from seqedit import dump_facts, load_model
 from seqedit.cli import app
 from seqedit.evaluate.scoring import greedy_completions
-from seqedit.facts import counterfact_path, load_facts, wikitext_path
+from seqedit.datasets import load_facts
+from seqedit.shared_data import counterfact_path, wikitext_path
 from seqedit.locate.stats import layer_stats
 from seqedit.testing import tiny_model
 
 COMMANDS = (
-    "edit", "generate", "stats", "verify-equivalence", "bench", "demo",  # cli.py
-    "forget", "undo", "log", "verify", "export",  # cli_ledger.py
-    "eval", "report",  # cli_eval.py
+    "edit", "generate", "stats", "verify-equivalence", "bench", "demo",  # cli/edit.py, equivalence.py, bench.py
+    "forget", "undo", "log", "verify", "export",  # cli/ledger.py
+    "eval", "report",  # cli/evaluate.py
 )
 
 

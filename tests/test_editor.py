@@ -11,7 +11,8 @@ import torch
 
 import seqedit
 from seqedit import Editor, Fact, FactError, IllConditionedError, StepReport, UnsupportedArchitectureError
-from seqedit.facts import counterfact_path, load_facts
+from seqedit.datasets import load_facts
+from seqedit.shared_data import counterfact_path
 from seqedit.locate.keys import ContextRows, read_keys
 from seqedit.models.load import LoadedModel, wrap_model
 from seqedit.testing import FAMILIES, tiny_model, tiny_tokenizer
@@ -114,6 +115,39 @@ def test_sequential_kv_batches_equal_one_time_through_the_editor() -> None:
         assert float(d_ote.norm()) > 0
         assert float((d_se - d_ote).norm() / d_ote.norm()) < 1e-10
         assert se.systems[l].n_constraints == ote.systems[l].n_constraints == 20
+
+
+def test_apply_kv_takes_absolute_targets_or_residuals_never_both() -> None:
+    a, b = make_editor(), make_editor()
+    d_out, d_in = a.loaded.adapter.dims(LAYERS[0])
+    gen = torch.Generator().manual_seed(1)
+    K = {l: 0.1 * torch.randn(d_in, 3, generator=gen, dtype=torch.float64) for l in LAYERS}
+    R = {l: torch.randn(d_out, 3, generator=gen, dtype=torch.float64) for l in LAYERS}
+    a.apply_kv(K, R=R)
+    b.apply_kv(K, {l: b.loaded.adapter.weight(l).double() @ K[l] + R[l] for l in LAYERS})
+    for l in LAYERS:
+        assert torch.allclose(a.delta(l), b.delta(l), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one of V"):
+        a.apply_kv(K, R, R=R)
+    with pytest.raises(ValueError, match="exactly one of V"):
+        a.apply_kv(K)
+
+
+def test_run_twice_continues_and_callbacks_see_every_step() -> None:
+    """Only forms with an end-of-run update are finalized by run(): memit keeps editing across runs."""
+    seen = []
+
+    class Hook:
+        def on_step_end(self, editor, report, at):
+            seen.append((report.id, at.step, at.steps, at.edited, at.total, len(editor.steps)))
+
+    editor = make_editor(v_steps=2, callbacks=[Hook()])
+    editor.run(cf_facts(3), batch_size=2)
+    assert editor.finalize() == {}
+    editor.run(cf_facts(4)[3:], batch_size=2)
+    assert [r.id for r in editor.steps] == [1, 2, 3]
+    assert seen == [(1, 1, 2, 2, 3, 1), (2, 2, 2, 3, 3, 2), (3, 1, 1, 1, 1, 3)]
+    assert editor.systems[LAYERS[0]].n_constraints == 4
 
 
 # ------------------------------------------------------------------------------------------- modes
@@ -260,7 +294,7 @@ def test_failing_apply_kv_leaves_the_editor_as_before(monkeypatch: pytest.Monkey
 
 # ------------------------------------------------------------------------------- every method
 
-from seqedit.methods import METHODS  # noqa: E402
+from seqedit.methods import METHODS, method_info  # noqa: E402
 
 ALL_FORMS = [(name, al) for name, als in METHODS.items() for al in als]
 
@@ -271,7 +305,7 @@ def test_every_method_runs_a_sequential_edit(method: str, alignment: str) -> Non
     lm = tiny_model("llama")
     before = snapshot(lm.model)
     # tiny random models have no eigenvalue of Σ₀ below AlphaEdit's 2e-2: take a wide null space
-    options = {"threshold": 1e3} if method in ("alphaedit", "memorize_latest") else {}
+    options = {"threshold": 1e3} if "threshold" in method_info(method).form(alignment).options else {}
     editor = make_editor(lm, v_steps=2, method=method, alignment=alignment, method_options=options)
     reports = editor.run(cf_facts(3), batch_size=2)
     assert [len(r.facts) for r in reports] == [2, 1]

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from seqedit import dump_facts
 from seqedit.cli import app
-from seqedit.equivalence import equivalence_rows, verify_equivalence
-from seqedit.facts import counterfact_path, load_facts, wikitext_path
+from seqedit.evaluate.equivalence import equivalence_rows, verify_equivalence
+from seqedit.datasets import load_facts
+from seqedit.shared_data import counterfact_path, wikitext_path
 from seqedit.locate.frozen import FrozenTargets, frozen_targets
 from seqedit.locate.stats import layer_stats
 from seqedit.locate.templates import context_templates

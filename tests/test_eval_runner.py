@@ -13,8 +13,11 @@ from typer.testing import CliRunner
 
 from seqedit.cli import app
 from seqedit.editor import Editor
+from seqedit.progress import Phase
 from seqedit.evaluate.counterfact import counterfact_metrics
-from seqedit.evaluate.runner import EvalConfig, EvalSettingsError, check_out_dir, plan, run_eval
+from seqedit.evaluate.config import EvalConfig, EvalSettingsError, plan
+from seqedit.evaluate.results import check_out_dir
+from seqedit.evaluate.runner import run_eval
 from seqedit.evaluate.selection import select_facts
 from seqedit.locate.frozen import frozen_targets
 from seqedit.locate.templates import context_templates
@@ -60,7 +63,7 @@ def test_run_records_everything_and_matches_a_direct_editor_run(tmp_path: Path) 
     before = weights(lm)
     calls: list[tuple] = []
     cfg = config()
-    data = run_eval(cfg, tmp_path, lambda *a: calls.append(a), loaded=lm)
+    data = run_eval(cfg, tmp_path, calls.append, loaded=lm)
     assert same_weights(lm, before)  # every configuration started from, and the run ends on, the base weights
     assert json.loads((tmp_path / "results.json").read_text()) == data
 
@@ -70,7 +73,8 @@ def test_run_records_everything_and_matches_a_direct_editor_run(tmp_path: Path) 
     assert run["reused"] == ["memit/naive/ote"] and run["finished"] and run["wall_seconds"] > 0
     naive_ote, aligned_ote = data["configs"]["memit/naive/ote"], data["configs"]["memit/aligned/ote"]
     assert naive_ote["same_as"] == "memit/aligned/ote" and naive_ote["final"] == aligned_ote["final"]
-    assert [c for c in calls if c[0] == "configs"] == [("configs", 1, 4)] * 4
+    configs = [(e.phase.value, e.advance, e.total) for e in calls if e.phase is Phase.CONFIGS and not e.start]
+    assert configs == [("configs", 1, 4)] * 4
 
     sel = select_facts("counterfact", 4, cfg.seed, layout="rome", split="edit")
     assert data["selection"]["fact_ids"] == [f.id for f in sel.facts] and data["selection"]["seed"] == 0
@@ -111,8 +115,8 @@ def test_resume_after_interruption_skips_done_configs(tmp_path: Path) -> None:
     before = weights(lm)
     cfg = light(retention_every=1)
 
-    def stop_after_first(phase, advance, total):
-        if phase == "configs":
+    def stop_after_first(event):
+        if event.phase is Phase.CONFIGS and event.advance:  # the first configuration is done
             raise Interrupt
 
     with pytest.raises(Interrupt):

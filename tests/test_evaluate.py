@@ -40,7 +40,8 @@ from seqedit.evaluate.general import (
 )
 from seqedit.evaluate.scoring import length_batches, score_targets
 from seqedit.evaluate.zsre import ZsreReference, zsre_metrics, zsre_reference
-from seqedit.facts import Fact, shared_data_dir
+from seqedit.facts import Fact
+from seqedit.shared_data import shared_data_dir
 from seqedit.testing import tiny_model, tiny_tokenizer
 
 V = 1000  # tiny tokenizer vocabulary

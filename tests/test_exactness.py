@@ -7,7 +7,7 @@ import torch
 
 import seqedit
 from seqedit.evaluate.scoring import score_targets
-from seqedit.facts import counterfact_path
+from seqedit.shared_data import counterfact_path
 from seqedit.locate.keys import ContextRows, read_keys
 from seqedit.locate.values import compute_values
 

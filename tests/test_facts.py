@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 
 from seqedit.errors import FactError, SeqEditError
-from seqedit.facts import (
-    FORMATS,
-    Fact,
-    counterfact_path,
-    dump_facts,
-    load_facts,
-    shared_data_dir,
-    wikitext_path,
-    zsre_path,
-)
+from seqedit.datasets import FORMATS, dump_facts, load_facts
+from seqedit.facts import Fact
+from seqedit.shared_data import counterfact_path, shared_data_dir, wikitext_path, zsre_path
 
 DANIELLE = dict(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target="English")
 

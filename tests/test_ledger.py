@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import seqedit
 from seqedit import Fact, Ledger, LedgerCorruptError, LedgerError, SeqEditError
-from seqedit.facts import counterfact_path, load_facts
+from seqedit.datasets import load_facts
+from seqedit.shared_data import counterfact_path
 from seqedit.testing import tiny_model
 
 # ------------------------------------------------------------------------------------------ layout
@@ -85,6 +86,27 @@ def test_reopen_takes_method_and_hparams_from_the_ledger(tmp_path: Path) -> None
     ed = make_editor(tmp_path / "L", method="rlsedit", v_steps=3)  # value-optimisation settings may change
     assert ed.hparams.v_steps == 3
     ed.close()
+
+
+def test_a_ledger_written_before_the_method_registry_reopens(tmp_path: Path) -> None:
+    """Older manifests stored every option of every method and the ridge as a hyperparameter."""
+    ed = make_editor(tmp_path / "L", method="memit")
+    apply_facts(ed, [fact(0), fact(1)])
+    live = {l: ed.master[l].clone() for l in LAYERS}
+    ed.close()
+    db = sqlite3.connect(tmp_path / "L" / "ledger.sqlite")
+    man = json.loads(db.execute("SELECT value FROM meta WHERE key = 'manifest'").fetchone()[0])
+    man["method"] = {"name": "memit", "alignment": "aligned", "ridge": None, "mu2": 1.0, "threshold": 2e-2,
+                     "alpha": 10.0, "top_percent": 20.0, "reproduce_official_prune": False}
+    man["hparams"]["ridge"] = 0.0
+    with db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'manifest'", (json.dumps(man),))
+    db.close()
+    with make_editor(tmp_path / "L") as reopened:
+        assert reopened.spec == seqedit.parse_method("memit", ridge=0.0)
+        assert all(torch.equal(reopened.master[l], live[l]) for l in LAYERS)
+        report = reopened.verify()
+        assert report.ok and all(e["rel_error"] < 1e-10 for e in report.layers.values())
 
 
 @pytest.mark.parametrize(
@@ -400,9 +422,9 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     ed = make_editor(path)
     apply_facts(ed, [fact(0), fact(1)])
     ed.close()
-    from seqedit import cli_ledger
+    from seqedit.cli import ledger as cli_ledger
 
-    monkeypatch.setattr(cli_ledger, "_load", lambda name: (tiny_model("llama"), 0.0))
+    monkeypatch.setattr(cli_ledger, "load", lambda name: (tiny_model("llama"), 0.0))
     run = CliRunner().invoke
 
     r = run(cli.app, ["log", "--ledger", str(path), "--json"])

@@ -95,11 +95,11 @@ def run_program(program, method: str, **kw) -> None:
                         with pytest.raises(LedgerError):
                             ed.undo(s)
                 else:
-                    ed._ensure_state()
+                    ed.prepare()
                     before = {l: ed.master[l].clone() for l in LAYERS}
                     ed.close()
                     ed = make_editor(path, method=method, **kw)
-                    ed._ensure_state()
+                    ed.prepare()
                     if ref.steps:
                         assert all(torch.equal(ed.master[l], before[l]) for l in LAYERS)
                 ids = [r[0] for r in ref.in_force()]

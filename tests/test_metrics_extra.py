@@ -15,7 +15,9 @@ from seqedit.evaluate.fluency import CONSISTENCY_UNAVAILABLE, generate_texts, te
 from seqedit.evaluate.general import GeneralExample, load_general_task, task_result
 from seqedit.evaluate.general_gen import general_metrics_generation, greedy_new_tokens, parse_answer
 from seqedit.evaluate.selection import select_facts
-from seqedit.facts import Fact, counterfact_path, load_facts
+from seqedit.datasets import load_facts
+from seqedit.facts import Fact
+from seqedit.shared_data import counterfact_path
 from seqedit.testing import tiny_tokenizer
 from test_evaluate import ids, loaded_for  # the bigram model with hand-readable logits
 

@@ -13,7 +13,7 @@ import torch
 from seqedit.errors import ModelLoadError, UnsupportedArchitectureError
 from seqedit.models import load as load_mod
 from seqedit.models.arch import ModelAdapter
-from seqedit.models.load import bos_prefix_ids, ensure_cached_dir, load_model
+from seqedit.models.load import ensure_cached_dir, load_model
 from seqedit.testing import FAMILIES, SPECIAL_TOKEN, tiny_model, tiny_tokenizer
 
 HIDDEN, INTERMEDIATE = 32, 64
@@ -159,11 +159,18 @@ def test_tokenizer_is_fresh_per_call():
     assert tiny_tokenizer().padding_side == "right"
 
 
-def test_bos_prefix_ids():
+def _special_prefix(tok) -> list[int]:
+    """Ids the tokenizer prepends to a text (what the removed ``bos_prefix_ids`` helper computed)."""
+    full, plain = tok(TEXT)["input_ids"], tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert full[len(full) - len(plain):] == plain
+    return full[: len(full) - len(plain)]
+
+
+def test_tiny_tokenizer_bos():
     plain, with_bos = tiny_tokenizer(), tiny_tokenizer(add_bos=True)
     sid = plain.convert_tokens_to_ids(SPECIAL_TOKEN)
-    assert bos_prefix_ids(plain) == []
-    assert bos_prefix_ids(with_bos) == [sid]
+    assert _special_prefix(plain) == []
+    assert _special_prefix(with_bos) == [sid]
     enc = with_bos(TEXT, return_offsets_mapping=True)
     assert enc["input_ids"][0] == sid and enc["offset_mapping"][0] == (0, 0)
     assert enc["input_ids"][1:] == plain(TEXT)["input_ids"]
@@ -276,7 +283,7 @@ def test_embedded_smollm2_dequantise_then_cache(tmp_path, monkeypatch):
     a = second.adapter
     assert a.spec.family == "llama" and a.n_layers == 30 and a.dims(0) == (576, 1536)
     tok = second.tokenizer
-    assert tok.padding_side == "right" and tok.pad_token is not None and bos_prefix_ids(tok) == []
+    assert tok.padding_side == "right" and tok.pad_token is not None and _special_prefix(tok) == []
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         top = second.model(ids).logits[0, -1].argmax().item()

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from .errors import SeqEditError
-from .facts import shared_data_dir
+from .shared_data import shared_data_dir
 from .models.load import LoadedModel, wrap_model
 
 __all__ = ["FAMILIES", "SPECIAL_TOKEN", "tiny_model", "tiny_tokenizer"]

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..facts import Fact, counterfact_path
+from ..facts import Fact
+from ..shared_data import counterfact_path
 from .fluency import CONSISTENCY_UNAVAILABLE, generate_texts, text_entropy_score
 
 __all__ = ["counterfact_fluency", "generation_prompts_for", "rome_generation_prompts"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
-from ..facts import wikitext_path
+from ..shared_data import wikitext_path
 from .scoring import forward_log_probs
 
 __all__ = ["DriftReference", "DriftResult", "drift_metrics", "drift_reference", "wikitext_windows"]

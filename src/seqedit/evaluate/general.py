@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..facts import shared_data_dir
+from ..shared_data import shared_data_dir
 from ..locate.tokens import target_ids
 from .scoring import map_target_log_probs, score_targets
 

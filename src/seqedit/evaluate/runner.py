@@ -13,240 +13,28 @@ model, and every method and mode uses those (:func:`~seqedit.locate.frozen.froze
 by definition, so SE vs OTE then isolates the solver). ``current`` is the real SE protocol: each SE
 step optimises its values on the current, already edited model. Keys are always read on the current
 model, layer by layer, as the editor does.
+
+This module owns the run (``_Run``, :func:`run_eval`); the settings and the plan are
+:mod:`seqedit.evaluate.config`, the results.json store :mod:`seqedit.evaluate.results`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import gc
-import hashlib
-import json
-import platform
-import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-import torch
-
-from ..atomic import atomic_write_json
-from ..errors import SeqEditError
 from ..facts import Fact
-from ..methods import METHODS
+from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
+from ..steps import RunPosition, StepReport
+from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
-from .general import TASKS
 from .measure import References, drift_summary, edit_summary, general_summary
-from .selection import DATASETS, Selection, select_facts
+from .results import ResultsStore, _now, _scored_finals, _versions, _weights_sha
+from .selection import Selection, select_facts
 
-__all__ = ["EvalConfig", "EvalSettingsError", "FORMAT", "check_out_dir", "plan", "run_eval"]
-
-FORMAT = "seqedit-eval/1"
-MODES = {"se": "sequential", "ote": "one_time"}
-VALUES = ("original", "current")
-SCORINGS = ("likelihood", "generation")
-# One step from an empty history: the aligned (accumulated) and naive (fresh) solves coincide
-# (REFERENCE_NOTES §2.2/§2.3 and §2.4). prune/rect differ (ridge 1 vs 0), rlsedit has no naive form.
-_OTE_SAME_AS_ALIGNED = ("memit", "alphaedit")
-
-Progress = Optional[Callable[[str, int, Optional[int]], None]]
-
-
-class EvalSettingsError(SeqEditError, ValueError):
-    """Bad evaluation settings, or an output folder holding results of other settings."""
-
-
-VALUES_PROTOCOL = {
-    "original": "target values optimised once per fact on the UNEDITED model and shared by every method "
-                "and mode (OTE's definition); SE vs OTE then isolates the solver",
-    "current": "real SE protocol: each sequential step optimises its target values on the current (edited) "
-               "model; OTE uses values from the unedited model by definition",
-}
-
-
-@dataclass
-class EvalConfig:
-    """Everything that defines an evaluation run (see ``seqedit eval --help`` for each field).
-
-    ``split="auto"`` means CounterFact's ``edit`` split (the ``train`` split was used for tuning) and
-    none for ZsRE; ``"all"`` uses every record. ``overrides`` replace preset hyperparameters
-    (``layers``, ``lam``, ``v_steps``, ``stats_tokens``, ...). ``general_every``/``retention_every``
-    are in steps, 0 = final model only. ``general_n``/``drift_windows``/``fluency_n`` = 0 turn that
-    metric off. ``fluency_tokens`` is ROME's ``max_out_len`` (tokens per generation, prompt included).
-    """
-
-    model: str = "smollm2-135m"
-    dataset: str = "counterfact"
-    n: int = 100
-    batch_size: int = 100
-    methods: tuple[str, ...] = ("memit",)
-    alignments: tuple[str, ...] = ("aligned",)
-    modes: tuple[str, ...] = ("se", "ote")
-    values: str = "original"
-    seed: int = 0
-    general_every: int = 5
-    general_n: int = 100
-    general_tasks: tuple[str, ...] = TASKS
-    general_scoring: str = "likelihood"
-    official_rte_inversion: bool = False
-    retention_every: int = 0
-    drift_window: int = 256
-    drift_windows: int = 32
-    fluency_n: int = 50
-    fluency_tokens: int = 100
-    layout: str = "knowedit"
-    split: Optional[str] = "auto"
-    zsre_file: str = "mend-eval"
-    zsre_target: str = "answers"
-    facts_path: Optional[str] = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    stats_corpus: Optional[str] = None
-    eval_batch_rows: int = 64
-
-    def resolved_split(self) -> Optional[str]:
-        if self.split in (None, "all"):
-            return None
-        if self.split == "auto":
-            return "edit" if self.dataset == "counterfact" and self.facts_path is None else None
-        return self.split
-
-    def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise EvalSettingsError(msg)
-
-        need(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; expected one of {', '.join(DATASETS)}")
-        need(self.n >= 1 and self.batch_size >= 1, f"n and batch_size must be >= 1, got {self.n}, {self.batch_size}")
-        need(self.values in VALUES, f"unknown values protocol {self.values!r}; expected one of {', '.join(VALUES)}")
-        need(bool(self.modes) and set(self.modes) <= set(MODES),
-             f"modes must be a non-empty subset of {', '.join(MODES)}, got {list(self.modes)}")
-        need(bool(self.methods) and bool(self.alignments), "at least one method and one alignment are needed")
-        for m in self.methods:
-            need(m in METHODS, f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
-        known = {a for m in self.methods for a in METHODS[m]}
-        for a in self.alignments:
-            need(a in known, f"alignment {a!r} exists for none of the methods {', '.join(self.methods)} "
-                             f"(theirs: {', '.join(sorted(known))})")
-        need(self.general_scoring in SCORINGS, f"general_scoring must be one of {', '.join(SCORINGS)}")
-        for t in self.general_tasks:
-            need(t in TASKS, f"unknown general task {t!r}; expected some of {', '.join(TASKS)}")
-        for name in ("general_every", "general_n", "retention_every", "drift_windows", "fluency_n", "seed"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.drift_window >= 2 and self.eval_batch_rows >= 1 and self.fluency_tokens >= 2,
-             "drift_window and fluency_tokens must be >= 2 and eval_batch_rows >= 1")
-        need(self.layout in ("knowedit", "rome"), f"layout must be knowedit or rome, got {self.layout!r}")
-        need(self.zsre_target in ("answers", "alt"), f"zsre_target must be answers or alt, got {self.zsre_target!r}")
-
-    def settings(self) -> dict[str, Any]:
-        """What fixes the numbers: every field but the configurations requested (those may grow
-        between reruns in one folder), with ``split`` resolved. JSON-safe."""
-        d = dataclasses.asdict(self)
-        for k in ("methods", "alignments", "modes"):
-            d.pop(k)
-        d["split"] = self.resolved_split()
-        d["general_tasks"] = list(self.general_tasks)
-        d["overrides"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.overrides.items())
-                          if v is not None}
-        return d
-
-
-def _union(old: list, new) -> list:
-    """``old`` followed by the items of ``new`` it lacks, in order."""
-    return list(old) + [x for x in new if x not in old]
-
-
-def plan(config: EvalConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """The configurations to evaluate, in order, and those skipped with the reason.
-
-    Each entry is ``{"label", "method", "alignment", "mode", "same_as"}``; ``same_as`` names an earlier
-    configuration whose numbers are reused because the run would be identical (OTE naive vs aligned
-    for memit/alphaedit), else ``None``.
-    """
-    runs, skipped, labels = [], [], set()
-    for m in dict.fromkeys(config.methods):
-        # the registry's order (aligned first), so an OTE naive run can point at the aligned one
-        for a in [a for a in METHODS[m] if a in config.alignments]:
-            for mode in [x for x in MODES if x in config.modes]:
-                label = f"{m}/{a}/{mode}"
-                same = None
-                if mode == "ote" and a == "naive" and m in _OTE_SAME_AS_ALIGNED and f"{m}/aligned/ote" in labels:
-                    same = f"{m}/aligned/ote"
-                runs.append({"label": label, "method": m, "alignment": a, "mode": mode, "same_as": same})
-                labels.add(label)
-        for a in config.alignments:
-            if a not in METHODS[m]:
-                skipped.append({"config": f"{m}/{a}", "reason": f"{m} has no {a!r} form (it has {', '.join(METHODS[m])})"})
-    return runs, skipped
-
-
-def _versions() -> dict[str, Any]:
-    import numpy
-    import transformers
-
-    from .. import __version__
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "seqedit": __version__, "git_commit": commit, "python": platform.python_version(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
-        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-    }
-
-
-def _weights_sha(base: dict[int, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for layer in sorted(base):
-        h.update(str(layer).encode())
-        h.update(base[layer].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{final_weights_sha256: (label, final metrics)}`` of the done configurations that scored their
-    own final model (the first such one per sha)."""
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
-    for label, c in configs.items():
-        if c.get("status") == "done" and c.get("final_weights_sha256") and not c.get("final_reused_from"):
-            out.setdefault(c["final_weights_sha256"], (label, c["final"]))
-    return out
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class _Store:
-    """``results.json`` under ``folder``: loaded if present (settings must match), rewritten atomically."""
-
-    def __init__(self, folder: Path, settings: dict[str, Any]):
-        self.path = folder / "results.json"
-        if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text("utf-8"))
-            except json.JSONDecodeError as e:
-                raise EvalSettingsError(f"{self.path} is not valid JSON ({e}); move it away to start afresh") from None
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise EvalSettingsError(f"{self.path} is not a {FORMAT} results file; use another output folder")
-            old = data.get("settings", {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if diff:
-                shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:6])
-                raise EvalSettingsError(
-                    f"{folder} holds results of other settings ({shown}); use another --out folder "
-                    "(results of different settings are never mixed)"
-                )
-            self.data = data
-        else:
-            self.data = {"format": FORMAT, "settings": settings, "configs": {}, "runs": []}
-
-    def write(self) -> None:
-        atomic_write_json(self.path, self.data)
-
+__all__ = ["run_eval"]
 
 def _step_dict(report) -> dict[str, Any]:
     d = report.to_dict()
@@ -257,7 +45,8 @@ def _step_dict(report) -> dict[str, Any]:
 class _Run:
     """State shared by the configurations of one ``run_eval`` call."""
 
-    def __init__(self, config: EvalConfig, loaded, hp, selection: Selection, folder: Path, progress: Progress):
+    def __init__(self, config: EvalConfig, loaded, hp, selection: Selection, folder: Path,
+                 progress: ProgressCallback | None):
         self.cfg, self.lm, self.hp, self.sel, self.folder, self.progress = config, loaded, hp, selection, folder, progress
         self.facts: list[Fact] = selection.facts
         self.base = {l: loaded.adapter.weight(l).detach().clone() for l in hp.layers}
@@ -265,8 +54,7 @@ class _Run:
         self._targets = None
 
     def say(self, what: str) -> None:
-        if self.progress:
-            self.progress(f"status:{what}", 0, None)
+        emit(self.progress, ProgressEvent(Phase.STATUS, message=what))
 
     def restore(self) -> None:
         for layer, w in self.base.items():
@@ -282,8 +70,8 @@ class _Run:
             self.restore()
             templates = context_templates(self.lm, hp.n_context_templates, hp.context_template_len, hp.template_seed)
             self.say("target values on the unedited model")
-            cb = (lambda k: self.progress("values", k, len(self.facts))) if self.progress else None
-            self._targets = frozen_targets(self.lm, self.facts, templates, hp, progress=cb)
+            emit(self.progress, ProgressEvent(Phase.VALUES, total=len(self.facts), start=True))
+            self._targets = frozen_targets(self.lm, self.facts, templates, hp, progress=counter(self.progress, Phase.VALUES))
         return self._targets
 
     # ---------------------------------------------------------------- measurements
@@ -341,29 +129,26 @@ class _Run:
         targets = self.targets() if frozen else None
         self.restore()
         t_start = time.perf_counter()
-        editor = Editor(self.lm, method=method, mode=MODES[mode], alignment=alignment, hparams=self.hp,
-                        stats_corpus=c.stats_corpus)
-        bounds = [(0, n)] if mode == "ote" else [(lo, min(lo + c.batch_size, n)) for lo in range(0, n, c.batch_size)]
         steps, curve, retention = [], [], []
-        edit_s = eval_s = 0.0
-        for t, (lo, hi) in enumerate(bounds, start=1):
-            self.say(f"step {t}/{len(bounds)}")
-            t0 = time.perf_counter()
-            report = editor.apply(self.facts[lo:hi], self.progress,
-                                  values=targets.value_result(lo, hi) if frozen else None)
-            edit_s += time.perf_counter() - t0
-            steps.append(_step_dict(report))
-            if self.progress:
-                self.progress("steps", 1, len(bounds))
-            t0 = time.perf_counter()
-            if t < len(bounds) and c.general_every and t % c.general_every == 0:
-                curve.append({"step": t, "edits": hi, **self.capability()})
-            if t < len(bounds) and c.retention_every and t % c.retention_every == 0:
-                retention.append({"step": t, "edits": hi, **self.edit(self.facts[:hi])})
-            eval_s += time.perf_counter() - t0
+        eval_s = 0.0
+
+        class Measure:  # between steps: the curves (the final model is scored below, after finalize)
+            def on_step_end(_, editor: Editor, report: StepReport, at: RunPosition) -> None:
+                nonlocal eval_s
+                steps.append(_step_dict(report))
+                t0 = time.perf_counter()
+                if not at.last and c.general_every and at.step % c.general_every == 0:
+                    curve.append({"step": at.step, "edits": at.edited, **self.capability()})
+                if not at.last and c.retention_every and at.step % c.retention_every == 0:
+                    retention.append({"step": at.step, "edits": at.edited, **self.edit(self.facts[:at.edited])})
+                eval_s += time.perf_counter() - t0
+
+        editor = Editor(self.lm, method=method, mode=MODES[mode], alignment=alignment, hparams=self.hp,
+                        stats_corpus=c.stats_corpus, callbacks=[Measure()])
+        self.say("editing")
         t0 = time.perf_counter()
-        editor.finalize()
-        edit_s += time.perf_counter() - t0
+        editor.run(self.facts, c.batch_size, self.progress, values=targets if frozen else None)
+        edit_s = time.perf_counter() - t0 - eval_s
         t0 = time.perf_counter()
         # Bit-identical weights give bit-identical scores, so such a final model is scored once (e.g. a
         # one-step SE and its OTE; over several steps SE reads keys on the edited model and differs).
@@ -371,9 +156,9 @@ class _Run:
         hit = scored.get(sha)
         reused_from, final = hit if hit else (None, self.final())
         eval_s += time.perf_counter() - t0
-        curve.append({"step": len(bounds), "edits": n, "general": final["general"], "drift": final["drift"]})
+        curve.append({"step": len(steps), "edits": n, "general": final["general"], "drift": final["drift"]})
         if c.retention_every:
-            retention.append({"step": len(bounds), "edits": n, **final["edit"]})
+            retention.append({"step": len(steps), "edits": n, **final["edit"]})
         setup = dict(editor.setup_seconds)
         del editor
         gc.collect()
@@ -381,17 +166,11 @@ class _Run:
         return {
             "method": method, "alignment": alignment, "mode": mode, "same_as": None,
             "values": "original (frozen, unedited model)" if frozen else "current (optimised on the edited model)",
-            "n_steps": len(bounds), "steps": steps, "final": final, "curve": curve, "retention": retention,
+            "n_steps": len(steps), "steps": steps, "final": final, "curve": curve, "retention": retention,
             "final_weights_sha256": sha, "final_reused_from": reused_from,
             "seconds": {"setup": setup, "edit": edit_s, "mean_step": sum(step_totals) / len(step_totals),
                         "evaluation": eval_s, "total": time.perf_counter() - t_start},
         }
-
-
-def check_out_dir(config: EvalConfig, out_dir: str | Path) -> None:
-    """Raise :class:`EvalSettingsError` if ``config`` is invalid or ``out_dir`` holds other settings' results."""
-    config.validate()
-    _Store(Path(out_dir), config.settings())
 
 
 def _load_model(config: EvalConfig, loaded):
@@ -402,19 +181,21 @@ def _load_model(config: EvalConfig, loaded):
     return load_model(config.model)
 
 
-def run_eval(config: EvalConfig, out_dir: str | Path, progress: Progress = None, *, loaded=None) -> dict[str, Any]:
+def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback | None = None, *,
+             loaded=None) -> dict[str, Any]:
     """Run (or resume) the evaluation ``config`` into ``out_dir``; returns the results dict.
 
     ``loaded`` is an already loaded model to use instead of loading ``config.model`` (its name and
-    base-weight fingerprint are recorded and checked on resume). ``progress(phase, advance, total)``
-    gets the editor's phases plus ``configs``, ``steps`` and ``status:<what is running>``.
+    base-weight fingerprint are recorded and checked on resume). ``progress`` receives
+    :class:`~seqedit.progress.ProgressEvent` s: the editor's phases plus ``CONFIGS``, ``STEPS`` and
+    ``STATUS`` messages saying what is running.
     """
     from ..models.presets import preset_for
 
     config.validate()
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    store = _Store(folder, config.settings())  # a settings clash fails before any slow work
+    store = ResultsStore(folder, config.settings())  # a settings clash fails before any slow work
     selection = select_facts(
         config.dataset, config.n, config.seed, layout=config.layout, split=config.resolved_split(),
         zsre_file=config.zsre_file, zsre_target=config.zsre_target, path=config.facts_path,
@@ -464,6 +245,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: Progress = None,
         else:
             data["baseline"] = run.baseline()
         store.write()
+        emit(progress, ProgressEvent(Phase.CONFIGS, total=len(runs), start=True))
         for r in runs:
             label = r["label"]
             if data["configs"].get(label, {}).get("status") == "done":
@@ -478,8 +260,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: Progress = None,
                 this_run["ran"].append(label)
             this_run["wall_seconds"] = time.perf_counter() - t_run
             store.write()
-            if progress:
-                progress("configs", 1, len(runs))
+            emit(progress, ProgressEvent(Phase.CONFIGS, advance=1, total=len(runs)))
     finally:
         run.restore()
     this_run["finished"] = _now()

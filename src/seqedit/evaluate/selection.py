@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SeqEditError
-from ..facts import Fact, counterfact_path, load_facts, zsre_path
+from ..datasets import load_facts
+from ..facts import Fact
+from ..shared_data import counterfact_path, zsre_path
 
 __all__ = ["DATASETS", "Selection", "select_facts"]
 

@@ -1,20 +1,24 @@
-"""Durable sequential editing: the ledger directory, its planning and exact linear algebra, export.
+"""Durable sequential editing: the ledger directory, the planning of its steps, restore, verify, export.
 
-``store`` (SQLite journal + safetensors files, atomic commits), ``ops`` (which methods support which
-operations; planning of apply / forget / undo; per-layer add/remove updates), ``session`` (the
-editor's side: reopen, forget, undo, verify), ``export`` (HF directory or weight deltas + loader).
-See ``docs/ledger.md``.
+``store`` (SQLite journal + safetensors files, atomic commits, recovery), ``tensorio`` (tensor files),
+``manifest`` (what a ledger was built on, and the refusals to continue it otherwise), ``plan`` (apply /
+forget / undo against the facts in force), ``session`` (a ledger journalling a
+:class:`~seqedit.bank.LayerBank`: commit, restore by snapshot + exact replay, forget, undo),
+``verify`` (re-solve and compare), ``export`` (HF directory or weight deltas + loader). Nothing here
+needs an editor. See ``docs/ledger.md``.
 """
 
 from .export import apply_delta, load_delta
-from .session import VerifyReport
+from .session import LedgerSession
 from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, StepRecord
+from .verify import VerifyReport
 
 __all__ = [
     "FactRow",
     "Ledger",
     "LedgerCorruptError",
     "LedgerError",
+    "LedgerSession",
     "StepRecord",
     "VerifyReport",
     "apply_delta",

@@ -13,15 +13,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .store import LedgerError
-
-if TYPE_CHECKING:
-    from ..editor import Editor
+from ..bank import LayerBank
+from ..models.load import LoadedModel, load_model
+from .store import Ledger, LedgerError
 
 __all__ = ["apply_delta", "export_delta", "export_model", "load_delta"]
 
@@ -84,8 +83,7 @@ def _publish(tmp: Path, path: Path) -> Path:
     return path
 
 
-def _provenance(editor: Editor) -> dict[str, Any]:
-    L = editor.ledger
+def _provenance(L: Ledger) -> dict[str, Any]:
     man = L.manifest
     return {
         "base": {k: man["base"][k] for k in ("name", "fingerprint", "dtype")},
@@ -96,35 +94,36 @@ def _provenance(editor: Editor) -> dict[str, Any]:
     }
 
 
-def export_model(editor: Editor, path: str | os.PathLike) -> Path:
-    """Save the live model (``save_pretrained``, safetensors) and tokenizer to ``path``."""
+def export_model(lm: LoadedModel, ledger: Ledger, path: str | os.PathLike) -> Path:
+    """Save the live model (``save_pretrained``, safetensors) and tokenizer to ``path``, with the
+    provenance of ``ledger``'s last step."""
     path = Path(path)
     tmp = _fresh_dir(path)
     try:
-        lm = editor.loaded
         lm.model.save_pretrained(tmp, safe_serialization=True)
         lm.tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(_provenance(editor), indent=2) + "\n")
+        (tmp / PROVENANCE).write_text(json.dumps(_provenance(ledger), indent=2) + "\n")
         return _publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_delta(editor: Editor, path: str | os.PathLike, dtype: str = "float32") -> Path:
-    """Save ``W − W₀`` of every edited matrix (``dtype`` float32 or float64) and the loader to ``path``."""
+def export_delta(lm: LoadedModel, bank: LayerBank, ledger: Ledger, path: str | os.PathLike,
+                 dtype: str = "float32") -> Path:
+    """Save ``W − W₀`` of every matrix in ``bank`` (``dtype`` float32 or float64), named as in ``lm``'s
+    ``state_dict``, and the loader to ``path``."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"delta dtype must be float32 or float64, got {dtype!r}")
     path = Path(path)
     tmp = _fresh_dir(path)
     try:
-        lm = editor.loaded
         conv1d = lm.adapter.spec.conv1d
         tensors = {}
-        for l in editor.hparams.layers:
-            d = editor.delta(l).to(getattr(torch, dtype))
+        for l in bank.layers:
+            d = bank.delta(l).to(getattr(torch, dtype))
             tensors[f"{lm.adapter.ffn_out_name(l)}.weight"] = (d.T if conv1d else d).contiguous().cpu()
         save_file(tensors, str(tmp / DELTA_FILE))
-        meta = {**_provenance(editor), "dtype": str(lm.dtype).removeprefix("torch."), "delta_dtype": dtype}
+        meta = {**_provenance(ledger), "dtype": str(lm.dtype).removeprefix("torch."), "delta_dtype": dtype}
         (tmp / DELTA_META).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "apply_delta.py").write_text(_LOADER)
         return _publish(tmp, path)
@@ -160,6 +159,4 @@ def apply_delta(model: Any, delta_dir: str | os.PathLike, *, check_fingerprint: 
 
 def load_delta(base: str, delta_dir: str | os.PathLike, **kwargs: Any) -> Any:
     """``seqedit.load_model(base, **kwargs)`` with the deltas of ``delta_dir`` applied."""
-    from ..models.load import load_model
-
     return apply_delta(load_model(base, **kwargs), delta_dir)

@@ -1,254 +1,194 @@
-"""The editor's side of a ledger: manifest checks, restore on reopen (snapshot + exact replay),
-forget/undo steps, and ``verify``. Functions take the :class:`~seqedit.Editor` whose per-layer states,
-float64 masters and base weights ``w0`` they read and update."""
+"""A ledger bound to a layer bank: every change to the bank's layers is journalled, and a reopened
+ledger restores the bank to its last committed step (newest snapshot, then an exact replay).
+
+:class:`LedgerSession` is what an editor holds when it is durable. It plans steps against the facts in
+force (:mod:`~seqedit.ledger.plan`), solves each layer from per-fact constraints rounded to the storage
+dtype (so a replay from the stored tensors repeats the exact float operations), commits, and runs
+forget / undo / verify. It needs a :class:`~seqedit.bank.LayerBank`, never an editor.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
-from ..methods import LayerMethodState, MethodSpec
-from ..models.presets import EditHParams
-from . import ops
-from .store import FactRow, LedgerCorruptError, LedgerError, StepRecord
+from ..bank import LayerBank
+from ..facts import Fact
+from ..methods import MethodSpec
+from . import tensorio
+from .plan import Plan, plan_apply, plan_forget, plan_undo
+from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, StepRecord
+from .verify import VerifyReport, verify
 
-if TYPE_CHECKING:
-    from ..editor import Editor
-    from ..models.load import LoadedModel
+__all__ = ["Constraints", "LedgerSession", "check_journalable"]
 
-__all__ = ["VerifyReport", "execute", "manifest", "reconcile", "restore", "snapshot_due", "verify"]
-
-KV_DTYPES = ("float64", "float32")
-# Hyperparameters that define the objective of the stored facts; the others only shape future steps.
-_OBJECTIVE_HPARAMS = ("layers", "lam", "ridge")
+Constraints = dict[int, tuple[Tensor, Tensor]]  # layer -> (K: [d_in, n], V: [d_out, n]) as stored
 
 
-def w0_digest(W: Tensor) -> str:
-    return hashlib.sha256(W.detach().to(torch.float64).cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def manifest(editor: Editor, kv_dtype: str, snapshot_every: int) -> dict[str, Any]:
-    from .. import __version__
-
-    lm, hp = editor.loaded, editor.hparams
-    return {
-        "format": "seqedit-ledger",
-        "seqedit_version": __version__,
-        "created": time.time(),
-        "base": {
-            "name": lm.name,
-            "fingerprint": lm.fingerprint,
-            "cache_key": lm.cache_key,
-            "dtype": str(lm.dtype).removeprefix("torch."),
-            "w0_sha256": {str(l): w0_digest(lm.adapter.weight(l)) for l in hp.layers},
-        },
-        "method": editor.spec.to_dict(),
-        "method_label": editor.spec.label,
-        "hparams": hp.to_dict(),
-        "stats_corpus": str(editor.stats_corpus) if editor.stats_corpus else None,
-        "seeds": {"template_seed": hp.template_seed, "stats_seed": 0},
-        "kv_dtype": kv_dtype,
-        "snapshot_every": snapshot_every,
-    }
-
-
-def reconcile(man: dict, loaded: LoadedModel, spec: MethodSpec | None, hp: EditHParams | None,
-              overrides: dict[str, Any], path: Any) -> tuple[MethodSpec, EditHParams]:
-    """The method and hyperparameters to continue ledger ``man`` with; refuses another base model,
-    method, or objective hyperparameters (``layers``, ``lam``, ``ridge``)."""
-    base = man["base"]
-    if loaded.fingerprint != base["fingerprint"]:
+def check_journalable(spec: MethodSpec) -> None:
+    """Refuse forms with an end-of-run update: a ledger stays open, so there is no end of run."""
+    if spec.capabilities.finalize:
+        others = [f"{spec.name}/{a}" for a, f in spec.info.forms.items() if not f.capabilities.finalize]
         raise LedgerError(
-            f"ledger {path} was built on base model {base['name']!r} (fingerprint {base['fingerprint'][:16]}…); "
-            f"the model given is {loaded.name!r} (fingerprint {loaded.fingerprint[:16]}…): load that base model"
+            f"{spec.label} {spec.form.doc or 'applies an end-of-run update'} (finalize), which has "
+            f"no meaning for a ledger that stays open" + (f"; use {' or '.join(others)}" if others else "")
         )
-    stored_spec = MethodSpec(**man["method"])
-    if spec is not None and spec != stored_spec:
-        raise LedgerError(
-            f"ledger {path} edits with {stored_spec.label} {man['method']}; refusing to continue it with "
-            f"{spec.label} {spec.to_dict()} (omit method= to use the ledger's)"
-        )
-    stored_hp = EditHParams(**man["hparams"])
-    wanted = (hp or stored_hp).override(**overrides)
-    diff = [f"{k}: ledger {getattr(stored_hp, k)!r}, given {getattr(wanted, k)!r}"
-            for k in _OBJECTIVE_HPARAMS if getattr(wanted, k) != getattr(stored_hp, k)]
-    if diff:
-        raise LedgerError(f"ledger {path} was built with other hyperparameters ({'; '.join(diff)})")
-    for l in wanted.layers:
-        if w0_digest(loaded.adapter.weight(l)) != base["w0_sha256"][str(l)]:
-            raise LedgerError(
-                f"layer {l} of the model differs from the ledger's base weights although the fingerprint "
-                "matches: was this model object already edited? Load a fresh base model"
-            )
-    return stored_spec, wanted
 
 
-def snapshot_due(editor: Editor, step: int) -> bool:
-    # Methods without exact removal restore their previous state for undo, so they snapshot every step.
-    return editor.capabilities.removal == "none" or step % editor.ledger_snapshot_every == 0
+class LedgerSession:
+    """``ledger`` (open for writing) journalling ``bank``; ``kv_dtype`` is the storage precision of the
+    per-fact keys and values, ``snapshot_every`` the steps between snapshots of the bank."""
 
+    def __init__(self, ledger: Ledger, bank: LayerBank, kv_dtype: str, snapshot_every: int) -> None:
+        check_journalable(bank.spec)
+        self.ledger = ledger
+        self.bank = bank
+        self.kv_dtype = tensorio.as_dtype(kv_dtype)
+        self.snapshot_every = snapshot_every
 
-def snapshot_of(editor: Editor) -> dict[int, dict]:
-    return {l: {"state": s.state_dict(), "master": editor.master[l]} for l, s in editor.states.items()}
+    @property
+    def spec(self) -> MethodSpec:
+        return self.bank.spec
 
+    def open(self) -> Ledger:
+        """The ledger, or an error if it was closed."""
+        if self.ledger.conn is None:
+            raise LedgerError("this editor's ledger was closed; reopen it with Editor(model, ledger=...)")
+        return self.ledger
 
-def _load_state(editor: Editor, step: int) -> None:
-    """States and masters as saved after ``step`` (``0``: the initial state)."""
-    if step == 0:
-        editor._init_states(editor.sigma0)
-        return
-    snap = editor.ledger.snapshot(step, editor.hparams.layers)
-    for l, s in snap.items():
-        editor.states[l] = LayerMethodState.from_state_dict(s["state"])
-        editor.master[l] = s["master"].to(torch.float64)
-        editor.loaded.adapter.set_weight(l, editor.master[l])
+    # ------------------------------------------------------------------ Σ₀ and restore
+    def sigma0(self) -> dict[int, Tensor] | None:
+        return self.ledger.sigma0(self.bank.layers)
 
+    def store_sigma0(self, sigma0: dict[int, Tensor]) -> None:
+        self.ledger.store_sigma0(sigma0)
 
-def _set(editor: Editor, layer: int, state: LayerMethodState, W: Tensor) -> None:
-    editor.states[layer] = state
-    editor.master[layer] = W
-    editor.loaded.adapter.set_weight(layer, W)
+    def restore(self) -> None:
+        """Bring the bank (freshly initialised on the base weights) to the last committed step."""
+        L = self.ledger
+        snaps = L.snapshot_steps()
+        start = snaps[-1] if snaps else 0
+        if start:
+            self._load_step(start)
+        for s in range(start + 1, L.last_step + 1):
+            rec = L.step(s)
+            if self.bank.capabilities.removal == "none" and rec.kind != "apply" and rec.target - 1 not in (0, *snaps):
+                raise LedgerCorruptError(f"ledger {L.path}: no snapshot to replay undo step {s}")
+            self._replay(rec)
 
+    def _load_step(self, step: int) -> None:
+        """The bank as saved after ``step`` (``0``: the initial state)."""
+        self.bank.load(None if step == 0 else self.ledger.snapshot(step, self.bank.layers))
 
-def _run_columns(editor: Editor, add: list[FactRow], remove: list[FactRow],
-                 rebuild_from: list[FactRow] | None = None) -> dict[int, float]:
-    """Add the stored columns of ``add`` and remove those of ``remove`` in every layer (exact update),
-    or, with ``rebuild_from`` (memorize_latest), re-solve those facts from the base weights.
-    Returns ‖Δ_ℓ‖_F per layer."""
-    L, spec, hp = editor.ledger, editor.spec, editor.hparams
-    norms: dict[int, float] = {}
-    if rebuild_from is not None:
-        kv = L.kv(rebuild_from, hp.layers)
-        for l in hp.layers:
-            before = editor.master[l]
-            _set(editor, l, *ops.one_time(spec, editor.sigma0[l], hp.lam, editor.w0[l], *kv[l]))
-            norms[l] = float((editor.master[l] - before).norm())
-        return norms
-    if not add and not remove:
-        return norms
-    kv_a, kv_r = L.kv(add, hp.layers), L.kv(remove, hp.layers)
-    for l in hp.layers:
-        delta = ops.layer_update(editor.states[l], editor.master[l], *kv_a[l], *kv_r[l])
-        editor._write(l, delta)
-        norms[l] = float(delta.norm())
-    return norms
-
-
-def replay(editor: Editor, rec: StepRecord) -> None:
-    """Redo committed step ``rec`` from the stored (k, v): no value optimisation, and the same float
-    operations as when it was first run."""
-    L, caps = editor.ledger, editor.capabilities
-    add, remove = L.rows_added(rec.id), L.rows_removed(rec.id)
-    if rec.kind == "apply":
-        # memorize_latest's removal of the previous batch is implicit in its step()
-        _run_columns(editor, add, remove if caps.removal == "system" else [])
-    elif caps.removal == "none":
-        _load_state(editor, rec.target - 1)
-    elif caps.removal == "rebuild":
-        _run_columns(editor, [], [], rebuild_from=L.in_force_after(rec.id))
-    else:
-        _run_columns(editor, add, remove)
-
-
-def restore(editor: Editor) -> None:
-    """Bring a freshly loaded base model to the ledger's last committed step: the newest snapshot, then
-    an exact replay of the steps after it."""
-    L = editor.ledger
-    last = L.last_step
-    snaps = L.snapshot_steps()
-    start = snaps[-1] if snaps else 0
-    if start:  # else the editor's fresh states are the initial state
-        _load_state(editor, start)
-    for s in range(start + 1, last + 1):
-        rec = L.step(s)
-        if editor.capabilities.removal == "none" and rec.kind != "apply" and rec.target - 1 not in (0, *snaps):
-            raise LedgerCorruptError(f"ledger {L.path}: no snapshot to replay undo step {s}")
-        replay(editor, rec)
-
-
-def execute(editor: Editor, plan: ops.Plan) -> StepRecord:
-    """Run and commit a forget or undo ``plan`` (all-or-nothing)."""
-    L = editor.ledger
-    caps = editor.capabilities
-    sec: dict[str, float] = {}
-    with editor._transaction():
-        t = time.perf_counter()
-        if caps.removal == "none":  # undo of the latest step: the state saved before it
-            _load_state(editor, plan.target - 1)
-            norms: dict[int, float] = {}
+    def _replay(self, rec: StepRecord) -> None:
+        """Redo committed step ``rec`` from the stored (k, v): no value optimisation, and the same float
+        operations as when it was first run."""
+        L, caps = self.ledger, self.bank.capabilities
+        add, remove = L.rows_added(rec.id), L.rows_removed(rec.id)
+        if rec.kind == "apply":
+            # memorize_latest's removal of the previous batch is implicit in its step()
+            self._columns(add, remove if caps.removal == "system" else [])
+        elif caps.removal == "none":
+            self._load_step(rec.target - 1)
+        elif caps.removal == "rebuild":
+            self._rebuild(L.in_force_after(rec.id))
         else:
-            rebuild = None
-            if caps.removal == "rebuild":  # the facts in force afterwards, in the order replay reads them
+            self._columns(add, remove)
+
+    def _columns(self, add: list[FactRow], remove: list[FactRow]) -> dict[int, float]:
+        """Add the stored columns of ``add`` and remove those of ``remove`` in every layer (exact update);
+        returns ‖Δ_ℓ‖_F per layer."""
+        norms: dict[int, float] = {}
+        if not add and not remove:
+            return norms
+        bank, layers = self.bank, self.bank.layers
+        kv_a, kv_r = self.ledger.kv(add, layers), self.ledger.kv(remove, layers)
+        for l in layers:
+            delta = bank.update(l, *kv_a[l], *kv_r[l])
+            bank.write(l, delta)
+            norms[l] = float(delta.norm())
+        return norms
+
+    def _rebuild(self, rows: list[FactRow]) -> dict[int, float]:
+        """Re-solve ``rows`` from the base weights in every layer (memorize_latest)."""
+        kv = self.ledger.kv(rows, self.bank.layers)
+        norms: dict[int, float] = {}
+        for l in self.bank.layers:
+            before = self.bank.master[l]
+            self.bank.replace(l, *self.bank.one_time(l, *kv[l]))
+            norms[l] = float((self.bank.master[l] - before).norm())
+        return norms
+
+    # ------------------------------------------------------------------ apply
+    def plan_apply(self, facts: Sequence[Fact]) -> Plan:
+        return plan_apply(facts, self.open().in_force(), self.spec)
+
+    def removed_kv(self, plan: Plan) -> Constraints | None:
+        """Stored (K, V) per layer of the facts ``plan`` replaces (exact-removal forms only; memorize_latest
+        removes its previous batch inside its own step)."""
+        if not plan.remove or self.bank.capabilities.removal != "system":
+            return None
+        return self.ledger.kv(plan.remove, self.bank.layers)
+
+    def solve_layer(self, layer: int, K: Tensor, V: Tensor, removed: Constraints | None,
+                    constraints: Constraints) -> Tensor:
+        """``Δ`` for ``layer`` from ``K: [d_in, n]`` and absolute targets ``V: [d_out, n]`` rounded to the
+        storage dtype first (recorded in ``constraints``), removing the replaced facts' columns."""
+        Ks, Vs = K.to(self.kv_dtype), V.to(self.kv_dtype)
+        constraints[layer] = (Ks.cpu(), Vs.cpu())
+        Kr, Vr = removed[layer] if removed else (None, None)
+        return self.bank.update(layer, Ks.double(), Vs.double(), Kr, Vr)
+
+    def commit_apply(self, facts: list[Fact], plan: Plan, constraints: Constraints,
+                     update_norms: dict[int, float], hparams: dict[str, Any]) -> StepRecord:
+        L = self.ledger
+        info = {"update_norms": {str(k): v for k, v in update_norms.items()}, "hparams": hparams}
+        return L.commit("apply", add=facts, kv=constraints, remove=plan.remove, info=info,
+                        snapshot=self._snapshot_if_due(L.last_step + 1))
+
+    def _snapshot_if_due(self, step: int) -> dict[int, dict] | None:
+        # Forms without exact removal restore their previous state for undo, so they snapshot every step.
+        if self.bank.capabilities.removal == "none" or step % self.snapshot_every == 0:
+            return self.bank.snapshot()
+        return None
+
+    # ------------------------------------------------------------------ forget, undo, verify
+    def forget(self, ids: Sequence[str]) -> StepRecord:
+        return self._execute(plan_forget(ids, self.open().in_force(), self.spec))
+
+    def undo(self, step_id: int) -> StepRecord:
+        L = self.open()
+        rec = L.step(step_id)
+        plan = plan_undo(rec, L.last_step, L.rows_added(step_id), L.rows_removed(step_id), L.in_force(), self.spec)
+        return self._execute(plan)
+
+    def _execute(self, plan: Plan) -> StepRecord:
+        """Run and commit a forget or undo ``plan`` (all-or-nothing)."""
+        L, caps = self.ledger, self.bank.capabilities
+        sec: dict[str, float] = {}
+        with self.bank.transaction():
+            t = time.perf_counter()
+            if caps.removal == "none":  # undo of the latest step: the state saved before it
+                self._load_step(plan.target - 1)
+                norms: dict[int, float] = {}
+            elif caps.removal == "rebuild":  # the facts in force afterwards, in the order replay reads them
                 leaving = {r.row for r in plan.remove}
-                rebuild = [r for r in L.in_force() if r.row not in leaving] + plan.readd
-            norms = _run_columns(editor, plan.readd, plan.remove, rebuild)
-        sec["solve"] = time.perf_counter() - t
-        t = time.perf_counter()
-        step = L.last_step + 1
-        info = {"update_norms": {str(k): v for k, v in norms.items()}, "seconds": sec}
-        rec = L.commit(plan.kind, readd=plan.readd, remove=plan.remove, target=plan.target, info=info,
-                       snapshot=snapshot_of(editor) if snapshot_due(editor, step) else None)
-        sec["commit"] = time.perf_counter() - t
-    return rec
+                norms = self._rebuild([r for r in L.in_force() if r.row not in leaving] + plan.readd)
+            else:
+                norms = self._columns(plan.readd, plan.remove)
+            sec["solve"] = time.perf_counter() - t
+            t = time.perf_counter()
+            info = {"update_norms": {str(k): v for k, v in norms.items()}, "seconds": sec}
+            rec = L.commit(plan.kind, readd=plan.readd, remove=plan.remove, target=plan.target, info=info,
+                           snapshot=self._snapshot_if_due(L.last_step + 1))
+            sec["commit"] = time.perf_counter() - t
+        return rec
 
+    def verify(self, tol: float = 1e-8) -> VerifyReport:
+        return verify(self.bank, self.open(), tol)
 
-# ------------------------------------------------------------------------------------------- verify
+    def in_force(self) -> list[FactRow]:
+        return self.open().in_force()
 
-
-@dataclass
-class VerifyReport:
-    """``layers[ℓ]``: ``rel_error`` = ‖W_live − W_OTE‖_F / ‖W_OTE − W₀‖_F (``None`` for methods whose
-    weights are not a one-time solution) and ``deployed_matches`` (the model holds the float64 master
-    cast to its dtype). ``bad_files``: (name, problem). ``ok`` when all pass with ``rel_error ≤ tol``."""
-
-    ok: bool
-    tol: float
-    method: str
-    exact: bool
-    n_facts: int
-    steps: int
-    files_checked: int
-    bad_files: list[tuple[str, str]]
-    layers: dict[int, dict[str, Any]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = {str(k): v for k, v in self.layers.items()}
-        d["bad_files"] = [list(b) for b in self.bad_files]
-        return d
-
-
-def verify(editor: Editor, tol: float = 1e-8) -> VerifyReport:
-    """Re-solve the one-time problem from the stored (k, v) of the facts in force and the base
-    weights, compare with the live weights per layer, and check every file's checksum."""
-    t0 = time.perf_counter()
-    L, spec, hp = editor.ledger, editor.spec, editor.hparams
-    editor._ensure_state()
-    bad = L.check_files()
-    rows = L.in_force()
-    caps = editor.capabilities
-    kv = L.kv(rows, hp.layers) if caps.exact and not bad else {}
-    layers: dict[int, dict[str, Any]] = {}
-    for l in hp.layers:
-        W = editor.master[l]
-        entry: dict[str, Any] = {
-            "deployed_matches": bool(torch.equal(editor.loaded.adapter.weight(l), W.to(editor.loaded.dtype)))
-        }
-        if kv:
-            _, W_ote = ops.one_time(spec, editor.sigma0[l], hp.lam, editor.w0[l], *kv[l])
-            scale = float((W_ote - editor.w0[l]).norm()) or float(editor.w0[l].norm())
-            entry["rel_error"] = float((W - W_ote).norm()) / scale
-        else:
-            entry["rel_error"] = None
-        layers[l] = entry
-    ok = not bad and all(e["deployed_matches"] and (e["rel_error"] is None or e["rel_error"] <= tol) for e in layers.values())
-    if caps.exact and bad:
-        ok = False
-    return VerifyReport(ok, tol, spec.label, caps.exact, len(rows), L.last_step, L.file_count(), bad, layers,
-                        time.perf_counter() - t0)

@@ -1,13 +1,26 @@
 """Pure float64 linear algebra of seqedit: tensors in, tensors out; knows nothing of models.
 
-``LayerSystem`` (normal equations of one edited layer) and the kernels behind it in ``solvers``;
-the method operators (AlphaEdit's null space, PRUNE / RECT, Algorithm 1's error compensation) in
-``regularizers``.
+- ``normal_eq``: ``LayerSystem``, the normal equations of one edited layer; ``solvers``: its kernels.
+- ``nullspace``: AlphaEdit's ``NullSpace`` and reduced r×r ``AlphaEditSystem``.
+- ``postprocess``: the post-processors R_p of PRUNE and RECT (``prune``, ``rect``, ``PostProcessor``).
+- ``compensation``: ``ErrorCompensation``, Algorithm 1's carried error.
+- ``checks``: ``real``, the float validator (and the shape checks the modules share);
+  ``system_base``: the update skeleton ``LayerSystem`` and ``AlphaEditSystem`` share.
 """
 
-from seqedit.linalg import normal_eq, regularizers, solvers
-from seqedit.linalg.normal_eq import *  # noqa: F403  (the names are listed in each module's __all__)
-from seqedit.linalg.regularizers import *  # noqa: F403
+from seqedit.linalg import checks, compensation, normal_eq, nullspace, postprocess, solvers
+from seqedit.linalg.checks import *  # noqa: F403  (the names are listed in each module's __all__)
+from seqedit.linalg.compensation import *  # noqa: F403
+from seqedit.linalg.normal_eq import *  # noqa: F403
+from seqedit.linalg.nullspace import *  # noqa: F403
+from seqedit.linalg.postprocess import *  # noqa: F403
 from seqedit.linalg.solvers import *  # noqa: F403
 
-__all__ = [*normal_eq.__all__, *regularizers.__all__, *solvers.__all__]
+__all__ = [
+    *checks.__all__,
+    *compensation.__all__,
+    *normal_eq.__all__,
+    *nullspace.__all__,
+    *postprocess.__all__,
+    *solvers.__all__,
+]

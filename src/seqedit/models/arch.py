@@ -49,7 +49,27 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("phi", ("phi",), "model.layers", "mlp.fc2", "model.final_layernorm", parallel_block=True),
 )
 
-_BY_TYPE = {t: spec for spec in ARCHITECTURES for t in spec.model_types}
+_BY_TYPE: dict[str, ArchSpec] = {t: spec for spec in ARCHITECTURES for t in spec.model_types}
+
+
+def register_architecture(spec: ArchSpec, *, replace: bool = False) -> ArchSpec:
+    """Make the ``config.model_type`` values of ``spec`` editable (a decoder family seqedit does not
+    ship). Raises ``ValueError`` if one is already registered, unless ``replace``."""
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"register_architecture needs an ArchSpec, got {type(spec).__name__}")
+    if not spec.model_types:
+        raise ValueError(f"{spec.family}: ArchSpec.model_types names no model_type")
+    taken = sorted(t for t in spec.model_types if t in _BY_TYPE and _BY_TYPE[t] != spec)
+    if taken and not replace:
+        raise ValueError(f"model_type(s) {taken} are already registered (pass replace=True to redefine them)")
+    for t in spec.model_types:
+        _BY_TYPE[t] = spec
+    return spec
+
+
+def unregister_architecture(model_type: str) -> None:
+    """Forget a registered ``model_type`` (for tests and plugins that register temporarily)."""
+    _BY_TYPE.pop(model_type, None)
 
 
 def supported_model_types() -> list[str]:

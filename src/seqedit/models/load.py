@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EMBEDDED_ALIASES",
     "LoadedModel",
-    "bos_prefix_ids",
+    "as_loaded",
     "ensure_cached_dir",
     "fingerprint_model",
     "tokenizer_fingerprint",
@@ -146,32 +146,6 @@ def wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) 
     return LoadedModel(model, tokenizer, adapter, name, fingerprint_model(model))
 
 
-def bos_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids the tokenizer prepends to every text (Llama-3's BOS; ``[]`` for GPT-2, Qwen, SmolLM2).
-
-    Found by encoding a probe text with and without special tokens, not guessed from the model name.
-    """
-    probe = "The quick brown fox"
-    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    n = len(plain)
-    for start in range(len(with_special) - n + 1):
-        if with_special[start : start + n] == plain:
-            return with_special[:start]
-    # The plain encoding does not occur verbatim: take the leading special tokens instead.
-    special = set(tokenizer.all_special_ids)
-    prefix: list[int] = []
-    for i in with_special:
-        if i not in special:
-            break
-        prefix.append(i)
-    return prefix
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
 def load_model(
     name_or_path: str = "smollm2-135m",
     *,
@@ -192,6 +166,31 @@ def load_model(
         path, kwargs, name = name_or_path, _hub_kwargs(), name_or_path
     _check_architecture(path, kwargs)
     return _load_hf(path, name, torch_dtype, device, kwargs)
+
+
+def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
+    """``model`` as a :class:`LoadedModel`: one already, a name or path for :func:`load_model`, or a
+    Hugging Face causal LM with its ``tokenizer`` (wrapped with the seqedit conventions)."""
+    if isinstance(model, LoadedModel):
+        if tokenizer is not None and tokenizer is not model.tokenizer:
+            raise ValueError("a LoadedModel carries its own tokenizer; do not pass another one")
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise TypeError(
+                "Editor(name, tokenizer): the second argument is the tokenizer of an HF model object; "
+                "with a model name, pass the method as method=..."
+            )
+        return load_model(str(model))
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ValueError(f"an HF model object ({type(model).__name__}) needs its tokenizer: Editor(model, tokenizer)")
+        if isinstance(tokenizer, str):
+            raise TypeError("the second argument is the tokenizer; pass the method as method=...")
+        config = getattr(model, "config", None)
+        name = getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or type(model).__name__
+        return wrap_model(model, tokenizer, str(name))
+    raise TypeError(f"expected a LoadedModel, a model name or an HF model, got {type(model).__name__}")
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:

@@ -19,12 +19,12 @@ class EditHParams:
 
     ``layers`` are the edited blocks in ascending order; the last one is the z-layer where target
     values are optimised. ``lam`` is the preservation weight λ of ``λ·Σ₀`` (MEMIT's
-    ``mom2_update_weight``); ``ridge`` is ρ of ``ρ·I``.
+    ``mom2_update_weight``). The ridge ρ of ``ρ·I`` is an option of the method form
+    (``MethodSpec.ridge``), since its default depends on the form.
     """
 
     layers: tuple[int, ...]
     lam: float = 15000.0
-    ridge: float = 0.0
     # target-value optimisation (MEMIT compute_z)
     v_lr: float = 0.1
     v_steps: int = 25
@@ -50,10 +50,8 @@ class EditHParams:
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"EditHParams.layers must be strictly ascending, got {layers}")
         object.__setattr__(self, "layers", layers)
-        if self.lam < 0 or self.ridge < 0:
-            raise ValueError(f"lam and ridge must be >= 0, got lam={self.lam}, ridge={self.ridge}")
-        if self.lam == 0 and self.ridge == 0:
-            raise ValueError("lam and ridge are both 0: the normal equations would have no regulariser")
+        if not self.lam >= 0:  # also refuses NaN
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
 
@@ -73,6 +71,14 @@ class EditHParams:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EditHParams":
+        """Rebuild from ``to_dict`` output; ``ValueError`` names unknown fields."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
 
 
 # Keyed by a lower-case substring of the model name / path; first match wins.

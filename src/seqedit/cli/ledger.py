@@ -6,44 +6,50 @@ name) unless ``--model`` says otherwise, and every one has ``--json``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
-from .cli import JsonOpt, _fail, _load, app, console, out
+from .common import BaseOpt, JsonOpt, LedgerOpt, app, console, fail, load, out
 
-LedgerOpt = typer.Option(..., "--ledger", "-l", help="Ledger directory.")
-BaseOpt = typer.Option(None, "--model", "-m", help="Base model (default: the one the ledger records).")
+if TYPE_CHECKING:
+    from ..editor import Editor
+    from ..ledger import StepRecord
 
 
 @contextmanager
-def _editor(ledger: Path, model: Optional[str]) -> Iterator:
+def _editor(ledger: Path, model: Optional[str]) -> Iterator[Editor]:
     """The ledger reopened on a freshly loaded base model; SeqEditErrors become CLI errors."""
-    from .editor import Editor
-    from .errors import SeqEditError
-    from .ledger import Ledger
+    from ..editor import Editor
+    from ..errors import SeqEditError
+    from ..ledger import Ledger
 
     try:
         with Ledger(ledger) as L:
             name = model or L.manifest["base"]["name"]
-        lm, _ = _load(name)
+        lm, _ = load(name)
         with console.status("restoring the ledger's weights …"):
             editor = Editor(lm, ledger=ledger)
     except (SeqEditError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     try:
         yield editor
     except (SeqEditError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     finally:
         editor.close()
 
 
-def _print_step(rec, as_json: bool, what: str) -> None:
+def _step(ledger: Path, model: Optional[str], as_json: bool, what: str, act: Callable[[Editor], StepRecord]) -> None:
+    """Run ``act`` (a forget or an undo) on the reopened ledger and print its step record, as JSON
+    or as one line saying what it did."""
+    with _editor(ledger, model) as editor:
+        rec = act(editor)
     if as_json:
         out.print_json(data=rec.to_dict())
         return
@@ -58,9 +64,7 @@ def forget(
     as_json: bool = JsonOpt,
 ) -> None:
     """Remove facts exactly: the weights become the one-time solution of the remaining facts."""
-    with _editor(ledger, model) as editor:
-        rec = editor.forget(ids)
-    _print_step(rec, as_json, "forget")
+    _step(ledger, model, as_json, "forget", lambda editor: editor.forget(ids))
 
 
 @app.command()
@@ -71,9 +75,7 @@ def undo(
     as_json: bool = JsonOpt,
 ) -> None:
     """Revert a step: its facts leave, the facts it replaced or forgot come back (undo an undo to redo)."""
-    with _editor(ledger, model) as editor:
-        rec = editor.undo(step)
-    _print_step(rec, as_json, f"undo of step {step}")
+    _step(ledger, model, as_json, f"undo of step {step}", lambda editor: editor.undo(step))
 
 
 @app.command()
@@ -82,14 +84,14 @@ def log(
     as_json: bool = JsonOpt,
 ) -> None:
     """The ledger's steps and the facts in force (no model needed)."""
-    from .errors import SeqEditError
-    from .ledger import Ledger
+    from ..errors import SeqEditError
+    from ..ledger import Ledger
 
     try:
         with Ledger(ledger) as L:
             man, steps, rows = L.manifest, L.steps(), L.in_force()
     except SeqEditError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         out.print_json(data={
             "ledger": str(ledger), "manifest": man, "steps": [s.to_dict() for s in steps],

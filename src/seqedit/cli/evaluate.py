@@ -1,54 +1,22 @@
-"""``seqedit eval`` and ``seqedit report``: the benchmark suite from one command (registered on ``cli.app``)."""
+"""``seqedit eval`` and ``seqedit report``: the benchmark suite from one command, and re-rendering
+its report.md and plots from results.json."""
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, _fail, _layers, _load, app, console, out
+from ..progress import Phase
+from .common import (
+    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_csv, parse_layers, progress_bars,
+)
 
-
-def _csv(value: str, what: str) -> tuple[str, ...]:
-    items = tuple(dict.fromkeys(x.strip().lower() for x in value.split(",") if x.strip()))
-    if not items:
-        raise typer.BadParameter(f"{what} names nothing: {value!r}")
-    return items
-
-
-@contextmanager
-def _eval_progress(enabled: bool) -> Iterator:
-    """``cb(phase, advance, total)`` for :func:`run_eval`: bars for configurations, steps and the
-    editor's phases, and a line saying what is running."""
-    if not enabled:
-        yield None
-        return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        now = bar.add_task("starting", total=None)
-        tasks: dict[str, int] = {}
-        labels = {"configs": "configurations", "steps": "steps of this configuration", "values": "value optimisation",
-                  "layers": "layer solves", "stats": "Σ₀ statistics (tokens)"}
-
-        def cb(phase: str, advance: int, total: Optional[int]) -> None:
-            if phase.startswith("status:"):
-                bar.update(now, description=phase[len("status:"):])
-                return
-            if phase == "stats-total":
-                phase, total = "stats", total
-                tasks.pop("stats", None)
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(labels.get(phase, phase), total=total)
-            elif bar.tasks[tasks[phase]].finished and phase != "configs":
-                bar.reset(tasks[phase], total=total)
-            bar.advance(tasks[phase], advance)
-
-        yield cb
+# the editor's STEPS bar restarts with every configuration of the run
+_LABELS = {Phase.STEPS: "steps of this configuration"}
 
 
 @app.command("eval")
@@ -86,14 +54,16 @@ def eval_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Evaluate methods × alignments × SE/OTE on CounterFact or ZsRE: results.json, report.md and plots in --out."""
-    from .errors import SeqEditError
-    from .evaluate.runner import EvalConfig, check_out_dir, run_eval
-    from .report import render, rendered
+    from ..errors import SeqEditError
+    from ..evaluate.config import EvalConfig
+    from ..evaluate.results import check_out_dir
+    from ..evaluate.runner import run_eval
+    from ..report import render, rendered
 
-    overrides = {"layers": _layers(layers), "lam": lam, "v_steps": v_steps, "stats_tokens": stats_tokens}
+    overrides = {"layers": parse_layers(layers), "lam": lam, "v_steps": v_steps, "stats_tokens": stats_tokens}
     config = EvalConfig(
-        model=model, dataset=dataset, n=n, batch_size=batch_size, methods=_csv(methods, "--methods"),
-        alignments=_csv(alignment, "--alignment"), modes=_csv(modes, "--modes"), values=values, seed=seed,
+        model=model, dataset=dataset, n=n, batch_size=batch_size, methods=parse_csv(methods, "--methods"),
+        alignments=parse_csv(alignment, "--alignment"), modes=parse_csv(modes, "--modes"), values=values, seed=seed,
         general_every=general_every, general_n=general_n, general_scoring=general_scoring,
         official_rte_inversion=rte_inversion, retention_every=retention_every, drift_windows=drift_windows,
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
@@ -103,14 +73,14 @@ def eval_(
     try:
         t = time.perf_counter()
         check_out_dir(config, out_dir)  # bad settings or a clash with earlier results fail before loading
-        lm, _ = _load(model)
-        with _eval_progress(not as_json) as cb:
+        lm, _ = load(model)
+        with progress_bars(not as_json, _LABELS) as cb:
             data = run_eval(config, out_dir, cb, loaded=lm)
         last = data["runs"][-1]
         # nothing new since the last render: keep the files (plots cost ~1 s each)
         paths = (None if last["ran"] or last["reused"] else rendered(out_dir)) or render(out_dir)
     except (SeqEditError, ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     wall = time.perf_counter() - t
     summary = {
         label: {"final": {k: v for k, v in (e.get("final", {}).get("edit") or {}).items() if not isinstance(v, dict)},
@@ -146,12 +116,12 @@ def report(
     as_json: bool = JsonOpt,
 ) -> None:
     """Re-render report.md and the PNG plots of an eval folder from its results.json."""
-    from .report import render
+    from ..report import render
 
     try:
         paths = render(folder)
     except (OSError, ValueError, KeyError) as e:
-        _fail(f"cannot render {folder}: {e}")
+        fail(f"cannot render {folder}: {e}")
     if as_json:
         out.print_json(data=paths)
         return

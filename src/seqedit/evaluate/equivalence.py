@@ -1,8 +1,8 @@
-"""Sequential ≡ one-time editing, measured on a real model's keys and values.
+"""Sequential ≡ one-time editing, measured on a real model's keys and values (``seqedit verify-equivalence``).
 
 Keys and values of ``n`` facts are read once on the unedited model (:mod:`seqedit.locate.frozen`);
 then, per edited layer, the same ``(K, V)`` go through each method in steps of ``batch_size`` and in
-one step (:func:`seqedit.methods.equivalence`). The reported gap is
+one step (the pure :func:`seqedit.methods.equivalence`). The reported gap is
 ``‖W_SE − W_OTE‖_F / ‖W_OTE − W₀‖_F`` on the deployed weights, and for PRUNE/RECT also on
 ``W + Δ`` before post-processing (Algorithm 1's invariant). Aligned forms must be at round-off.
 """
@@ -10,16 +10,18 @@ one step (:func:`seqedit.methods.equivalence`). The reported gap is
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .facts import Fact, wikitext_path
-from .locate.frozen import FrozenTargets, frozen_targets
-from .locate.stats import layer_stats
-from .locate.templates import context_templates
-from .methods import MethodSpec, equivalence
-from .models.presets import EditHParams
+from ..facts import Fact
+from ..shared_data import wikitext_path
+from ..locate.frozen import FrozenTargets, frozen_targets
+from ..locate.stats import layer_stats
+from ..locate.templates import context_templates
+from ..methods import MethodSpec, equivalence
+from ..models.presets import EditHParams
+from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 
 TOLERANCE = 1e-10
 
@@ -88,7 +90,7 @@ def verify_equivalence(
     *,
     stats_corpus: str | None = None,
     tol: float = TOLERANCE,
-    progress: Callable[[str, int, int | None], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> list[EquivalenceRow]:
     """Read (K, V) of ``facts`` on ``loaded`` (which must be unedited) and measure every spec's gap.
 
@@ -99,15 +101,15 @@ def verify_equivalence(
     corpus = stats_corpus or wikitext_path("valid")
     stats = layer_stats(loaded, hp.layers, corpus, hp.stats_tokens, hp.stats_seq_len)
     templates = context_templates(loaded, hp.n_context_templates, hp.context_template_len, hp.template_seed)
-    cb = (lambda k: progress("values", k, len(facts))) if progress else None
-    targets = frozen_targets(loaded, facts, templates, hp, progress=cb)
+    emit(progress, ProgressEvent(Phase.VALUES, total=len(facts), start=True))
+    targets = frozen_targets(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES))
     W0 = {l: loaded.adapter.weight(l).to(torch.float64).cpu() for l in hp.layers}
     sigma0 = {l: stats[l].sigma0 for l in hp.layers}
     rows: list[EquivalenceRow] = []
+    emit(progress, ProgressEvent(Phase.CONFIGS, total=len(specs), start=True))
     for spec in specs:
         rows += equivalence_rows(spec, targets, sigma0, hp.lam, W0, batch_size, tol)
-        if progress:
-            progress("methods", 1, len(specs))
+        emit(progress, ProgressEvent(Phase.CONFIGS, advance=1, total=len(specs)))
     return rows
 
 

@@ -1,0 +1,5 @@
+"""``python -m seqedit.cli``: the same command line as the ``seqedit`` script."""
+
+from . import main
+
+main()

@@ -1,0 +1,152 @@
+"""Editing commands: ``seqedit edit`` (facts into a model, step by step), ``generate`` (greedy
+completions) and ``stats`` (precompute the Σ₀ statistics cache)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..progress import Phase, ProgressEvent, counter, emit
+from .common import (
+    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_layers, progress_bars, read_facts,
+)
+
+
+@app.command()
+def edit(
+    facts: str = typer.Argument(..., help="Facts file (JSON/JSONL: CounterFact, ZsRE or plain)."),
+    model: str = ModelOpt,
+    method: Optional[str] = typer.Option(
+        None, help="memit | alphaedit | prune | rect | rlsedit | memorize_latest (default: memit, or the ledger's)."
+    ),
+    alignment: Optional[str] = typer.Option(None, help="aligned | naive | ... (default: the method's first)."),
+    mode: str = typer.Option("sequential", help="sequential | one_time."),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential step."),
+    ledger: Optional[Path] = typer.Option(
+        None, "--ledger", "-l", help="Ledger directory: created, or reopened and continued (durable steps)."
+    ),
+    n: Optional[int] = typer.Option(None, "--n", help="Use only the first N facts (after --split)."),
+    split: Optional[str] = typer.Option(None, help="CounterFact split: edit | train."),
+    fmt: str = typer.Option("auto", "--format", help="Facts file layout (auto-detected)."),
+    layers: Optional[str] = LayersOpt,
+    lam: Optional[float] = LamOpt,
+    v_steps: Optional[int] = VStepsOpt,
+    save: Optional[Path] = typer.Option(None, "--save", help="Write the edited model here (HF directory)."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompts to complete after editing."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Edit FACTS into a model, step by step, and report each step."""
+    from ..editor import Editor
+    from ..errors import SeqEditError
+    from ..evaluate.scoring import greedy_completions
+
+    fs = read_facts(facts, n, split, fmt)
+    edited_layers = parse_layers(layers)
+    lm, _ = load(model)
+    try:
+        editor = Editor(
+            lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
+            ledger=ledger,
+        )
+        with editor, progress_bars(not as_json) as cb:
+            reports = editor.run(fs, batch_size=batch_size, progress=cb)
+    except (SeqEditError, ValueError, OSError) as e:
+        fail(str(e))
+    completions = dict(zip(prompt, greedy_completions(lm, prompt))) if prompt else {}
+    if save:
+        lm.model.save_pretrained(save)
+        lm.tokenizer.save_pretrained(save)
+    if as_json:
+        out.print_json(
+            data={
+                "model": lm.name,
+                "method": editor.spec.label,
+                "mode": mode,
+                "hparams": editor.hparams.to_dict(),
+                "setup_seconds": editor.setup_seconds,
+                "steps": [r.to_dict() for r in reports],
+                "completions": completions,
+                "saved": str(save) if save else None,
+                "ledger": str(ledger) if ledger else None,
+            }
+        )
+        return
+    table = Table(title=f"{len(fs)} facts edited into {lm.name} ({editor.spec.label}, {mode})")
+    for col in ("step", "facts", "values s", "keys s", "solve s", "total s", "‖Z−H‖ before → after"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        s = r.seconds
+        table.add_row(
+            str(r.id), str(len(r.facts)), f"{s['values']:.1f}", f"{s['keys']:.1f}", f"{s['solve']:.2f}",
+            f"{s['total']:.1f}", f"{r.target_norm:.1f} → {r.final_residual:.1f}",
+        )
+    out.print(table)
+    for p, c in completions.items():
+        out.print(f"[bold]{p}[/]{c}")
+    if save:
+        out.print(f"edited model written to {save}")
+    if ledger:
+        replaced = sum(len(r.removed) for r in reports)
+        out.print(f"committed to ledger {ledger} (steps {reports[0].id}–{reports[-1].id}, {replaced} facts replaced)")
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Argument(..., help="Prompts to complete."),
+    model: str = ModelOpt,
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Greedy completions of PROMPT(s) by a model."""
+    from ..evaluate.scoring import greedy_completions
+
+    lm, _ = load(model)
+    comps = greedy_completions(lm, prompt, max_new_tokens)
+    if as_json:
+        out.print_json(data={"model": lm.name, "completions": dict(zip(prompt, comps))})
+        return
+    for p, c in zip(prompt, comps):
+        out.print(f"[bold]{p}[/]{c}")
+
+
+@app.command()
+def stats(
+    model: str = ModelOpt,
+    layers: Optional[str] = LayersOpt,
+    corpus: Optional[Path] = typer.Option(None, help="Text file (default: WikiText-2 valid)."),
+    tokens: Optional[int] = typer.Option(None, help="Token budget (default: model preset)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass."""
+    from ..locate.stats import layer_stats
+    from ..models.presets import preset_for
+    from ..shared_data import wikitext_path
+
+    lm, _ = load(model)
+    hp = preset_for(lm.name, lm.adapter.n_layers).override(layers=parse_layers(layers), stats_tokens=tokens)
+    path = corpus or wikitext_path("valid")
+    t = time.perf_counter()
+    with progress_bars(not as_json) as cb:
+        # layer_stats counts tokens and learns their total only once the corpus is read: adapt both
+        st = layer_stats(
+            lm, hp.layers, path, hp.stats_tokens, hp.stats_seq_len,
+            progress=counter(cb, Phase.STATS),
+            on_total=(lambda k: emit(cb, ProgressEvent(Phase.STATS, total=k, start=True))) if cb else None,
+        )
+    secs = time.perf_counter() - t
+    rows = {
+        l: {"tokens": s.count, "trace": float(s.sigma0.trace()), "d_in": s.gram.shape[0]} for l, s in st.items()
+    }
+    if as_json:
+        out.print_json(data={"model": lm.name, "corpus": str(path), "seconds": secs, "layers": rows})
+        return
+    table = Table(title=f"Σ₀ for {lm.name} on {path.name} ({secs:.1f} s)")
+    for col in ("layer", "d_in", "tokens", "trace Σ₀"):
+        table.add_column(col, justify="right")
+    for l, r in rows.items():
+        table.add_row(str(l), str(r["d_in"]), str(r["tokens"]), f"{r['trace']:.4g}")
+    out.print(table)

@@ -1,0 +1,100 @@
+"""The results store of an evaluation run: ``results.json`` in the output folder.
+
+Owns the file's :data:`FORMAT`, :class:`ResultsStore` (loaded if present, settings checked, rewritten
+atomically), :func:`check_out_dir`, and what the records are made of: the final-weights fingerprint
+(:func:`_weights_sha`), the already scored final models (:func:`_scored_finals`), the software
+versions (:func:`_versions`) and timestamps (:func:`_now`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write_json
+from .config import EvalConfig, EvalSettingsError
+
+__all__ = ["FORMAT", "ResultsStore", "check_out_dir"]
+
+FORMAT = "seqedit-eval/1"
+
+
+def _versions() -> dict[str, Any]:
+    import numpy
+    import transformers
+
+    from ..version import __version__
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "seqedit": __version__, "git_commit": commit, "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+    }
+
+
+def _weights_sha(base: dict[int, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for layer in sorted(base):
+        h.update(str(layer).encode())
+        h.update(base[layer].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{final_weights_sha256: (label, final metrics)}`` of the done configurations that scored their
+    own final model (the first such one per sha)."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for label, c in configs.items():
+        if c.get("status") == "done" and c.get("final_weights_sha256") and not c.get("final_reused_from"):
+            out.setdefault(c["final_weights_sha256"], (label, c["final"]))
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ResultsStore:
+    """``results.json`` under ``folder``: loaded if present (settings must match), rewritten atomically."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]):
+        self.path = folder / "results.json"
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text("utf-8"))
+            except json.JSONDecodeError as e:
+                raise EvalSettingsError(f"{self.path} is not valid JSON ({e}); move it away to start afresh") from None
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise EvalSettingsError(f"{self.path} is not a {FORMAT} results file; use another output folder")
+            old = data.get("settings", {})
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if diff:
+                shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:6])
+                raise EvalSettingsError(
+                    f"{folder} holds results of other settings ({shown}); use another --out folder "
+                    "(results of different settings are never mixed)"
+                )
+            self.data = data
+        else:
+            self.data = {"format": FORMAT, "settings": settings, "configs": {}, "runs": []}
+
+    def write(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def check_out_dir(config: EvalConfig, out_dir: str | Path) -> None:
+    """Raise :class:`EvalSettingsError` if ``config`` is invalid or ``out_dir`` holds other settings' results."""
+    config.validate()
+    ResultsStore(Path(out_dir), config.settings())

@@ -1,0 +1,119 @@
+"""One editing step on a model: optimise target values, then per edited layer read keys on the current
+model, solve, write (MEMIT's locate → solve → apply), timed phase by phase.
+
+The layers are edited in ascending order and each is written before the next reads its keys, so an
+upper layer sees the lower ones already edited (``Δ_i`` explains its share ``R_i = (Z − H_i) / (L − i)``
+of what is left). The whole step is one bank transaction: a failure leaves every layer as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .bank import LayerBank
+from .facts import Fact
+from .ledger.plan import Plan
+from .ledger.session import Constraints, LedgerSession
+from .ledger.store import StepRecord
+from .locate.keys import ContextRows, KeyReader
+from .locate.values import ValueResult, compute_values
+from .models.load import LoadedModel
+from .models.presets import EditHParams
+from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
+from .steps import StepReport
+
+__all__ = ["edit_step"]
+
+
+def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | None, hp: EditHParams,
+              facts: Sequence[Fact], get_templates: Callable[[], list[str]], values: ValueResult | None,
+              plan: Plan | None, next_id: int, progress: ProgressCallback | None) -> tuple[StepReport, StepRecord | None]:
+    """Edit ``facts`` (ids assigned, ``plan`` made when ``session`` journals the bank) into ``bank``'s
+    layers; ``values`` are precomputed targets or ``None`` to optimise them now. Returns the report
+    (``id`` = the committed record's, else ``next_id``) and the journal record."""
+    tok = loaded.tokenizer
+    sec: dict[str, float] = {}
+    t = time.perf_counter()
+    templates = get_templates()
+    ctx = ContextRows.build(tok, facts, templates)  # validates every subject before any work
+    bare = ContextRows.build(tok, facts, ["{}"])
+    sec["templates"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    value_work: dict[str, float] = {}
+    if values is None:
+        emit(progress, ProgressEvent(Phase.VALUES, total=len(facts), start=True))
+        values = compute_values(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES))
+        value_work = {
+            "iterations": values.iterations,
+            "suffix_tokens": values.row_tokens,
+            "padded_tokens": values.padded_tokens,
+            "scored_positions": values.head_positions,
+            "delta_gflop": values.delta_flops(loaded, hp.z_layer) / 1e9,
+        }
+    elif values.z.shape[1] != len(facts):
+        raise ValueError(f"values hold {values.z.shape[1]} facts, the step has {len(facts)}")
+    sec["values"] = time.perf_counter() - t
+
+    sec["keys"] = sec["solve"] = sec["apply"] = 0.0
+    residual_norms: dict[int, float] = {}
+    update_norms: dict[int, float] = {}
+    n_layers = len(hp.layers)
+    # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
+    ctx_reader = KeyReader(loaded, ctx, hp.key_batch_rows)
+    bare_reader = KeyReader(loaded, bare, hp.key_batch_rows)
+    removed = session.removed_kv(plan) if plan is not None else None
+    constraints: Constraints = {}
+    record: StepRecord | None = None
+    emit(progress, ProgressEvent(Phase.LAYERS, total=n_layers, start=True))
+    with bank.transaction():
+        for i, layer in enumerate(hp.layers):
+            t = time.perf_counter()
+            K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
+            H = bare_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
+            sec["keys"] += time.perf_counter() - t
+            resid = values.z - H
+            residual_norms[layer] = float(resid.norm())
+            t = time.perf_counter()
+            R = resid / (n_layers - i)
+            if session is None:
+                delta = bank.step(layer, K, R)
+            else:
+                W = bank.master[layer]
+                K = K.to(W.device, torch.float64)
+                V = W @ K + R.to(K.device, torch.float64)
+                delta = session.solve_layer(layer, K, V, removed, constraints)
+            sec["solve"] += time.perf_counter() - t
+            t = time.perf_counter()
+            bank.write(layer, delta)
+            update_norms[layer] = float(delta.norm())
+            sec["apply"] += time.perf_counter() - t
+            emit(progress, ProgressEvent(Phase.LAYERS, advance=1, total=n_layers))
+        if plan is not None:
+            t = time.perf_counter()
+            record = session.commit_apply(facts, plan, constraints, update_norms, hp.to_dict())
+            sec["commit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    H = bare_reader.read([], z_layer=hp.z_layer).z_hidden
+    final = float((values.z - H).norm())
+    sec["keys"] += time.perf_counter() - t
+    sec["total"] = sum(sec.values())
+    report = StepReport(
+        id=record.id if record is not None else next_id,
+        method=bank.spec.label,
+        facts=list(facts),
+        seconds=sec,
+        residual_norms=residual_norms,
+        final_residual=final,
+        target_norm=residual_norms[hp.layers[0]],
+        value_steps=values.steps,
+        value_loss=values.loss,
+        update_norms=update_norms,
+        value_work=value_work,
+        removed=[r.fact.id for r in plan.remove] if plan is not None else [],
+        constraints=constraints,
+    )
+    return report, record
