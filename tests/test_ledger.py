@@ -115,6 +115,8 @@ def test_a_ledger_written_before_the_method_registry_reopens(tmp_path: Path) -> 
         ({"method": "alphaedit"}, r"edits with memit/aligned.*refusing to continue it with alphaedit/aligned"),
         ({"lam": 20.0}, r"other hyperparameters \(lam: ledger 10.0, given 20.0\)"),
         ({"layers": (1, 3)}, r"other hyperparameters \(layers"),
+        ({"alignment": "naive"}, r"edits with memit/aligned.*refusing to continue it with memit/naive"),
+        ({"ridge": 0.5}, r"edits with memit/aligned.*refusing to continue it with memit/aligned \{.*'ridge': 0.5"),
     ],
 )
 def test_reopen_with_another_method_or_objective_is_refused(tmp_path: Path, kwargs, message) -> None:
@@ -137,6 +139,17 @@ def test_reopen_on_an_already_edited_model_object_is_refused(tmp_path: Path) -> 
     ed.close()
     with pytest.raises(LedgerError, match="layer 1 of the model differs.*already edited"):
         make_editor(tmp_path / "L", lm=lm)
+
+
+def test_a_new_ledger_on_an_already_edited_model_object_is_refused(tmp_path: Path) -> None:
+    """The README's old example: a ledger started on a model the first editor had edited recorded the
+    edited weights as W₀ under the base fingerprint, and could never be verified or reopened."""
+    lm = tiny_model("llama")
+    plain = seqedit.Editor(lm, layers=LAYERS, stats_tokens=2000, lam=10.0, v_steps=2)
+    plain.apply([fact(0)])
+    with pytest.raises(LedgerError, match="differ from those it was loaded with.*already edited"):
+        make_editor(tmp_path / "L", lm=lm)
+    assert not (tmp_path / "L").exists()  # nothing left behind
 
 
 def test_second_writer_is_refused(tmp_path: Path) -> None:

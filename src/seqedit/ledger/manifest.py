@@ -11,12 +11,12 @@ import torch
 from torch import Tensor
 
 from ..methods import MethodSpec
-from ..models.load import LoadedModel
+from ..models.load import LoadedModel, fingerprint_model
 from ..models.presets import EditHParams
 from ..version import __version__
 from .store import LedgerError
 
-__all__ = ["KV_DTYPES", "build_manifest", "check_storage", "reconcile", "stored_hparams", "w0_digest"]
+__all__ = ["KV_DTYPES", "build_manifest", "check_base", "check_storage", "reconcile", "stored_hparams", "w0_digest"]
 
 KV_DTYPES = ("float64", "float32")
 # Hyperparameters that define the objective of the stored facts; the others only shape future steps.
@@ -34,6 +34,17 @@ def check_storage(kv_dtype: str, snapshot_every: int) -> None:
         raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
         raise ValueError(f"snapshot_every must be an int ≥ 1, got {snapshot_every!r}")
+
+
+def check_base(loaded: LoadedModel, path: Any) -> None:
+    """Refuse to start a ledger on a model object whose weights are no longer those it was loaded (and
+    fingerprinted) with: the ledger would record edited weights as its base W₀ under the base's
+    fingerprint, and could never be reopened on the real base model."""
+    if fingerprint_model(loaded.model) != loaded.fingerprint:
+        raise LedgerError(
+            f"cannot start ledger {path}: the weights of {loaded.name!r} differ from those it was loaded with "
+            "(was this model object already edited?); load a fresh base model for a new ledger"
+        )
 
 
 def build_manifest(loaded: LoadedModel, spec: MethodSpec, hp: EditHParams, stats_corpus: Any,
