@@ -215,6 +215,23 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
         Ledger(path)
 
 
+def test_verify_reports_a_damaged_journal_page(tmp_path: Path) -> None:
+    """Random bytes in the page of the meta table's key index, which no query reads: the journal answers every
+    query, so only SQLite's integrity_check sees the damage (verify used to say OK)."""
+    path = _ledger_with_steps(tmp_path)
+    db = sqlite3.connect(path / "ledger.sqlite")
+    page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_meta_1'").fetchone()[0]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with open(path / "ledger.sqlite", "r+b") as fh:
+        fh.seek((page - 1) * size + 8)
+        fh.write(bytes(range(7, 250, 3)))
+    with make_editor(path) as ed:
+        rep = ed.verify()
+    assert not rep.ok
+    assert any(name == "ledger.sqlite" and "integrity_check" in problem for name, problem in rep.bad_files)
+
+
 def test_verify_reports_a_file_corrupted_while_open(tmp_path: Path) -> None:
     ed = make_editor(tmp_path / "L")
     apply_facts(ed, [fact(0)])

@@ -326,8 +326,14 @@ class Ledger:
         return tensorio.decode(data)
 
     def check_files(self) -> list[tuple[str, str]]:
-        """``(name, problem)`` for every committed file that is missing or has another checksum."""
-        bad = []
+        """``(name, problem)`` for the journal if SQLite's ``integrity_check`` fails (a damaged page may
+        not disturb the queries a step makes, so only this check sees it), and for every committed file
+        that is missing or has another checksum."""
+        try:
+            found = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as e:
+            found = [str(e)]
+        bad = [(DB_NAME, f"integrity_check: {msg}") for msg in found if msg != "ok"]
         for r in self.conn.execute("SELECT name, sha256 FROM files ORDER BY name"):
             p = self.path / r["name"]
             if not p.is_file():
