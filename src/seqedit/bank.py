@@ -137,11 +137,6 @@ class LayerBank:
         return bool(torch.equal(live, self.master[layer].to(live.device, live.dtype)))
 
     # ------------------------------------------------------------------ linear algebra of one layer
-    def as_columns(self, layer: int, K: Tensor, T: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """``K`` (and ``T``) as float64 on the master's device."""
-        W = self.master[layer]
-        return K.to(W.device, torch.float64), None if T is None else T.to(W.device, torch.float64)
-
     def step(self, layer: int, K: Tensor, R: Tensor) -> Tensor:
         """The method's update for keys ``K: [d_in, n]`` and residuals ``R: [d_out, n]`` on the current
         master (post-processing included); the state advances, nothing is written."""

@@ -36,7 +36,7 @@ from .locate.values import ValueResult
 from .methods import parse_method
 from .models.load import LoadedModel, as_loaded
 from .models.presets import EditHParams, preset_for
-from .pipeline import edit_step
+from .pipeline import edit_step, layer_delta
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .shared_data import wikitext_path
 from .steps import EditorCallback, RunPosition, StepReport
@@ -324,14 +324,9 @@ class Editor:
         out = {}
         with self.bank.transaction():
             for layer in self.hparams.layers:
-                W = self.bank.master[layer]
-                Kl = K[layer].to(W.device, torch.float64)
-                T = (V if V is not None else R)[layer].to(W.device, torch.float64)
-                if self.session is None:
-                    out[layer] = self.bank.step(layer, Kl, T - W @ Kl if V is not None else T)
-                else:
-                    Vl = T if V is not None else W @ Kl + T
-                    out[layer] = self.session.solve_layer(layer, Kl, Vl, removed, constraints)
+                out[layer] = layer_delta(self.bank, self.session, layer, K[layer],
+                                         R=None if R is None else R[layer], V=None if V is None else V[layer],
+                                         removed=removed, constraints=constraints)
                 self.bank.write(layer, out[layer])
             if plan is not None:
                 norms = {l: float(d.norm()) for l, d in out.items()}

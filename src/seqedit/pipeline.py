@@ -25,7 +25,22 @@ from .models.presets import EditHParams
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .steps import StepReport
 
-__all__ = ["edit_step"]
+__all__ = ["edit_step", "layer_delta"]
+
+
+def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: torch.Tensor, *,
+                R: torch.Tensor | None = None, V: torch.Tensor | None = None,
+                removed: Constraints | None = None, constraints: Constraints | None = None) -> torch.Tensor:
+    """``Δ: [d_out, d_in]`` for ``layer`` from keys ``K: [d_in, n]`` and either residuals ``R`` or absolute
+    targets ``V`` (``[d_out, n]``, on the current master); nothing is written. With a ``session`` the
+    step is solved from absolute targets rounded to the storage dtype (recorded in ``constraints``),
+    removing the ``removed`` columns, so that a replay repeats it exactly."""
+    W = bank.master[layer]
+    K = K.to(W.device, torch.float64)
+    if session is None:
+        return bank.step(layer, K, R if R is not None else V.to(W.device, torch.float64) - W @ K)
+    V = V.to(W.device, torch.float64) if V is not None else W @ K + R.to(W.device, torch.float64)
+    return session.solve_layer(layer, K, V, removed, {} if constraints is None else constraints)
 
 
 def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | None, hp: EditHParams,
@@ -79,13 +94,7 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
             residual_norms[layer] = float(resid.norm())
             t = time.perf_counter()
             R = resid / (n_layers - i)
-            if session is None:
-                delta = bank.step(layer, K, R)
-            else:
-                W = bank.master[layer]
-                K = K.to(W.device, torch.float64)
-                V = W @ K + R.to(K.device, torch.float64)
-                delta = session.solve_layer(layer, K, V, removed, constraints)
+            delta = layer_delta(bank, session, layer, K, R=R, removed=removed, constraints=constraints)
             sec["solve"] += time.perf_counter() - t
             t = time.perf_counter()
             bank.write(layer, delta)

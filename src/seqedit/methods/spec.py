@@ -56,7 +56,6 @@ class MethodSpec:
         object.__setattr__(self, "name", info.name)
         object.__setattr__(self, "alignment", al)
         object.__setattr__(self, "_options", tuple(sorted(resolved.items())))
-        _check_form(self)
 
     # ------------------------------------------------------------------ value semantics
     def __setattr__(self, key: str, value: Any) -> None:
@@ -163,13 +162,6 @@ def _absent(info: MethodInfo, alignment: str, form: Form, key: str) -> str:
         return f"unknown option {key!r} for {label}; valid options: {valid}"
     hint = form.hints.get(key)
     return f"{label} has no {key}" + (f": {hint}" if hint else "") + f"; {key} applies only to {', '.join(where)}"
-
-
-def _check_form(spec: MethodSpec) -> None:
-    """Cross-option checks a form declares through its state class (``check_spec``)."""
-    check = getattr(spec.form.state, "check_spec", None)
-    if check is not None:
-        check(spec)
 
 
 def parse_method(name: str, alignment: str | None = None, **options: Any) -> MethodSpec:
