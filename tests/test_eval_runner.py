@@ -34,7 +34,7 @@ def config(**kw) -> EvalConfig:
     base = dict(model="tiny-llama", n=4, batch_size=2, methods=("memit",), alignments=("aligned", "naive"),
                 modes=("se", "ote"), general_n=1, general_tasks=("sst2", "rte"), general_every=1, retention_every=1,
                 drift_windows=1, drift_window=16, fluency_n=1, fluency_tokens=24, layout="rome", overrides=dict(OVERRIDES),
-                eval_batch_rows=16)
+                eval_batch_rows=16, values="original")
     return EvalConfig(**(base | kw))
 
 
@@ -138,6 +138,60 @@ def test_resume_after_interruption_skips_done_configs(tmp_path: Path) -> None:
     assert again["runs"][-1]["ran"] == [] and set(again["runs"][-1]["resumed"]) == MEMIT4
 
 
+@pytest.mark.parametrize("kill_at", ["commit", "results"])
+def test_checkpointed_run_continues_from_the_ledger(tmp_path: Path, kill_at: str) -> None:
+    """Killed after step 1 of 3 (just after the ledger commit, or after results.json too), the run
+    continues from the ledger and ends with the numbers of an uninterrupted checkpointed run."""
+    lm = tiny_model("llama")
+    before = weights(lm)
+    cfg = light(n=6, values="current", alignments=("aligned",), modes=("se",), checkpoint=True, general_every=1,
+                general_n=1, drift_windows=1)
+    seen = {"steps": 0}
+
+    def kill(event):
+        if event.phase is Phase.STEPS and event.advance:
+            seen["steps"] += 1
+        # STEPS advances after step 1's ledger commit, before its curve point and results.json are
+        # written; step 2's VALUES start comes after both
+        if kill_at == "commit" and seen["steps"] == 1 and event.phase is Phase.STEPS:
+            raise Interrupt
+        if kill_at == "results" and seen["steps"] == 1 and event.phase is Phase.VALUES and event.start:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_eval(cfg, tmp_path, kill, loaded=lm)
+    assert same_weights(lm, before)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    label = "memit/aligned/se"
+    if kill_at == "results":
+        assert saved["configs"][label]["status"] == "running" and len(saved["configs"][label]["steps"]) == 1
+        assert [p["step"] for p in saved["configs"][label]["curve"]] == [1]
+    else:
+        assert label not in saved["configs"]
+    data = run_eval(cfg, tmp_path, loaded=lm)
+    entry = data["configs"][label]
+    assert data["runs"][-1]["continued"] == [label] and entry["continued_after_step"] == 1
+    assert entry["status"] == "done" and entry["n_steps"] == 3 and entry["steps"][0]["n_facts"] == 2
+    assert [p["step"] for p in entry["curve"]] == [1, 2, 3]
+    assert same_weights(lm, before)
+
+    fresh = run_eval(cfg, tmp_path / "fresh", loaded=lm)["configs"][label]
+    assert fresh.get("continued_after_step") == 0
+    assert without_seconds(fresh["final"]) == without_seconds(entry["final"])
+    assert without_seconds(fresh["curve"]) == without_seconds(entry["curve"])
+
+
+def test_checkpointed_selection_keeps_one_fact_per_slot() -> None:
+    plain = select_facts("counterfact", 2000, 0, split="train")
+    slots = [(f.subject, f.prompt) for f in plain.facts]
+    assert len(set(slots)) < len(slots)  # the shuffle does draw multi-valued slots (twin cities)
+    unique = select_facts("counterfact", 2000, 0, split="train", unique_slots=True)
+    assert len({(f.subject, f.prompt) for f in unique.facts}) == 2000
+    kept = iter(unique.facts)  # the same order, the repeated slots passed over
+    assert [f.id for f in plain.facts if f.id not in unique.skipped_same_slot][:1900] == [next(kept).id for _ in range(1900)]
+    assert unique.to_dict()["skipped_same_slot"] == list(unique.skipped_same_slot)
+
+
 def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
     lm = tiny_model("llama")
     cfg = light(modes=("ote",), alignments=("aligned",))
@@ -236,7 +290,7 @@ def test_cli_eval_resume_report_and_errors(model_dir: Path, tmp_path: Path, monk
     assert first.exit_code == 0, first.output
     doc = json.loads(first.stdout)
     assert doc["ran"] == ["memit/aligned/ote"] and doc["reused"] == ["memit/naive/ote"]
-    assert doc["protocol"]["values"] == "original" and doc["configs"]["memit/naive/ote"]["same_as"] == "memit/aligned/ote"
+    assert doc["protocol"]["values"] == "current" and doc["configs"]["memit/naive/ote"]["same_as"] == "memit/aligned/ote"
     assert all(Path(p).is_file() for p in [doc["results"], doc["markdown"], *doc["plots"]]) and len(doc["plots"]) == 3
     again = json.loads(invoke(*args, "--json").stdout)
     assert again["ran"] == [] and again["resumed"] == ["memit/aligned/ote", "memit/naive/ote"]

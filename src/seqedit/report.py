@@ -95,12 +95,18 @@ def _source(settings: dict[str, Any]) -> str:
     return f"{ds} ({', '.join(where)})"
 
 
+# the values protocol in the title line: a reader must not mistake a solver-isolating run for the real one
+_PROTOCOL_TITLE = {"current": "real sequential protocol (values on the current model)",
+                   "original": "frozen values (on the unedited model; isolates the solver)"}
+
+
 def markdown(data: dict[str, Any]) -> str:
     """The report as markdown (tables in the paper's layout plus the protocol and timings)."""
     st, proto = data.get("settings", {}), data.get("protocol", {})
     ds = st.get("dataset", "counterfact")
     lines = [
-        f"# seqedit evaluation: {_source(st)}, {st.get('n')} edits, {data.get('model', {}).get('name')}",
+        f"# seqedit evaluation: {_source(st)}, {st.get('n')} edits, {data.get('model', {}).get('name')}, "
+        f"{_PROTOCOL_TITLE.get(proto.get('values'), 'values ' + str(proto.get('values')))}",
         "",
         f"Batch size {st.get('batch_size')} per sequential step; seed {st.get('seed')} "
         f"(records: {data.get('selection', {}).get('method', 'seeded shuffle')}); "

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
+    JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, load, out, parse_layers, parse_sets, progress_bars,
+    read_facts,
 )
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def bench(
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
     v_steps: Optional[int] = VStepsOpt,
+    sets: Optional[list[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Time an editing run (per step: keys / values / solve / apply) and its efficacy."""
@@ -59,12 +61,13 @@ def bench(
     from ..editor import Editor
     from ..shared_data import counterfact_path
 
+    overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps}
     fs = read_facts(facts or str(counterfact_path()), n, split, "auto")
     lm, load_s = load(model)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
     eval_s = time.perf_counter() - t
-    editor = Editor(lm, layers=parse_layers(layers), lam=lam, v_steps=v_steps)
+    editor = Editor(lm, **{k: v for k, v in overrides.items() if v is not None})
     with progress_bars(not as_json) as cb:
         reports = editor.run(fs, batch_size=batch_size, progress=cb)
     after = _efficacy(lm, fs)

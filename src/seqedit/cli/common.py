@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -42,6 +42,8 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on std
 LayersOpt = typer.Option(None, "--layers", help="Edited layers, comma separated (default: model preset).")
 LamOpt = typer.Option(None, "--lam", help="Preservation weight λ of λ·Σ₀ (default: model preset).")
 VStepsOpt = typer.Option(None, "--v-steps", help="Value-optimisation step budget (default: model preset).")
+SetOpt = typer.Option(None, "--set", help="Override any hyperparameter, NAME=VALUE (repeatable), e.g. "
+                      "--set v_compute_dtype=bfloat16 --set clamp_norm_factor=0.5.")
 LedgerOpt = typer.Option(..., "--ledger", "-l", help="Ledger directory.")
 BaseOpt = typer.Option(None, "--model", "-m", help="Base model (default: the one the ledger records).")
 
@@ -54,6 +56,16 @@ def parse_layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
         return tuple(int(x) for x in spec.split(","))
     except ValueError:
         raise typer.BadParameter(f"--layers must be comma-separated integers, got {spec!r}") from None
+
+
+def parse_sets(items: Optional[list[str]]) -> dict[str, Any]:
+    """``--set NAME=VALUE`` options as typed hyperparameter overrides; a usage error names a bad one."""
+    from ..models.presets import EditHParams
+
+    try:
+        return EditHParams.parse_assignments(items or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from None
 
 
 def parse_csv(value: str, what: str) -> tuple[str, ...]:

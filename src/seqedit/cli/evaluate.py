@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ..progress import Phase
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_csv, parse_layers, progress_bars,
+    JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, fail, load, out, parse_csv, parse_layers, parse_sets,
+    progress_bars,
 )
 
 # the editor's STEPS bar restarts with every configuration of the run
@@ -30,8 +31,12 @@ def eval_(
     alignment: str = typer.Option("aligned", "--alignment", help="Comma list: aligned,naive (,uncorrected,full)."),
     modes: str = typer.Option("se,ote", "--modes", help="Comma list: se (sequential), ote (one-time)."),
     values: str = typer.Option(
-        "original", help="original: values optimised once on the unedited model, shared by all methods and modes; "
-        "current: SE re-optimises values on the edited model at every step (real SE protocol, slow)."),
+        "current", help="current: SE optimises target values on the edited model at every step (the real "
+        "sequential protocol); original: values optimised once on the unedited model and shared by every method "
+        "and mode (isolates the solver)."),
+    checkpoint: bool = typer.Option(
+        False, "--checkpoint", help="SE configurations edit into ledgers under OUT/ledgers; an interrupted run "
+        "continues from the last committed step (one fact per (subject, prompt) slot)."),
     seed: int = typer.Option(0, help="Seed of the record shuffle and of fluency sampling."),
     general_every: int = typer.Option(5, "--general-every", help="General capability + drift every K SE steps (0: final only)."),
     general_n: int = typer.Option(100, "--general-n", help="Examples per general task (0: skip the tasks)."),
@@ -51,6 +56,7 @@ def eval_(
     v_steps: Optional[int] = VStepsOpt,
     stats_tokens: Optional[int] = typer.Option(None, "--stats-tokens", help="Σ₀ token budget (default: preset)."),
     eval_batch_rows: int = typer.Option(64, "--eval-batch-rows", help="Rows per scoring forward."),
+    sets: Optional[list[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Evaluate methods × alignments × SE/OTE on CounterFact or ZsRE: results.json, report.md and plots in --out."""
@@ -60,7 +66,8 @@ def eval_(
     from ..evaluate.runner import run_eval
     from ..report import render, rendered
 
-    overrides = {"layers": parse_layers(layers), "lam": lam, "v_steps": v_steps, "stats_tokens": stats_tokens}
+    overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps,
+                 "stats_tokens": stats_tokens}
     config = EvalConfig(
         model=model, dataset=dataset, n=n, batch_size=batch_size, methods=parse_csv(methods, "--methods"),
         alignments=parse_csv(alignment, "--alignment"), modes=parse_csv(modes, "--modes"), values=values, seed=seed,
@@ -68,7 +75,7 @@ def eval_(
         official_rte_inversion=rte_inversion, retention_every=retention_every, drift_windows=drift_windows,
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
         facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
-        eval_batch_rows=eval_batch_rows,
+        eval_batch_rows=eval_batch_rows, checkpoint=checkpoint,
     )
     try:
         t = time.perf_counter()

@@ -43,7 +43,10 @@ class EvalConfig:
 
     ``split="auto"`` means CounterFact's ``edit`` split (the ``train`` split was used for tuning) and
     none for ZsRE; ``"all"`` uses every record. ``overrides`` replace preset hyperparameters
-    (``layers``, ``lam``, ``v_steps``, ``stats_tokens``, ...). ``general_every``/``retention_every``
+    (``layers``, ``lam``, ``v_steps``, ``stats_tokens``, ...). ``checkpoint``: every SE configuration
+    edits into a ledger under ``out/ledgers/`` and an interrupted run continues from its last committed
+    step; the selection then holds one fact per slot (subject, prompt), since a ledger replaces a
+    slot's earlier fact. ``general_every``/``retention_every``
     are in steps, 0 = final model only. ``general_n``/``drift_windows``/``fluency_n`` = 0 turn that
     metric off. ``fluency_tokens`` is ROME's ``max_out_len`` (tokens per generation, prompt included).
     """
@@ -55,7 +58,7 @@ class EvalConfig:
     methods: tuple[str, ...] = ("memit",)
     alignments: tuple[str, ...] = ("aligned",)
     modes: tuple[str, ...] = ("se", "ote")
-    values: str = "original"
+    values: str = "current"
     seed: int = 0
     general_every: int = 5
     general_n: int = 100
@@ -75,6 +78,7 @@ class EvalConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     stats_corpus: Optional[str] = None
     eval_batch_rows: int = 64
+    checkpoint: bool = False
 
     def resolved_split(self) -> Optional[str]:
         if self.split in (None, "all"):
@@ -117,10 +121,17 @@ class EvalConfig:
         for k in ("methods", "alignments", "modes"):
             d.pop(k)
         d["split"] = self.resolved_split()
+        for k, default in _ADDED_LATER.items():  # absent from older folders' settings: keep them resumable
+            if d[k] == default:
+                d.pop(k)
         d["general_tasks"] = list(self.general_tasks)
         d["overrides"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.overrides.items())
                           if v is not None}
         return d
+
+
+# settings fields added after results.json files were written; omitted from settings() at their default
+_ADDED_LATER = {"checkpoint": False}
 
 
 def _union(old: list, new) -> list:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..facts import Fact
 from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
@@ -40,6 +40,21 @@ def _step_dict(report) -> dict[str, Any]:
     d = report.to_dict()
     d.pop("fact_ids", None)  # the selection's order already names them
     return d
+
+
+class _Offset:
+    """A value source seen from fact ``offset`` on (a resumed run edits ``facts[offset:]``)."""
+
+    def __init__(self, source, offset: int):
+        self.source, self.offset = source, offset
+
+    def value_result(self, lo: int = 0, hi: int | None = None):
+        return self.source.value_result(self.offset + lo, None if hi is None else self.offset + hi)
+
+
+def ledger_folder(folder: Path, label: str) -> Path:
+    """Where a checkpointed configuration keeps its ledger: ``<out>/ledgers/<method>-<alignment>-<mode>``."""
+    return folder / "ledgers" / label.replace("/", "-")
 
 
 class _Run:
@@ -118,37 +133,79 @@ class _Run:
     def final_weights_sha(self) -> str:
         return _weights_sha({l: self.lm.adapter.weight(l) for l in self.hp.layers})
 
-    def config(self, method: str, alignment: str, mode: str,
-               scored: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    def config(self, method: str, alignment: str, mode: str, scored: dict[str, tuple[str, dict[str, Any]]],
+               partial: dict[str, Any] | None = None,
+               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run one configuration. ``scored`` maps the final-weights sha256 of configurations already
-        scored to ``(label, final metrics)`` (see :func:`_scored_finals`)."""
+        scored to ``(label, final metrics)`` (see :func:`_scored_finals`).
+
+        With ``checkpoint`` set, an SE configuration edits into a ledger (:func:`ledger_folder`) and
+        ``save`` receives the entry so far after every step; ``partial`` (that entry, from an
+        interrupted run) continues it from the ledger's last committed step.
+        """
         from ..editor import Editor
 
         c, n = self.cfg, len(self.facts)
+        label = f"{method}/{alignment}/{mode}"
         frozen = c.values == "original" or mode == "ote"
         targets = self.targets() if frozen else None
         self.restore()
         t_start = time.perf_counter()
-        steps, curve, retention = [], [], []
+        ledger = ledger_folder(self.folder, label) if c.checkpoint and mode == "se" else None
+        # The ledger is the truth of what was edited: a run killed after a commit but before results.json
+        # was written continues from it too (the folder's settings and the ledger's manifest both match).
+        prior = (partial or {}) if ledger is not None and ledger.exists() else {}
+        steps, curve, retention = (list(prior.get(k, [])) for k in ("steps", "curve", "retention"))
+        spent = dict(prior.get("seconds_so_far", {}))
         eval_s = 0.0
+
+        def entry(done_edits: int) -> dict[str, Any]:
+            return {"method": method, "alignment": alignment, "mode": mode, "steps": steps, "curve": curve,
+                    "retention": retention, "edited": done_edits, "ledger": str(ledger),
+                    "seconds_so_far": {"edit": spent.get("edit", 0.0) + time.perf_counter() - t0 - eval_s,
+                                       "evaluation": spent.get("evaluation", 0.0) + eval_s}}
+
+        def measure(step: int, edited: int) -> None:
+            nonlocal eval_s
+            t1 = time.perf_counter()
+            if c.general_every and step % c.general_every == 0 and not any(p["step"] == step for p in curve):
+                curve.append({"step": step, "edits": edited, **self.capability()})
+            if c.retention_every and step % c.retention_every == 0 and not any(p["step"] == step for p in retention):
+                retention.append({"step": step, "edits": edited, **self.edit(self.facts[:edited])})
+            eval_s += time.perf_counter() - t1
+
+        done = 0  # steps already committed (a resumed checkpoint)
+        total_steps = -(-n // c.batch_size) if mode == "se" else 1
 
         class Measure:  # between steps: the curves (the final model is scored below, after finalize)
             def on_step_end(_, editor: Editor, report: StepReport, at: RunPosition) -> None:
-                nonlocal eval_s
+                step, edited = done + at.step, done * c.batch_size + at.edited
                 steps.append(_step_dict(report))
-                t0 = time.perf_counter()
-                if not at.last and c.general_every and at.step % c.general_every == 0:
-                    curve.append({"step": at.step, "edits": at.edited, **self.capability()})
-                if not at.last and c.retention_every and at.step % c.retention_every == 0:
-                    retention.append({"step": at.step, "edits": at.edited, **self.edit(self.facts[:at.edited])})
-                eval_s += time.perf_counter() - t0
+                if step < total_steps:
+                    measure(step, edited)
+                if save is not None:
+                    save(entry(edited))
 
-        editor = Editor(self.lm, method=method, mode=MODES[mode], alignment=alignment, hparams=self.hp,
-                        stats_corpus=c.stats_corpus, callbacks=[Measure()])
-        self.say("editing")
         t0 = time.perf_counter()
-        editor.run(self.facts, c.batch_size, self.progress, values=targets if frozen else None)
-        edit_s = time.perf_counter() - t0 - eval_s
+        editor = Editor(self.lm, method=method, mode=MODES[mode], alignment=alignment, hparams=self.hp,
+                        stats_corpus=c.stats_corpus, callbacks=[Measure()],
+                        **({"ledger": ledger, "kv_dtype": "float32"} if ledger is not None else {}))
+        if ledger is not None:
+            done = sum(1 for r in editor.ledger.steps() if r.kind == "apply")
+            for r in editor.ledger.steps()[len(steps):]:  # committed, but killed before results.json
+                steps.append({k: v for k, v in r.info.get("report", {}).items() if k != "fact_ids"})
+            if done:
+                self.say(f"resuming {label} after step {done} of {total_steps} (ledger {ledger})")
+                if done < total_steps:
+                    measure(done, done * c.batch_size)
+        rest = self.facts[done * c.batch_size:]
+        values = None
+        if frozen:
+            values = _Offset(targets, done * c.batch_size) if done else targets
+        self.say("editing")
+        editor.run(rest, c.batch_size, self.progress, values=values)
+        edit_s = spent.get("edit", 0.0) + time.perf_counter() - t0 - eval_s
+        eval_s += spent.get("evaluation", 0.0)
         t0 = time.perf_counter()
         # Bit-identical weights give bit-identical scores, so such a final model is scored once (e.g. a
         # one-step SE and its OTE; over several steps SE reads keys on the edited model and differs).
@@ -160,6 +217,8 @@ class _Run:
         if c.retention_every:
             retention.append({"step": len(steps), "edits": n, **final["edit"]})
         setup = dict(editor.setup_seconds)
+        if ledger is not None:
+            editor.close()
         del editor
         gc.collect()
         step_totals = [s["seconds"]["total"] for s in steps]
@@ -168,8 +227,10 @@ class _Run:
             "values": "original (frozen, unedited model)" if frozen else "current (optimised on the edited model)",
             "n_steps": len(steps), "steps": steps, "final": final, "curve": curve, "retention": retention,
             "final_weights_sha256": sha, "final_reused_from": reused_from,
+            **({"ledger": str(ledger), "continued_after_step": done} if ledger is not None else {}),
             "seconds": {"setup": setup, "edit": edit_s, "mean_step": sum(step_totals) / len(step_totals),
-                        "evaluation": eval_s, "total": time.perf_counter() - t_start},
+                        "evaluation": eval_s,
+                        "total": time.perf_counter() - t_start + spent.get("edit", 0.0) + spent.get("evaluation", 0.0)},
         }
 
 
@@ -199,6 +260,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     selection = select_facts(
         config.dataset, config.n, config.seed, layout=config.layout, split=config.resolved_split(),
         zsre_file=config.zsre_file, zsre_target=config.zsre_target, path=config.facts_path,
+        unique_slots=config.checkpoint,
     )
     lm = _load_model(config, loaded)
     try:
@@ -255,9 +317,18 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
                                           "same_as": r["same_as"], "status": "done"}
                 this_run["reused"].append(label)
             else:
-                entry = run.config(r["method"], r["alignment"], r["mode"], _scored_finals(data["configs"]))
+                partial = data["configs"].get(label) if data["configs"].get(label, {}).get("status") == "running" else None
+
+                def save(entry: dict[str, Any], label: str = label) -> None:
+                    data["configs"][label] = {**entry, "status": "running", "updated": _now()}
+                    store.write()
+
+                entry = run.config(r["method"], r["alignment"], r["mode"], _scored_finals(data["configs"]),
+                                   partial, save)
                 data["configs"][label] = {**entry, "status": "done", "completed": _now()}
                 this_run["ran"].append(label)
+                if entry.get("continued_after_step"):
+                    this_run.setdefault("continued", []).append(label)
             this_run["wall_seconds"] = time.perf_counter() - t_run
             store.write()
             emit(progress, ProgressEvent(Phase.CONFIGS, advance=1, total=len(runs)))

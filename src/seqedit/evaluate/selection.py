@@ -29,9 +29,10 @@ class Selection:
     source: str
     n_available: int
     seed: int
+    skipped_same_slot: tuple[str, ...] = ()  # ids passed over because their slot was already selected
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "source": self.source,
             "n_available": self.n_available,
             "n": len(self.facts),
@@ -39,6 +40,10 @@ class Selection:
             "method": "random.Random(seed).shuffle of the record indices, first n kept, in that order",
             "fact_ids": [f.id for f in self.facts],
         }
+        if self.skipped_same_slot:
+            out["method"] += " (one record per slot: later records of a selected (subject, prompt) passed over)"
+            out["skipped_same_slot"] = list(self.skipped_same_slot)
+        return out
 
 
 def source_path(dataset: str, layout: str = "knowedit", zsre_file: str = "mend-eval", path: str | None = None) -> Path:
@@ -66,9 +71,12 @@ def select_facts(
     zsre_file: str = "mend-eval",
     zsre_target: str = "answers",
     path: str | None = None,
+    unique_slots: bool = False,
 ) -> Selection:
     """``n`` facts of ``dataset`` drawn by a seeded shuffle. ``split`` (CounterFact) restricts the pool
-    first; ``zsre_target`` picks the ZsRE convention (``answers[0]``, ROME/MEMIT, or ``alt``, EasyEdit)."""
+    first; ``zsre_target`` picks the ZsRE convention (``answers[0]``, ROME/MEMIT, or ``alt``, EasyEdit).
+    ``unique_slots`` passes over a record whose (subject, prompt) slot is already selected (CounterFact
+    has multi-valued relations such as twin cities, which a ledger treats as replacements)."""
     if n < 1:
         raise SeqEditError(f"n must be >= 1, got {n}")
     src = source_path(dataset, layout, zsre_file, path)
@@ -86,4 +94,16 @@ def select_facts(
     facts = [f if f.id else f.with_id(f"{prefix}-{f.meta.get('record', i + 1)}") for i, f in enumerate(facts)]
     order = list(range(len(facts)))
     random.Random(seed).shuffle(order)
-    return Selection([facts[i] for i in order[:n]], str(src), len(facts), seed)
+    if not unique_slots:
+        return Selection([facts[i] for i in order[:n]], str(src), len(facts), seed)
+    chosen, skipped, slots = [], [], set()
+    for i in order:
+        if len(chosen) == n:
+            break
+        slot = (facts[i].subject, facts[i].prompt)
+        (skipped if slot in slots else chosen).append(facts[i])
+        slots.add(slot)
+    if len(chosen) < n:
+        raise SeqEditError(f"{src} has {len(chosen)} records with distinct (subject, prompt) slots"
+                           f"{f' in split {split!r}' if split else ''}, fewer than n={n}")
+    return Selection(chosen, str(src), len(facts), seed, tuple(f.id for f in skipped))

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class EditHParams:
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp·‖h0‖
     early_stop_loss: float = 5e-2
     v_batch_facts: int = 50  # facts optimised together (memory bound, results do not depend on it)
+    # matmul precision of the value optimisation: "float32", or "bfloat16"/"float16" autocast (the
+    # optimised δ and every returned value stay float32/float64; see locate/values.py)
+    v_compute_dtype: str = "float32"
     # context templates averaged into keys and values
     n_context_templates: int = 5
     context_template_len: int = 10  # total tokens per generated template, prompt word included
@@ -52,6 +58,8 @@ class EditHParams:
         object.__setattr__(self, "layers", layers)
         if not self.lam >= 0:  # also refuses NaN
             raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if self.v_compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"v_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.v_compute_dtype!r}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
 
@@ -67,6 +75,36 @@ class EditHParams:
             raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **kw)
 
+    @classmethod
+    def parse_assignments(cls, items: Sequence[str]) -> dict[str, Any]:
+        """``["lam=5000", "layers=4,5,6", "v_compute_dtype=bfloat16"]`` as typed overrides.
+
+        Each value is converted to its field's type (``layers``: comma-separated integers); a
+        ``ValueError`` names an unknown field or a value that does not convert.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for item in items:
+            name, sep, raw = item.partition("=")
+            name, raw = name.strip(), raw.strip()
+            if not sep or not name or not raw:
+                raise ValueError(f"hyperparameter assignment must be NAME=VALUE, got {item!r}")
+            if name not in fields:
+                raise ValueError(f"unknown hyperparameter {name!r}; known: {', '.join(sorted(fields))}")
+            kind = type(getattr(_REFERENCE, name))
+            try:
+                if name == "layers":
+                    out[name] = tuple(int(x) for x in raw.split(","))
+                elif kind is int:
+                    out[name] = int(raw)
+                elif kind is float:
+                    out[name] = float(raw)
+                else:
+                    out[name] = raw
+            except ValueError:
+                raise ValueError(f"hyperparameter {name} takes a {kind.__name__}, got {raw!r}") from None
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
@@ -79,6 +117,9 @@ class EditHParams:
         if unknown:
             raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+_REFERENCE = EditHParams(layers=(0,))  # field types for parse_assignments
 
 
 # Keyed by a lower-case substring of the model name / path; first match wins.
