@@ -36,12 +36,12 @@ from seqedit.models.presets import EditHParams
 # name -> overrides of the preset; every configuration of the sweep is listed here, in run order
 CONFIGS: dict[str, dict[str, Any]] = {
     "base": {},
-    "lam5k": {"lam": 5000.0},
-    "lam15k": {"lam": 15000.0},
     "clamp0.4": {"clamp_norm_factor": 0.4},
+    "lam5k": {"lam": 5000.0},
     "clamp0.25": {"clamp_norm_factor": 0.25},
     "lam5k-clamp0.4": {"lam": 5000.0, "clamp_norm_factor": 0.4},
     "L4-11-lam5k": {"layers": (4, 5, 6, 7, 8, 9, 10, 11), "lam": 5000.0},
+    "lam15k": {"lam": 15000.0},
     "lr0.5-steps20": {"v_lr": 0.5, "v_steps": 20},
 }
 # fixed for every configuration: bf16 value optimisation (2.2x faster, same edits: docs/performance.md)

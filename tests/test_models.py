@@ -288,3 +288,21 @@ def test_embedded_smollm2_dequantise_then_cache(tmp_path, monkeypatch):
     with torch.no_grad():
         top = second.model(ids).logits[0, -1].argmax().item()
     assert tok.decode([top]).strip() == "Paris"  # the dequantised weights are a working model
+
+
+def test_paper_models_have_the_paper_and_the_public_json_presets() -> None:
+    from seqedit.models.presets import preset_for, preset_variants
+
+    for name, n_layers, layers, lam_json in (("EleutherAI/gpt-j-6b", 28, (3, 4, 5, 6, 7, 8), 15000.0),
+                                             ("meta-llama/Meta-Llama-3-8B-Instruct", 32, (4, 5, 6, 7, 8), 15000.0),
+                                             ("Qwen/Qwen2.5-7B-Instruct", 28, (4, 5, 6, 7, 8), 15000.0),
+                                             ("gpt2-xl", 48, (13, 14, 15, 16, 17), 20000.0)):
+        assert preset_variants(name) == ("paper", "public-json")
+        paper, public = preset_for(name, n_layers), preset_for(name, n_layers, "public-json")
+        assert paper == preset_for(name, n_layers, "paper") and paper.lam == 3000.0  # the default: Appendix B.4
+        assert public.lam == lam_json and paper.layers == public.layers == layers
+    with pytest.raises(ValueError, match="no preset variant 'paper'; it has tuned"):
+        preset_for("smollm2-135m", 30, "paper")
+    with pytest.raises(ValueError, match="no named presets"):
+        preset_for("mistralai/Mistral-7B-v0.1", 32, "public-json")
+    assert preset_for("mistralai/Mistral-7B-v0.1", 32).layers == (4, 5, 6, 7, 8)
