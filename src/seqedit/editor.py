@@ -27,9 +27,9 @@ from .bank import LayerBank
 from .errors import SeqEditError
 from .facts import Fact
 from .ledger import export as ledger_export
-from .ledger.manifest import build_manifest, check_base, check_storage, reconcile
+from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile
 from .ledger.session import Constraints, LedgerSession, check_journalable
-from .ledger.store import Ledger, LedgerError, StepRecord
+from .ledger.store import Ledger, StepRecord
 from .ledger.verify import VerifyReport
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
@@ -145,10 +145,7 @@ class Editor:
         default the name the ledger records) in ``dtype`` (default the dtype the ledger records, which
         its base fingerprint includes) placed by ``device_map`` (:func:`~seqedit.load_model`).
         ``kwargs`` go to the constructor (``solve_device``, ``callbacks``, ...)."""
-        if not Ledger.exists(path):
-            raise LedgerError(f"{path} is not a ledger (no journal there)")
-        with Ledger(path) as L:
-            base = L.manifest["base"]
+        base = recorded_base(path)
         lm = load_model(model or base["name"], dtype=dtype or base.get("dtype"), device_map=device_map)
         return cls(lm, ledger=path, **kwargs)
 

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ def _efficacy(lm: LoadedModel, fs: Sequence[Fact]) -> dict[str, Any]:
 @app.command()
 def bench(
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
     n: int = typer.Option(200, "--n", help="Number of facts."),
     batch_size: int = typer.Option(100, "--batch-size", "-b"),
@@ -60,7 +62,7 @@ def bench(
     from ..shared_data import counterfact_path
 
     fs = read_facts(facts or str(counterfact_path()), n, split, "auto")
-    lm, load_s = load(model)
+    lm, load_s = load(model, dtype, device_map)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
     eval_s = time.perf_counter() - t
@@ -127,6 +129,8 @@ def bench(
 @app.command()
 def demo(
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     n: int = typer.Option(3, "--n", help="How many CounterFact facts to edit."),
 ) -> None:
     """Edit a few real CounterFact facts and show the model's answers before and after."""
@@ -136,7 +140,7 @@ def demo(
 
     t0 = time.perf_counter()
     fs = read_facts(str(counterfact_path()), n, "train", "auto")
-    lm, load_s = load(model)
+    lm, load_s = load(model, dtype, device_map)
     out.print(f"loaded {lm.name} in {load_s:.1f} s")
 
     def snapshot() -> list[tuple[str, float, float]]:

@@ -32,7 +32,7 @@ from ..atomic import atomic_write_json
 from ..errors import ModelLoadError
 from ..paths import cache_dir
 from .arch import ModelAdapter, spec_for_model_type
-from .placement import input_device, read_param
+from .placement import HOST, input_device, read_param
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,6 +48,7 @@ __all__ = [
     "tokenizer_fingerprint",
     "load_model",
     "parse_device_map",
+    "resolve_dtype",
     "wrap_model",
 ]
 
@@ -174,7 +175,7 @@ def load_model(
     one, else the CPU. An unsupported ``config.model_type`` raises ``UnsupportedArchitectureError``
     before any weight is read.
     """
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     device_map = device_map if device_map is not None else _default_device()
     if name_or_path.lower() in EMBEDDED_ALIASES:
         path, kwargs, name = str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
@@ -185,7 +186,7 @@ def load_model(
 
 
 def _default_device() -> torch.device:
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device(type="cpu")
+    return torch.device("cuda", 0) if torch.cuda.is_available() else HOST
 
 
 def parse_device_map(value: str | None) -> str | dict | None:
@@ -227,7 +228,9 @@ def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
     raise TypeError(f"expected a LoadedModel, a model name or an HF model, got {type(model).__name__}")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """``dtype`` as :func:`load_model` takes it (``None``: float32; ``"bf16"``, ``"torch.float16"`` …
+    accepted; ``"auto"`` kept); ``ValueError`` naming it when unknown."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype) or dtype == "auto":
