@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers,
+    progress_bars, read_facts,
 )
 
 if TYPE_CHECKING:

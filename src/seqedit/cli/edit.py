@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ..progress import Phase, ProgressEvent, counter, emit
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_layers, progress_bars, read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out,
+    parse_layers, progress_bars, read_facts,
 )
 
 
@@ -131,11 +132,22 @@ def stats(
     tokens: Optional[int] = typer.Option(None, help="Token budget (default: model preset)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass."""
-    from ..locate.stats import layer_stats
+    """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass.
+
+    Under ``torchrun --nproc-per-node N -m seqedit.cli stats …`` (or ``accelerate launch``) the corpus
+    is split over the N processes (one GPU each) and their sums are all-reduced; rank 0 writes the cache.
+    """
+    import os
+
+    import torch
+
+    from ..locate.stats import join_launched_group, layer_stats
     from ..models.presets import preset_for
     from ..shared_data import wikitext_path
 
+    rank, world = join_launched_group()
+    if world > 1 and device_map is None and torch.cuda.is_available():
+        device_map = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     lm, _ = load(model, dtype, device_map)
     hp = preset_for(lm.name, lm.adapter.n_layers).override(layers=parse_layers(layers), stats_tokens=tokens)
     path = corpus or wikitext_path("valid")
@@ -148,6 +160,8 @@ def stats(
             on_total=(lambda k: emit(cb, ProgressEvent(Phase.STATS, total=k, start=True))) if cb else None,
         )
     secs = time.perf_counter() - t
+    if rank != 0:  # one report for the whole group
+        return
     rows = {
         l: {"tokens": s.count, "trace": float(s.sigma0.trace()), "d_in": s.gram.shape[0]} for l, s in st.items()
     }

@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, console, fail, load, out, parse_layers, progress_bars,
-    read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, console, fail, load, out,
+    parse_layers, progress_bars, read_facts,
 )
 
 if TYPE_CHECKING:

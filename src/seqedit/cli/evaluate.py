@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ..progress import Phase
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_csv, parse_layers, progress_bars,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_csv,
+    parse_layers, progress_bars,
 )
 
 # the editor's STEPS bar restarts with every configuration of the run

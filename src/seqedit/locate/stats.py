@@ -83,6 +83,17 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def join_launched_group() -> tuple[int, int]:
+    """Join the process group a launcher describes in the environment (``torchrun``, ``accelerate
+    launch``: ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``/``MASTER_PORT``), NCCL on GPUs and gloo
+    otherwise, unless one is initialised already. Returns ``(rank, world size)``; ``(0, 1)`` unlaunched."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _world()
+
+
 def stats_memory(loaded, layers: Sequence[int], chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict[torch.device, int]:
     """Bytes the accumulators of :func:`collect_stats` hold per device: one float64 ``[d_in, d_in]``
     Gram matrix per layer (on the device the layer computes on) and one float64 ``[chunk_tokens, d_in]``
