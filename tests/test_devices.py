@@ -215,6 +215,19 @@ def test_fingerprint_is_cached_per_checkpoint(tmp_path, cache, monkeypatch) -> N
     half = load_model(str(tmp_path / "m"), dtype="bf16", device_map="cpu")
     assert half.fingerprint != first.fingerprint and len(calls) == 2  # another dtype, another entry
 
+    # a hub id is cached through its snapshot directory in the HF cache
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    src.model.save_pretrained(repo / "snapshots" / ("a" * 40))
+    src.tokenizer.save_pretrained(repo / "snapshots" / ("a" * 40))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fingerprints = {load_model("org/tiny", device_map="cpu").fingerprint for _ in range(2)}
+    assert fingerprints == {src.fingerprint} and len(calls) == 3
+
 
 def test_device_map_and_dtype_settings_are_checked() -> None:
     assert parse_device_map('{"model.layers.0": "cpu", "lm_head": 0}') == {"model.layers.0": "cpu", "lm_head": 0}

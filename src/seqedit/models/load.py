@@ -275,14 +275,28 @@ def _load_hf(path: str, name: str, dtype: torch.dtype | str, device_map: Any, kw
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {exc}") from exc
-    return wrap_model(model, tokenizer, name, _cached_fingerprint(Path(path), model))
+    return wrap_model(model, tokenizer, name, _cached_fingerprint(_checkpoint_dir(path, kwargs), model))
 
 
-def _cached_fingerprint(path: Path, model: nn.Module) -> str:
-    """:func:`fingerprint_model` of a model just loaded from ``path``, cached per (directory, files'
-    names, sizes and mtimes, dtype): hashing a 7B model reads every byte (~15 GB), once, not per load.
-    A hub id (not a local directory) is hashed every time."""
-    if not path.is_dir():
+def _checkpoint_dir(path: str, kwargs: dict) -> Path | None:
+    """The local directory holding ``path``'s files: ``path`` itself, or a hub id's snapshot in the HF
+    cache (``None`` when it cannot be found without the network)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(path, "config.json", **{**kwargs, "local_files_only": True})
+    except (OSError, ValueError):
+        return None
+    return Path(config).parent if config else None
+
+
+def _cached_fingerprint(path: Path | None, model: nn.Module) -> str:
+    """:func:`fingerprint_model` of a model just loaded from the checkpoint directory ``path``, cached per
+    (directory, files' names, sizes and mtimes, dtypes): hashing a 7B model reads every byte (~15 GB),
+    once, not per load. Without a directory the model is hashed every time."""
+    if path is None:
         return fingerprint_model(model)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
