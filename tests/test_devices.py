@@ -256,6 +256,18 @@ def test_solve_device_follows_the_layers_accelerator() -> None:
     assert set(editor.bank.solve_device.values()) == {HOST}
 
 
+def test_a_solve_state_too_large_for_its_gpu_is_refused_before_any_allocation(monkeypatch) -> None:
+    import seqedit.bank as bank_mod
+
+    lm = tiny_model("llama")
+    bank = LayerBank(lm.adapter, Editor(lm, **HP).spec, LAYERS, 10.0, solve_device="cuda:0")
+    assert bank.state_bytes() == {torch.device("cuda", 0): 2 * 8 * (3 * 64 * 64 + 2 * 32 * 64)}
+    monkeypatch.setattr(bank_mod, "free_bytes", lambda device: 1000)
+    with pytest.raises(PlacementError, match="solve_device='cpu'"):
+        bank.init({l: torch.eye(64, dtype=torch.float64) for l in LAYERS})
+    assert not bank.ready and not bank.master
+
+
 # ----------------------------------------------------------------------------- Σ₀ in bounded memory
 
 
@@ -272,7 +284,7 @@ def test_stats_chunks_give_the_same_gram_and_a_too_large_config_fails_first(tmp_
 
     corpus = tmp_path / "c.txt"
     corpus.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(stats_mod, "_free_bytes", lambda device: 1000)
+    monkeypatch.setattr(stats_mod, "free_bytes", lambda device: 1000)
     monkeypatch.setattr(stats_mod, "token_windows", lambda *a, **k: pytest.fail("worked before refusing"))
     with pytest.raises(PlacementError, match="GiB of float64 accumulators"):
         layer_stats(lm, LAYERS, corpus, 800, 64)

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .methods import Capabilities, LayerMethodState, MethodSpec
-from .models.placement import HOST
+from .errors import PlacementError
+from .models.placement import HOST, free_bytes
 
 __all__ = ["LayerBank", "WeightIO", "default_solve_device"]
 
@@ -96,6 +97,7 @@ class LayerBank:
         missing = [l for l in self.layers if l not in sigma0]
         if missing:
             raise ValueError(f"Σ₀ is missing for edited layers {missing}")
+        self.check_fit()
         sigma0 = {l: self._on(l, sigma0[l]) for l in self.layers}
         for layer in self.layers:
             if layer not in self.w0:
@@ -103,6 +105,29 @@ class LayerBank:
             self.states[layer] = self.spec.init_layer(sigma0[layer], self.lam, self.w0[layer])
             self._set_master(layer, self.w0[layer].clone())
         self.sigma0 = sigma0 if self.keep_sigma0 else {}
+
+    def state_bytes(self) -> dict[torch.device, int]:
+        """Bytes of float64 state per solve device, at least: per layer A and its factor (2·d_in²·8), Σ₀
+        while it is moved there (d_in²·8), W₀ and the master (2·d_out·d_in·8)."""
+        need: dict[torch.device, int] = {}
+        for l in self.layers:
+            d_out, d_in = self.weights.weight(l).shape
+            dev = self.solve_device[l]
+            need[dev] = need.get(dev, 0) + 8 * (3 * d_in * d_in + 2 * d_out * d_in)
+        return need
+
+    def check_fit(self) -> None:
+        """Refuse (``PlacementError``), before anything is allocated, a state that cannot fit on its
+        accelerator; the host is not checked (it pages rather than fails)."""
+        for dev, need in self.state_bytes().items():
+            free = None if dev.type == HOST.type else free_bytes(dev)
+            if free is not None and need > free:
+                layers = [l for l in self.layers if self.solve_device[l] == dev]
+                raise PlacementError(
+                    f"the float64 state of layers {layers} needs {need / 2**30:.1f} GiB on {dev}, "
+                    f"{free / 2**30:.1f} GiB are free: pass solve_device='cpu' (the state then lives in host "
+                    "memory and the solves run there) or edit fewer layers"
+                )
 
     def _on(self, layer: int, X: Tensor | None) -> Tensor | None:
         """``X`` as float64 on ``layer``'s solve device (no copy when it is already)."""

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_write
 from ..errors import PlacementError
+from ..models.placement import free_bytes
 from ..paths import cache_dir
 from .tokens import pad_id_of
 from .trace import capture_inputs, hooks, run_truncated, stop_after
@@ -108,20 +109,10 @@ def stats_memory(loaded, layers: Sequence[int], chunk_tokens: int = DEFAULT_CHUN
     return need
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (``None`` when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_stats_fit(loaded, layers: Sequence[int], chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
     """Raise :class:`~seqedit.errors.PlacementError` before any work when the accumulators cannot fit."""
     for dev, need in stats_memory(loaded, layers, chunk_tokens).items():
-        free = _free_bytes(dev)
+        free = free_bytes(dev)
         if free is not None and need > free:
             raise PlacementError(
                 f"Σ₀ for layers {list(layers)} needs {need / 2**30:.2f} GiB of float64 accumulators on {dev}, "

@@ -14,6 +14,7 @@ a write must go into (or a clear :class:`~seqedit.errors.PlacementError`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..errors import PlacementError
 
-__all__ = ["HOST", "compute_device", "input_device", "read_param", "write_target"]
+__all__ = ["HOST", "compute_device", "free_bytes", "input_device", "read_param", "write_target"]
 
 HOST = torch.device("cpu")  # the one spelling of the host device; everything else follows tensors
 _META = torch.device("meta")
@@ -107,6 +108,19 @@ def compute_device(module: nn.Module, name: str = "weight") -> torch.device:
         if dev is not None:
             return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
     return read_param(module, name).device
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` in bytes: the accelerator's, or the host's available RAM (``None`` when
+    unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != HOST.type:
+        return None
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def input_device(model: nn.Module) -> torch.device:
