@@ -365,3 +365,18 @@ def test_no_stray_device_or_dtype_literals() -> None:
         rel = path.relative_to(SRC).as_posix()
         if rel != "models/placement.py":
             assert not [l for k, l in _literals(path) if k == "parameters"], f"{rel} guesses the device"
+
+
+def test_cli_dtype_and_device_map_options(tmp_path, cache) -> None:
+    from seqedit.cli import app
+
+    src = tiny_model("llama")
+    src.model.save_pretrained(tmp_path / "m")
+    src.tokenizer.save_pretrained(tmp_path / "m")
+    run = CliRunner().invoke
+    ok = run(app, ["generate", "Hello", "-m", str(tmp_path / "m"), "--dtype", "bf16", "--device-map",
+                   '{"": "cpu"}', "--max-new-tokens", "2", "--json"])
+    assert ok.exit_code == 0, ok.output
+    for flag, value in (("--dtype", "float13"), ("--device-map", "{oops")):
+        bad = run(app, ["generate", "Hello", "-m", str(tmp_path / "m"), flag, value])
+        assert bad.exit_code == 2 and "error:" in bad.output and value in bad.output and "Traceback" not in bad.output
