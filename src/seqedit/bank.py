@@ -19,8 +19,8 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import Tensor
 
-from .methods import Capabilities, LayerMethodState, MethodSpec
 from .errors import PlacementError
+from .methods import Capabilities, LayerMethodState, MethodSpec
 from .models.placement import HOST, free_bytes
 
 __all__ = ["LayerBank", "WeightIO", "default_solve_device"]

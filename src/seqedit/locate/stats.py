@@ -4,8 +4,8 @@ The pass hooks the FFN-out input of every requested layer and stops after the de
 layer above it runs. Gram matrices are accumulated in float64 on the device each layer computes on,
 in chunks of keys, so memory does not grow with the corpus; a configuration that cannot fit is
 refused before any work. Under ``torch.distributed`` the batches are split over the ranks and one
-all-reduce sums the Gram matrices (data-parallel Σ₀ for corpora of tens of millions of tokens). Results are cached
-on disk per layer, keyed by model fingerprint, corpus hash, token budget, sequence length and
+all-reduce sums the Gram matrices (data-parallel Σ₀ for corpora of tens of millions of tokens).
+Results are cached on disk per layer, keyed by model fingerprint, corpus hash, token budget, sequence length and
 sampling seed; a later request computes only the layers that are missing.
 """
 
