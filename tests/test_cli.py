@@ -103,7 +103,7 @@ def test_edit_reports_steps_and_saves_the_edited_model(model_dir: Path, facts_fi
         assert s["final_residual"] < s["target_norm"]
     assert data["saved"] == str(saved)
 
-    base, edited = load_model(str(model_dir), device="cpu"), load_model(str(saved), device="cpu")
+    base, edited = load_model(str(model_dir), device_map="cpu"), load_model(str(saved), device_map="cpu")
     before = dict(base.model.named_parameters())
     diff = {n for n, p in edited.model.named_parameters() if not torch.equal(p, before[n])}
     assert diff == {f"{base.adapter.ffn_out_name(l)}.weight" for l in (1, 2)}
@@ -111,7 +111,7 @@ def test_edit_reports_steps_and_saves_the_edited_model(model_dir: Path, facts_fi
 
 def test_generate_json_matches_the_api(model_dir: Path) -> None:
     data = invoke_json("generate", "Hello", "--model", model_dir)
-    expected = greedy_completions(load_model(str(model_dir), device="cpu"), ["Hello"], 12)
+    expected = greedy_completions(load_model(str(model_dir), device_map="cpu"), ["Hello"], 12)
     assert data == {"model": str(model_dir), "completions": {"Hello": expected[0]}}
 
 
@@ -119,7 +119,7 @@ def test_stats_json_matches_the_api(model_dir: Path) -> None:
     data = invoke_json("stats", "--model", model_dir, "--layers", "1,2", "--tokens", "500")
     assert data["corpus"] == str(wikitext_path("valid"))
     assert set(data["layers"]) == {"1", "2"}
-    st = layer_stats(load_model(str(model_dir), device="cpu"), (1, 2), wikitext_path("valid"), 500, 256)
+    st = layer_stats(load_model(str(model_dir), device_map="cpu"), (1, 2), wikitext_path("valid"), 500, 256)
     for layer, row in data["layers"].items():
         assert row["d_in"] == 64 and row["tokens"] == st[int(layer)].count >= 500
         assert row["trace"] == pytest.approx(float(st[int(layer)].sigma0.trace()), rel=1e-12)

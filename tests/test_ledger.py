@@ -452,9 +452,9 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     ed = make_editor(path)
     apply_facts(ed, [fact(0), fact(1)])
     ed.close()
-    from seqedit.cli import ledger as cli_ledger
+    from seqedit import editor as editor_mod
 
-    monkeypatch.setattr(cli_ledger, "load", lambda name: (tiny_model("llama"), 0.0))
+    monkeypatch.setattr(editor_mod, "load_model", lambda name, **kw: tiny_model("llama"))
     run = CliRunner().invoke
 
     r = run(cli.app, ["log", "--ledger", str(path), "--json"])

@@ -111,12 +111,12 @@ def test_load_local_dir_round_trip(tmp_path):
     """A saved model reloads with the same fingerprint and the seqedit tokenizer conventions."""
     lm = tiny_model("qwen3")
     _save(lm, tmp_path)
-    loaded = load_model(str(tmp_path), device="cpu")
+    loaded = load_model(str(tmp_path), device_map="cpu")
     assert loaded.fingerprint == lm.fingerprint
-    assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    assert loaded.input_device.type == "cpu" and loaded.dtype == torch.float32
     assert loaded.tokenizer.padding_side == "right" and loaded.tokenizer.pad_token == SPECIAL_TOKEN
     assert not loaded.model.training
-    half = load_model(str(tmp_path), dtype="bf16", device="cpu")
+    half = load_model(str(tmp_path), dtype="bf16", device_map="cpu")
     assert half.dtype == torch.bfloat16 and half.fingerprint != lm.fingerprint
 
 
@@ -124,7 +124,7 @@ def test_pad_token_defaults_to_eos(tmp_path):
     lm = tiny_model("gpt2")
     lm.tokenizer.pad_token = None
     _save(lm, tmp_path)
-    tok = load_model(str(tmp_path), device="cpu").tokenizer
+    tok = load_model(str(tmp_path), device_map="cpu").tokenizer
     assert tok.pad_token == tok.eos_token == SPECIAL_TOKEN
 
 
@@ -196,13 +196,13 @@ def test_unsupported_dir_fails_before_weights(tmp_path, model_type):
     # A config without weights: the error must be about the architecture, not missing weights.
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}.*supports .*qwen3"):
-        load_model(str(tmp_path), device="cpu")
+        load_model(str(tmp_path), device_map="cpu")
 
 
 def test_missing_path_is_load_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError):
-        load_model(str(tmp_path / "nowhere"), device="cpu")
+        load_model(str(tmp_path / "nowhere"), device_map="cpu")
 
 
 # --- embedded model plumbing (no dequantising) --------------------------------------------------------
@@ -271,9 +271,9 @@ def test_cache_dir_failed_build_leaves_nothing(tmp_path):
 def test_embedded_smollm2_dequantise_then_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SEQEDIT_CACHE", str(tmp_path))
     t0 = time.perf_counter()
-    first = load_model("smollm2-135m", device="cpu")
+    first = load_model("smollm2-135m", device_map="cpu")
     t1 = time.perf_counter()
-    second = load_model("embedded", device="cpu")
+    second = load_model("embedded", device_map="cpu")
     t2 = time.perf_counter()
     print(f"\nsmollm2-135m: first load (dequantise + cache) {t1 - t0:.1f} s, cached load {t2 - t1:.1f} s")
     assert t2 - t1 < 15

@@ -17,6 +17,7 @@ from .errors import (
     IllConditionedError,
     LocateError,
     ModelLoadError,
+    PlacementError,
     SeqEditError,
     UnsupportedArchitectureError,
 )
@@ -69,5 +70,6 @@ __all__ = [
     "LocateError",
     "ModelLoadError",
     "IllConditionedError",
+    "PlacementError",
     "UnsupportedArchitectureError",
 ]

@@ -19,18 +19,29 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from .errors import PlacementError
 from .methods import Capabilities, LayerMethodState, MethodSpec
+from .models.placement import HOST, free_bytes
 
-__all__ = ["LayerBank", "WeightIO"]
+__all__ = ["LayerBank", "WeightIO", "default_solve_device"]
 
 
 class WeightIO(Protocol):
     """Where the edited matrices live: ``weight(ℓ)`` / ``set_weight(ℓ, W)`` in math layout ``[d_out, d_in]``
-    (:class:`~seqedit.models.arch.ModelAdapter` is one)."""
+    (:class:`~seqedit.models.arch.ModelAdapter` is one). An implementation may also have ``device(ℓ)``,
+    where layer ℓ computes (the default solve device); without it the weight's own device is used."""
 
     def weight(self, layer: int) -> Tensor: ...
 
     def set_weight(self, layer: int, w_math: Tensor) -> None: ...
+
+
+def default_solve_device(weights: WeightIO, layer: int) -> torch.device:
+    """The accelerator layer ``layer`` computes on, else the host: the float64 state of a layer sits next
+    to its weight when that is on a GPU, and on the CPU otherwise (CPU or offloaded weights)."""
+    where = getattr(weights, "device", None)
+    dev = torch.device(where(layer)) if where is not None else weights.weight(layer).device
+    return dev if dev.type not in (HOST.type, "meta") else HOST
 
 
 class LayerBank:
@@ -40,11 +51,18 @@ class LayerBank:
     before any change; ``w0`` is read from ``weights`` at the first ``init`` and must be the base weight.
     ``keep_sigma0`` keeps Σ₀ after ``init`` (needed to re-initialise, rebuild or verify; a ledger keeps
     it), otherwise it is dropped to save ``d_in²`` float64 per layer.
+
+    ``solve_device``: where each layer's float64 state (normal-equation system, W₀, master, Σ₀) lives and
+    is solved; default :func:`default_solve_device` per layer (the layer's GPU, else the CPU). It costs
+    ``d_in²`` × 8 bytes for A plus as much for its factor per layer (~3.3 GB at d_in = 14,336), with
+    ``d_out·d_in`` × 8 bytes each for W₀ and the master: pass ``"cpu"`` on a small GPU.
     """
 
     def __init__(self, weights: WeightIO, spec: MethodSpec, layers: tuple[int, ...], lam: float, *,
-                 keep_sigma0: bool = False) -> None:
+                 keep_sigma0: bool = False, solve_device: torch.device | str | None = None) -> None:
         self.weights = weights
+        self.solve_device = {l: torch.device(solve_device) if solve_device is not None
+                             else default_solve_device(weights, l) for l in layers}
         self.spec = spec
         self.layers = tuple(layers)
         self.lam = float(lam)
@@ -79,12 +97,41 @@ class LayerBank:
         missing = [l for l in self.layers if l not in sigma0]
         if missing:
             raise ValueError(f"Σ₀ is missing for edited layers {missing}")
+        self.check_fit()
+        sigma0 = {l: self._on(l, sigma0[l]) for l in self.layers}
         for layer in self.layers:
             if layer not in self.w0:
-                self.w0[layer] = self.weights.weight(layer).to(torch.float64).cpu().clone()
+                self.w0[layer] = self._on(layer, self.weights.weight(layer)).clone()
             self.states[layer] = self.spec.init_layer(sigma0[layer], self.lam, self.w0[layer])
             self._set_master(layer, self.w0[layer].clone())
-        self.sigma0 = dict(sigma0) if self.keep_sigma0 else {}
+        self.sigma0 = sigma0 if self.keep_sigma0 else {}
+
+    def state_bytes(self) -> dict[torch.device, int]:
+        """Bytes of float64 state per solve device, at least: per layer A and its factor (2·d_in²·8), Σ₀
+        while it is moved there (d_in²·8), W₀ and the master (2·d_out·d_in·8)."""
+        need: dict[torch.device, int] = {}
+        for l in self.layers:
+            d_out, d_in = self.weights.weight(l).shape
+            dev = self.solve_device[l]
+            need[dev] = need.get(dev, 0) + 8 * (3 * d_in * d_in + 2 * d_out * d_in)
+        return need
+
+    def check_fit(self) -> None:
+        """Refuse (``PlacementError``), before anything is allocated, a state that cannot fit on its
+        accelerator; the host is not checked (it pages rather than fails)."""
+        for dev, need in self.state_bytes().items():
+            free = None if dev.type == HOST.type else free_bytes(dev)
+            if free is not None and need > free:
+                layers = [l for l in self.layers if self.solve_device[l] == dev]
+                raise PlacementError(
+                    f"the float64 state of layers {layers} needs {need / 2**30:.1f} GiB on {dev}, "
+                    f"{free / 2**30:.1f} GiB are free: pass solve_device='cpu' (the state then lives in host "
+                    "memory and the solves run there) or edit fewer layers"
+                )
+
+    def _on(self, layer: int, X: Tensor | None) -> Tensor | None:
+        """``X`` as float64 on ``layer``'s solve device (no copy when it is already)."""
+        return None if X is None else X.to(device=self.solve_device[layer], dtype=torch.float64)
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         """``{layer: {"state": state_dict, "master": W}}``; tensors are shared, never modified later."""
@@ -96,8 +143,8 @@ class LayerBank:
             self.init()
             return
         for layer, s in snapshot.items():
-            self.states[layer] = LayerMethodState.from_state_dict(s["state"])
-            self._set_master(layer, s["master"].to(torch.float64))
+            self.states[layer] = LayerMethodState.from_state_dict(s["state"], device=self.solve_device[layer])
+            self._set_master(layer, self._on(layer, s["master"]))
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -151,6 +198,7 @@ class LayerBank:
         removal); with removals the exact update of the layer's system (forms with ``removal="system"``).
         """
         W = self.master[layer]
+        K_add, V_add, K_rem, V_rem = (self._on(layer, X) for X in (K_add, V_add, K_rem, V_rem))
         if K_rem is None or K_rem.shape[1] == 0:
             return self.states[layer].step(K_add, V_add - W @ K_add, W).applied
         if self.capabilities.removal != "system":
@@ -165,6 +213,7 @@ class LayerBank:
             raise RuntimeError("LayerBank.one_time needs the kept Σ₀ (keep_sigma0=True)")
         W0 = self.w0[layer]
         state = self.spec.init_layer(self.sigma0[layer], self.lam, W0)
+        K, V = self._on(layer, K), self._on(layer, V)
         if K is None or K.shape[1] == 0:
             return state, W0.clone()
         return state, W0 + state.step(K, V - W0 @ K, W0).applied

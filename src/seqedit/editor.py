@@ -15,6 +15,7 @@ With keys and values held fixed, the sum of the steps' Δ equals the one-time up
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from .bank import LayerBank
 from .errors import SeqEditError
 from .facts import Fact
 from .ledger import export as ledger_export
-from .ledger.manifest import build_manifest, check_base, check_storage, reconcile
+from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile
 from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
 from .ledger.verify import VerifyReport
@@ -34,7 +35,7 @@ from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult
 from .methods import parse_method
-from .models.load import LoadedModel, as_loaded
+from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
 from .pipeline import edit_step, layer_delta
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
@@ -72,6 +73,11 @@ class Editor:
     ``"float32"``) is the storage precision of per-fact keys/values of a new ledger; the solve uses
     the stored values, so a reopened ledger reproduces the live weights. ``snapshot_every``: steps
     between snapshots of the per-layer state (reopen replays at most that many steps).
+    :meth:`from_ledger` reopens a ledger on its recorded base model and dtype.
+
+    ``solve_device`` is where each edited layer's float64 state lives and is solved (``LayerBank``):
+    by default the layer's GPU when it has one, else the CPU; ``"cpu"`` saves ~2·d_in²·8 bytes of GPU
+    memory per layer (``docs/architecture.md``, "Devices and dtypes").
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class Editor:
         kv_dtype: str = "float64",
         snapshot_every: int = 10,
         callbacks: Sequence[EditorCallback] = (),
+        solve_device: torch.device | str | None = None,
         **overrides: Any,
     ):
         if mode not in MODES:
@@ -121,7 +128,7 @@ class Editor:
         self.stats_corpus = stats_corpus
         self.callbacks = list(callbacks)
         self.bank = LayerBank(self.loaded.adapter, self.spec, self.hparams.layers, self.hparams.lam,
-                              keep_sigma0=ledger is not None)
+                              keep_sigma0=ledger is not None, solve_device=solve_device)
         self.session: LedgerSession | None = None
         self.steps: list[StepReport] = []
         self.setup_seconds: dict[str, float] = {}
@@ -130,6 +137,17 @@ class Editor:
         self._finalized = False
         if ledger is not None:
             self._open_ledger(ledger, kv_dtype, snapshot_every)
+
+    @classmethod
+    def from_ledger(cls, path: str | os.PathLike, *, model: str | None = None, dtype: Any = None,
+                    device_map: Any = None, **kwargs: Any) -> Editor:
+        """Reopen the ledger at ``path`` on a freshly loaded base model: ``model`` (a name or directory;
+        default the name the ledger records) in ``dtype`` (default the dtype the ledger records, which
+        its base fingerprint includes) placed by ``device_map`` (:func:`~seqedit.load_model`).
+        ``kwargs`` go to the constructor (``solve_device``, ``callbacks``, ...)."""
+        base = recorded_base(path)
+        lm = load_model(model or base["name"], dtype=dtype or base.get("dtype"), device_map=device_map)
+        return cls(lm, ledger=path, **kwargs)
 
     def _open_ledger(self, path: str | os.PathLike, kv_dtype: str, snapshot_every: int) -> None:
         check_storage(kv_dtype, snapshot_every)
@@ -247,7 +265,8 @@ class Editor:
         if record is not None:
             self.last_record = record
             self.ledger.annotate(record.id, {"report": report.to_dict()})
-        self.steps.append(report)
+        # the step's (K, V) are in the ledger (and on the returned report); a long run must not hold them all
+        self.steps.append(dataclasses.replace(report, constraints={}))
         return report
 
     def _step_end(self, report: StepReport, position: RunPosition) -> None:

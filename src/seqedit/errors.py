@@ -25,3 +25,7 @@ class IllConditionedError(SeqEditError, ArithmeticError):
 
 class LocateError(SeqEditError, ValueError):
     """Keys or values could not be located (subject not found among the tokens, ...)."""
+
+
+class PlacementError(SeqEditError, RuntimeError):
+    """A tensor cannot be used where it lives: quantized, offloaded without writeback, or too large to fit."""

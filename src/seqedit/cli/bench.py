@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, load, out, parse_layers, parse_sets, progress_bars,
-    read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, load, out, parse_layers,
+    parse_sets, progress_bars, read_facts,
 )
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ def _efficacy(lm: LoadedModel, fs: Sequence[Fact]) -> dict[str, Any]:
 @app.command()
 def bench(
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
     n: int = typer.Option(200, "--n", help="Number of facts."),
     batch_size: int = typer.Option(100, "--batch-size", "-b"),
@@ -63,7 +65,7 @@ def bench(
 
     overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps}
     fs = read_facts(facts or str(counterfact_path()), n, split, "auto")
-    lm, load_s = load(model)
+    lm, load_s = load(model, dtype, device_map)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
     eval_s = time.perf_counter() - t
@@ -130,6 +132,8 @@ def bench(
 @app.command()
 def demo(
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     n: int = typer.Option(3, "--n", help="How many CounterFact facts to edit."),
 ) -> None:
     """Edit a few real CounterFact facts and show the model's answers before and after."""
@@ -139,7 +143,7 @@ def demo(
 
     t0 = time.perf_counter()
     fs = read_facts(str(counterfact_path()), n, "train", "auto")
-    lm, load_s = load(model)
+    lm, load_s = load(model, dtype, device_map)
     out.print(f"loaded {lm.name} in {load_s:.1f} s")
 
     def snapshot() -> list[tuple[str, float, float]]:

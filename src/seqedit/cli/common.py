@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..models.load import LoadedModel
 
 __all__ = [
-    "BaseOpt", "JsonOpt", "LamOpt", "LayersOpt", "LedgerOpt", "ModelOpt", "VStepsOpt",
+    "BaseOpt", "DeviceMapOpt", "DtypeOpt", "JsonOpt", "LamOpt", "LayersOpt", "LedgerOpt", "ModelOpt", "VStepsOpt",
     "app", "console", "out", "fail", "load", "parse_csv", "parse_layers", "progress_bars", "read_facts",
 ]
 
@@ -38,6 +38,11 @@ console = Console(stderr=True)
 out = Console()
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="HF id, local directory, or 'smollm2-135m'.")
+DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32 (default), bfloat16, float16 or auto; "
+                        "a ledger's own by default when reopening one.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="Where the model goes: a device (cuda:1, cpu), 'auto' "
+                            "(spread over the GPUs, then CPU), or a JSON map {\"module\": device}; "
+                            "default: the first GPU, else the CPU.")
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 LayersOpt = typer.Option(None, "--layers", help="Edited layers, comma separated (default: model preset).")
 LamOpt = typer.Option(None, "--lam", help="Preservation weight λ of λ·Σ₀ (default: model preset).")
@@ -83,10 +88,11 @@ def fail(msg: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def load(model: str) -> tuple[LoadedModel, float]:
-    """Load ``model`` under a status spinner: ``(loaded model, seconds)``; a clean failure if it cannot."""
+def load(model: str, dtype: Optional[str] = None, device_map: Optional[str] = None) -> tuple[LoadedModel, float]:
+    """Load ``model`` (in ``dtype``, placed by ``device_map``: the ``--dtype`` / ``--device-map`` texts)
+    under a status spinner: ``(loaded model, seconds)``; a clean failure if it cannot."""
     from ..errors import SeqEditError
-    from ..models.load import load_model
+    from ..models.load import load_model, parse_device_map
 
     from transformers.utils import logging as hf_logging
 
@@ -94,8 +100,8 @@ def load(model: str) -> tuple[LoadedModel, float]:
     t = time.perf_counter()
     try:
         with console.status(f"loading {model} …"):
-            lm = load_model(model)
-    except SeqEditError as e:
+            lm = load_model(model, dtype=dtype, device_map=parse_device_map(device_map))
+    except (SeqEditError, ValueError) as e:
         fail(str(e))
     return lm, time.perf_counter() - t
 

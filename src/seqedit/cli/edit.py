@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ..progress import Phase, ProgressEvent, counter, emit
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_layers, progress_bars, read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out,
+    parse_layers, progress_bars, read_facts,
 )
 
 
@@ -20,6 +21,8 @@ from .common import (
 def edit(
     facts: str = typer.Argument(..., help="Facts file (JSON/JSONL: CounterFact, ZsRE or plain)."),
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     method: Optional[str] = typer.Option(
         None, help="memit | alphaedit | prune | rect | rlsedit | memorize_latest (default: memit, or the ledger's)."
     ),
@@ -43,10 +46,14 @@ def edit(
     from ..editor import Editor
     from ..errors import SeqEditError
     from ..evaluate.scoring import greedy_completions
+    from ..ledger import Ledger
+    from ..ledger.manifest import recorded_base
 
     fs = read_facts(facts, n, split, fmt)
     edited_layers = parse_layers(layers)
-    lm, _ = load(model)
+    if dtype is None and ledger is not None and Ledger.exists(ledger):
+        dtype = recorded_base(ledger).get("dtype")  # the base fingerprint includes the dtype
+    lm, _ = load(model, dtype, device_map)
     try:
         editor = Editor(
             lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
@@ -98,13 +105,15 @@ def edit(
 def generate(
     prompt: list[str] = typer.Argument(..., help="Prompts to complete."),
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Greedy completions of PROMPT(s) by a model."""
     from ..evaluate.scoring import greedy_completions
 
-    lm, _ = load(model)
+    lm, _ = load(model, dtype, device_map)
     comps = greedy_completions(lm, prompt, max_new_tokens)
     if as_json:
         out.print_json(data={"model": lm.name, "completions": dict(zip(prompt, comps))})
@@ -116,17 +125,30 @@ def generate(
 @app.command()
 def stats(
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     layers: Optional[str] = LayersOpt,
     corpus: Optional[Path] = typer.Option(None, help="Text file (default: WikiText-2 valid)."),
     tokens: Optional[int] = typer.Option(None, help="Token budget (default: model preset)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass."""
-    from ..locate.stats import layer_stats
+    """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass.
+
+    Under ``torchrun --nproc-per-node N -m seqedit.cli stats …`` (or ``accelerate launch``) the corpus
+    is split over the N processes (one GPU each) and their sums are all-reduced; rank 0 writes the cache.
+    """
+    import os
+
+    import torch
+
+    from ..locate.stats import join_launched_group, layer_stats
     from ..models.presets import preset_for
     from ..shared_data import wikitext_path
 
-    lm, _ = load(model)
+    rank, world = join_launched_group()
+    if world > 1 and device_map is None and torch.cuda.is_available():
+        device_map = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    lm, _ = load(model, dtype, device_map)
     hp = preset_for(lm.name, lm.adapter.n_layers).override(layers=parse_layers(layers), stats_tokens=tokens)
     path = corpus or wikitext_path("valid")
     t = time.perf_counter()
@@ -138,6 +160,8 @@ def stats(
             on_total=(lambda k: emit(cb, ProgressEvent(Phase.STATS, total=k, start=True))) if cb else None,
         )
     secs = time.perf_counter() - t
+    if rank != 0:  # one report for the whole group
+        return
     rows = {
         l: {"tokens": s.count, "trace": float(s.sigma0.trace()), "d_in": s.gram.shape[0]} for l, s in st.items()
     }

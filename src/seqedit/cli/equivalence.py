@@ -10,8 +10,8 @@ import typer
 from rich.table import Table
 
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, console, fail, load, out, parse_layers, progress_bars,
-    read_facts,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, console, fail, load, out,
+    parse_layers, progress_bars, read_facts,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ def _specs(method: str, alignment: Optional[str], options: dict[str, Any]) -> li
 @app.command("verify-equivalence")
 def verify_equivalence(
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     method: str = typer.Option("memit", help="Method(s), comma separated, or 'all'."),
     alignment: Optional[str] = typer.Option(
         None, help="Alignment(s), comma separated, or 'all' (default: each method's first)."
@@ -82,7 +84,7 @@ def verify_equivalence(
 
     specs = _specs(method, alignment, {"ridge": ridge})
     fs = read_facts(facts or str(counterfact_path()), n, split or (None if facts else "train"), "auto")
-    lm, _ = load(model)
+    lm, _ = load(model, dtype, device_map)
     hp = preset_for(lm.name, lm.adapter.n_layers).override(
         layers=parse_layers(layers), lam=lam, v_steps=v_steps, stats_tokens=stats_tokens
     )

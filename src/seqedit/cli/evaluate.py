@@ -12,8 +12,8 @@ from rich.table import Table
 
 from ..progress import Phase
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, fail, load, out, parse_csv, parse_layers, parse_sets,
-    progress_bars,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, fail, load, out, parse_csv,
+    parse_layers, parse_sets, progress_bars,
 )
 
 # the editor's STEPS bar restarts with every configuration of the run
@@ -24,6 +24,8 @@ _LABELS = {Phase.STEPS: "steps of this configuration"}
 def eval_(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (results.json, report.md, plots); resumable."),
     model: str = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     dataset: str = typer.Option("counterfact", help="counterfact | zsre."),
     n: int = typer.Option(100, "--n", help="Number of facts edited (a seeded shuffle of the dataset)."),
     batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential (SE) step."),
@@ -75,12 +77,12 @@ def eval_(
         official_rte_inversion=rte_inversion, retention_every=retention_every, drift_windows=drift_windows,
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
         facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
-        eval_batch_rows=eval_batch_rows, checkpoint=checkpoint,
+        eval_batch_rows=eval_batch_rows, dtype=dtype, device_map=device_map, checkpoint=checkpoint,
     )
     try:
         t = time.perf_counter()
         check_out_dir(config, out_dir)  # bad settings or a clash with earlier results fail before loading
-        lm, _ = load(model)
+        lm, _ = load(model, dtype, device_map)
         with progress_bars(not as_json, _LABELS) as cb:
             data = run_eval(config, out_dir, cb, loaded=lm)
         last = data["runs"][-1]

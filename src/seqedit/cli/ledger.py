@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
-from .common import BaseOpt, JsonOpt, LedgerOpt, app, console, fail, load, out
+from .common import BaseOpt, DeviceMapOpt, DtypeOpt, JsonOpt, LedgerOpt, app, console, fail, out
 
 if TYPE_CHECKING:
     from ..editor import Editor
@@ -23,18 +23,20 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def _editor(ledger: Path, model: Optional[str]) -> Iterator[Editor]:
-    """The ledger reopened on a freshly loaded base model; SeqEditErrors become CLI errors."""
+def _editor(ledger: Path, model: Optional[str], dtype: Optional[str] = None,
+            device_map: Optional[str] = None) -> Iterator[Editor]:
+    """The ledger reopened on a freshly loaded base model (its recorded name and dtype unless given);
+    SeqEditErrors become CLI errors."""
     from ..editor import Editor
     from ..errors import SeqEditError
-    from ..ledger import Ledger
+    from ..models.load import parse_device_map
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the spinner says it; tqdm bars would garble Rich's output
     try:
-        with Ledger(ledger) as L:
-            name = model or L.manifest["base"]["name"]
-        lm, _ = load(name)
-        with console.status("restoring the ledger's weights …"):
-            editor = Editor(lm, ledger=ledger)
+        with console.status("loading the base model and restoring the ledger's weights …"):
+            editor = Editor.from_ledger(ledger, model=model, dtype=dtype, device_map=parse_device_map(device_map))
     except (SeqEditError, ValueError, OSError) as e:
         fail(str(e))
     try:
@@ -45,10 +47,11 @@ def _editor(ledger: Path, model: Optional[str]) -> Iterator[Editor]:
         editor.close()
 
 
-def _step(ledger: Path, model: Optional[str], as_json: bool, what: str, act: Callable[[Editor], StepRecord]) -> None:
+def _step(ledger: Path, model: Optional[str], as_json: bool, what: str, act: Callable[[Editor], StepRecord],
+          dtype: Optional[str] = None, device_map: Optional[str] = None) -> None:
     """Run ``act`` (a forget or an undo) on the reopened ledger and print its step record, as JSON
     or as one line saying what it did."""
-    with _editor(ledger, model) as editor:
+    with _editor(ledger, model, dtype, device_map) as editor:
         rec = act(editor)
     if as_json:
         out.print_json(data=rec.to_dict())
@@ -61,10 +64,12 @@ def forget(
     ids: list[str] = typer.Argument(..., help="Ids of the facts in force to remove."),
     ledger: Path = LedgerOpt,
     model: Optional[str] = BaseOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Remove facts exactly: the weights become the one-time solution of the remaining facts."""
-    _step(ledger, model, as_json, "forget", lambda editor: editor.forget(ids))
+    _step(ledger, model, as_json, "forget", lambda editor: editor.forget(ids), dtype, device_map)
 
 
 @app.command()
@@ -72,10 +77,12 @@ def undo(
     step: int = typer.Argument(..., help="The step to revert (see `seqedit log`)."),
     ledger: Path = LedgerOpt,
     model: Optional[str] = BaseOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Revert a step: its facts leave, the facts it replaced or forgot come back (undo an undo to redo)."""
-    _step(ledger, model, as_json, f"undo of step {step}", lambda editor: editor.undo(step))
+    _step(ledger, model, as_json, f"undo of step {step}", lambda editor: editor.undo(step), dtype, device_map)
 
 
 @app.command()
@@ -121,11 +128,13 @@ def verify(
     ledger: Path = LedgerOpt,
     model: Optional[str] = BaseOpt,
     tol: float = typer.Option(1e-8, help="Largest relative error accepted per layer."),
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Re-solve the one-time problem of the facts in force, compare with the restored weights per layer,
     and check every file's checksum. Exits with 1 when anything fails."""
-    with _editor(ledger, model) as editor:
+    with _editor(ledger, model, dtype, device_map) as editor:
         rep = editor.verify(tol)
     if as_json:
         out.print_json(data=rep.to_dict())
@@ -151,10 +160,12 @@ def export(
     model: Optional[str] = BaseOpt,
     delta: bool = typer.Option(False, "--delta", help="Write only W − W₀ of the edited matrices + a loader."),
     delta_dtype: str = typer.Option("float32", "--delta-dtype", help="float32 | float64 (bit-exact weights)."),
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Write the edited model as a plain HF directory (AutoModelForCausalLM.from_pretrained), or its deltas."""
-    with _editor(ledger, model) as editor:
+    with _editor(ledger, model, dtype, device_map) as editor:
         path = editor.export(dest, delta=delta, delta_dtype=delta_dtype)
         step = editor.ledger.last_step
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from ..errors import SeqEditError
 from ..methods import METHODS, method_info
+from ..models.load import parse_device_map, resolve_dtype
 from .general import TASKS
 from .selection import DATASETS
 
@@ -78,6 +79,8 @@ class EvalConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     stats_corpus: Optional[str] = None
     eval_batch_rows: int = 64
+    dtype: Optional[str] = None  # the model's dtype (load_model's; None: float32)
+    device_map: Optional[str] = None  # load_model's device_map: a device, "auto" or a JSON object
     checkpoint: bool = False
 
     def resolved_split(self) -> Optional[str]:
@@ -113,6 +116,11 @@ class EvalConfig:
              "drift_window and fluency_tokens must be >= 2 and eval_batch_rows >= 1")
         need(self.layout in ("knowedit", "rome"), f"layout must be knowedit or rome, got {self.layout!r}")
         need(self.zsre_target in ("answers", "alt"), f"zsre_target must be answers or alt, got {self.zsre_target!r}")
+        for name, check in (("dtype", resolve_dtype), ("device_map", parse_device_map)):
+            try:
+                check(getattr(self, name))
+            except ValueError as e:
+                raise EvalSettingsError(f"{name}: {e}") from None
 
     def settings(self) -> dict[str, Any]:
         """What fixes the numbers: every field but the configurations requested (those may grow
@@ -131,7 +139,7 @@ class EvalConfig:
 
 
 # settings fields added after results.json files were written; omitted from settings() at their default
-_ADDED_LATER = {"checkpoint": False}
+_ADDED_LATER = {"checkpoint": False, "dtype": None, "device_map": None}
 
 
 def _union(old: list, new) -> list:

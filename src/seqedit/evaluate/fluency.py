@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..locate.tokens import pad_id_of
+from ..models.placement import input_device
 
 __all__ = [
     "CONSISTENCY_UNAVAILABLE",
@@ -102,7 +103,7 @@ def _sample_chunk(loaded, chunk: list[list[int]], max_total: int, top_k: int, ge
     if not any(need):
         return
     model, adapter = loaded.model, getattr(loaded, "adapter", None)
-    device = next(model.parameters()).device
+    device = input_device(model)
     B, T = len(chunk), max(len(r) for r in chunk)
     ids = torch.full((B, T), pad, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)

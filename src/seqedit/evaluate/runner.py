@@ -237,9 +237,9 @@ class _Run:
 def _load_model(config: EvalConfig, loaded):
     if loaded is not None:
         return loaded
-    from ..models.load import load_model
+    from ..models.load import load_model, parse_device_map
 
-    return load_model(config.model)
+    return load_model(config.model, dtype=config.dtype, device_map=parse_device_map(config.device_map))
 
 
 def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback | None = None, *,

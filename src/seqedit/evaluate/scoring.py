@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from ..locate.tokens import pad_id_of, pad_right, target_ids
+from ..models.placement import input_device
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ def forward_log_probs(
     the device so callers gather what they need without copying a ``B×T×V`` tensor to the host.
     """
     model = loaded.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(loaded.tokenizer)
     for lo in range(0, len(rows), batch_rows):
         ids, mask = pad_right([list(r) for r in rows[lo : lo + batch_rows]], pad)
@@ -72,7 +73,7 @@ def last_logits(loaded, ids: torch.Tensor, mask: torch.Tensor, last: Sequence[in
     :func:`map_target_log_probs`); otherwise the full logits are formed and indexed.
     """
     model = loaded.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = torch.arange(ids.shape[0])
     pos = torch.as_tensor(list(last))
     adapter = getattr(loaded, "adapter", None)
@@ -125,7 +126,7 @@ def map_target_log_probs(
     without an adapter (hand-built test models) form full logits.
     """
     model = loaded.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(loaded.tokenizer)
     adapter = getattr(loaded, "adapter", None)
     out: list[Any] = [None] * len(rows)
@@ -164,7 +165,7 @@ def score_targets(
 def greedy_completions(loaded, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
     """Greedy continuation of each prompt (decoded, special tokens skipped)."""
     tok, model = loaded.tokenizer, loaded.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     outs = []
     for prompt in prompts:
         enc = tok(prompt, return_tensors="pt").to(device)

@@ -14,9 +14,9 @@ from ..methods import MethodSpec
 from ..models.load import LoadedModel, fingerprint_model
 from ..models.presets import EditHParams
 from ..version import __version__
-from .store import LedgerError
+from .store import Ledger, LedgerError
 
-__all__ = ["KV_DTYPES", "build_manifest", "check_base", "check_storage", "reconcile", "stored_hparams", "w0_digest"]
+__all__ = ["KV_DTYPES", "build_manifest", "recorded_base", "check_base", "check_storage", "reconcile", "stored_hparams", "w0_digest"]
 
 KV_DTYPES = ("float64", "float32")
 # Hyperparameters that define the objective of the stored facts; the others only shape future steps.
@@ -26,6 +26,13 @@ _OBJECTIVE_HPARAMS = ("layers", "lam")
 
 def w0_digest(W: Tensor) -> str:
     return hashlib.sha256(W.detach().to(torch.float64).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def recorded_base(path: Any) -> dict[str, Any]:
+    """The base model a ledger records (``name``, ``fingerprint``, ``dtype``, …), read without a model;
+    ``LedgerError`` when ``path`` holds no ledger."""
+    with Ledger(path) as L:
+        return dict(L.manifest["base"])
 
 
 def check_storage(kv_dtype: str, snapshot_every: int) -> None:

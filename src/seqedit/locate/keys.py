@@ -76,7 +76,7 @@ class KeyReader:
     ) -> KeyReadout:
         """Keys at ``layers`` (``[d_in, n]`` each) and the z-layer block output on bare rows (``[d_out, n]``)."""
         adapter, model, ctx = self.loaded.adapter, self.loaded.model, self.ctx
-        device = next(model.parameters()).device
+        device = self.loaded.input_device
         stop_layer = max([*layers, *([z_layer] if z_layer is not None else [])])
         if frozen_below > stop_layer + 1:
             raise ValueError(f"frozen_below={frozen_below} lies above the deepest block read ({stop_layer})")
@@ -84,18 +84,16 @@ class KeyReader:
         z_rows: list[torch.Tensor] = []
         for batch in self.batches:
             ids, mask, idx, replay = batch
-            idx = idx.to(device)
-            ar = torch.arange(len(idx), device=device)
             got: dict[int, torch.Tensor] = {}
 
             def reader(layer: int):
                 def fn(x: torch.Tensor) -> None:
-                    got[layer] = x[ar, idx].detach().to(torch.float64).cpu()
+                    got[layer] = _at_rows(x, idx)
 
                 return fn
 
             def z_reader(_m, _a, out) -> None:
-                z_rows.append(block_hidden(out)[ar, idx].detach().to(torch.float64).cpu())
+                z_rows.append(_at_rows(block_hidden(out), idx))
 
             handles = [capture_inputs(adapter.ffn_out(l), reader(l)) for l in layers]
             if z_layer is not None:
@@ -127,6 +125,16 @@ class KeyReader:
             z_all = torch.cat(z_rows)[inverse]
             z_hidden = z_all.view(ctx.n_facts, ctx.n_templates, -1)[:, 0].T.contiguous()
         return KeyReadout(keys, z_hidden)
+
+
+def _at_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[r, idx[r]]`` for every row ``r`` of ``x: [rows, T, d]``, as float64 on the host (``[rows, d]``).
+
+    The indices go to ``x``'s own device: with a device map each block's tensors live where it runs.
+    """
+    idx = idx.to(x.device)
+    rows = torch.arange(len(idx), device=x.device)
+    return x[rows, idx].detach().to(torch.float64).cpu()
 
 
 def read_keys(

@@ -14,6 +14,7 @@ import json
 import torch
 
 from ..atomic import atomic_write_json
+from ..models.placement import input_device
 from ..paths import cache_dir
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -21,8 +22,9 @@ SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 def _sample(model, tokenizer, n: int, length: int, seed: int) -> list[str]:
     out: list[str] = []
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    device = input_device(model)
+    # manual_seed seeds every CUDA device too: fork them all, so the caller's CUDA streams are untouched
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())), torch.no_grad():
         torch.manual_seed(seed)
         for i in range(n):
             word = SEED_WORDS[i % len(SEED_WORDS)]

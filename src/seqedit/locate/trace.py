@@ -86,7 +86,7 @@ class LowerBlocksReplay:
         return hook
 
     def select(self, index: torch.Tensor) -> None:
-        self.hidden = self.hidden[index]
+        self.hidden = self.hidden[index.to(self.hidden.device)]
 
     @contextmanager
     def skipping(self) -> Iterator[None]:
@@ -101,11 +101,27 @@ class LowerBlocksReplay:
         def recorded(*args, **kwargs):
             return replace_block_hidden(self.out, self.hidden)
 
-        for b in lower:
-            b.forward = passthrough
-        top.forward = recorded
-        try:
+        with shadow_forward(lower, passthrough), shadow_forward([top], recorded):
             yield
-        finally:
-            for b in self.blocks:
-                del b.forward  # back to the class's forward
+
+
+@contextmanager
+def shadow_forward(modules: list[nn.Module], forward: Callable) -> Iterator[None]:
+    """Run ``forward`` instead of each module's own for the duration, then put back exactly what was there.
+
+    A module's ``forward`` may be an instance attribute (accelerate's device-alignment or offload hook
+    installs one, and so may other libraries): it is saved and restored, never deleted, so the hooks
+    still run afterwards. Skipped blocks run no hook at all, which is what a skip wants: an offloaded
+    block would otherwise load its weights only to pass its input through.
+    """
+    saved = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m, own in zip(modules, saved):
+            if own is None:
+                del m.forward  # ours: the class's forward shows through again
+            else:
+                m.forward = own

@@ -152,12 +152,12 @@ class _PrefixCache:
                     for layer in cache.layers
                 ]
             for (k_all, v_all), layer in zip(kv, cache.layers):
-                k_all[index, :, P - width :] = layer.keys
-                v_all[index, :, P - width :] = layer.values
+                k_all[index.to(k_all.device), :, P - width :] = layer.keys
+                v_all[index.to(v_all.device), :, P - width :] = layer.values
         return cls(kv)
 
     def select(self, index: torch.Tensor) -> None:
-        self.kv = [(k[index], v[index]) for k, v in self.kv]
+        self.kv = [(k[index.to(k.device)], v[index.to(v.device)]) for k, v in self.kv]
 
     def fresh(self):
         from transformers import DynamicCache
@@ -210,7 +210,7 @@ class _RowGroup:
 
     def __init__(self, loaded, rows: list[_Row], z_layer: int):
         base, pad = loaded.model.base_model, pad_id_of(loaded.tokenizer)
-        self.device = next(loaded.model.parameters()).device
+        self.device = loaded.input_device
         self.rows = rows
         P = max(len(r.prefix) for r in rows)
         S = max(len(r.suffix) for r in rows)
@@ -267,7 +267,7 @@ def _reduced_precision(loaded, hp: EditHParams):
 
 def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams):
     adapter = loaded.adapter
-    device = next(loaded.model.parameters()).device
+    device = adapter.device(hp.z_layer)  # δ lives where it is injected
     unembed = adapter.unembed
     autocast = _reduced_precision(loaded, hp)
     compute = autocast if autocast is not None else nullcontext()
@@ -309,7 +309,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                     h0_seen[facts_b.cpu()] = True
             rows_local = torch.tensor([local[r.fact] for r in group.rows], device=device)
             add = torch.zeros_like(h)
-            add[:, 0] = d_act[rows_local].to(h.dtype)
+            add[:, 0] = d_act[rows_local].to(h.device, h.dtype)
             return replace_block_hidden(out, h + add)
 
         nll = torch.zeros(len(active), device=device)
@@ -337,16 +337,16 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                 it_heads += len(lab_r) + len(kl_r)
                 if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
                     logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
-                    tok_nll = -logp.gather(1, torch.tensor(lab_y, device=device)[:, None])[:, 0]
-                    w = torch.tensor(lab_w, device=device)
-                    nll = nll.index_add(0, torch.tensor(lab_f, device=device), tok_nll * w)
+                    tok_nll = -logp.gather(1, torch.tensor(lab_y, device=logp.device)[:, None])[:, 0]
+                    w = torch.tensor(lab_w, device=logp.device)
+                    nll = nll.index_add(0, torch.tensor(lab_f, device=device), (tok_nll * w).to(device))
                 if kl_r:  # KL(p_δ ‖ p_0) of the next token after the subject
                     kl_logp = torch.log_softmax(unembed(hidden[kl_r, 0]).float(), -1)
                     fidx = torch.tensor(kl_f, device=device)
                     if it == 0:
-                        kl_init[fidx] = kl_logp.detach()
-                    vals = (kl_logp.exp() * (kl_logp - kl_init[fidx])).sum(-1)
-                    kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals)
+                        kl_init[fidx] = kl_logp.detach().to(device)
+                    vals = (kl_logp.exp() * (kl_logp - kl_init[fidx].to(kl_logp.device))).sum(-1)
+                    kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
             wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
             loss = nll + hp.kl_factor * kl + wd
 

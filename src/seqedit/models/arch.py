@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
+from .placement import compute_device, read_param, write_target
 
 
 @dataclass(frozen=True)
@@ -146,18 +147,25 @@ class ModelAdapter:
         return (w.shape[1], w.shape[0]) if self.spec.conv1d else (w.shape[0], w.shape[1])
 
     def weight(self, layer: int) -> torch.Tensor:
-        """The edited matrix in math layout ``[d_out, d_in]`` (a detached view, model dtype)."""
-        w = self.ffn_out(layer).weight.detach()
+        """The edited matrix in math layout ``[d_out, d_in]`` (a detached view, model dtype; the offloaded
+        copy when the module is offloaded)."""
+        w = read_param(self.ffn_out(layer))
         return w.T if self.spec.conv1d else w
+
+    def device(self, layer: int) -> torch.device:
+        """Where the edited module of ``layer`` computes (its accelerate execution device, if dispatched)."""
+        return compute_device(self.ffn_out(layer))
 
     @torch.no_grad()
     def set_weight(self, layer: int, w_math: torch.Tensor) -> None:
-        """Write ``w_math: [d_out, d_in]`` into the module, cast to its dtype and layout."""
-        param = self.ffn_out(layer).weight
+        """Write ``w_math: [d_out, d_in]`` into the module, cast to its dtype and layout. A CPU-offloaded
+        module is written in its offloaded copy; quantized, disk-offloaded and meta weights are refused
+        (:class:`~seqedit.errors.PlacementError`) before anything is written."""
+        target = write_target(self.ffn_out(layer), "weight", f"the weight of {self.ffn_out_name(layer)}")
         stored = w_math.T if self.spec.conv1d else w_math
-        if stored.shape != param.shape:
+        if stored.shape != target.shape:
             raise ValueError(
                 f"layer {layer}: weight of shape {tuple(w_math.shape)} does not fit "
                 f"[d_out, d_in] = {self.dims(layer)}"
             )
-        param.copy_(stored.to(device=param.device, dtype=param.dtype))
+        target.copy_(stored.to(device=target.device, dtype=target.dtype))

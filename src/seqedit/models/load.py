@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_json
 from ..errors import ModelLoadError
 from ..paths import cache_dir
 from .arch import ModelAdapter, spec_for_model_type
+from .placement import HOST, input_device, read_param
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -45,6 +47,8 @@ __all__ = [
     "fingerprint_model",
     "tokenizer_fingerprint",
     "load_model",
+    "parse_device_map",
+    "resolve_dtype",
     "wrap_model",
 ]
 
@@ -81,8 +85,10 @@ class LoadedModel:
     fingerprint: str
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def input_device(self) -> torch.device:
+        """The device input ids belong on: where the input embedding computes (with a ``device_map``,
+        blocks may sit on other devices; accelerate's hooks move activations between them)."""
+        return input_device(self.model)
 
     @property
     def cache_key(self) -> str:
@@ -91,7 +97,8 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype of the model's weights (that of its input embedding)."""
+        return self.model.get_input_embeddings().weight.dtype
 
 
 def fingerprint_model(model: nn.Module) -> str:
@@ -99,7 +106,9 @@ def fingerprint_model(model: nn.Module) -> str:
 
     The config is canonical JSON without save-location/version keys, and tied parameters count once,
     so a model saved with ``save_pretrained`` and reloaded keeps its fingerprint. Bytes are hashed in
-    16 MiB chunks (zero-copy on CPU); ~0.5 s for a 135M-parameter float32 model.
+    16 MiB chunks (zero-copy on CPU; one chunk at a time is copied from an accelerator); offloaded
+    parameters are read from their offloaded copy. ~0.5 s for a 135M-parameter float32 model;
+    :func:`load_model` caches it per local checkpoint, so a 7B model is hashed once, not per load.
     """
     h = hashlib.sha256()
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -107,6 +116,9 @@ def fingerprint_model(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         header = {"name": name, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
         _update_framed(h, json.dumps(header, sort_keys=True).encode())
+        if p.is_meta:
+            owner, _, attr = name.rpartition(".")
+            p = read_param(model.get_submodule(owner), attr)
         flat = p.detach().reshape(-1).view(torch.uint8)
         for start in range(0, flat.numel(), _HASH_CHUNK):
             h.update(flat[start : start + _HASH_CHUNK].cpu().numpy().data)
@@ -129,8 +141,10 @@ def _update_framed(h, data: bytes) -> None:
     h.update(data)
 
 
-def wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> LoadedModel:
-    """Apply the seqedit conventions (eval, right padding, pad token) and build a ``LoadedModel``."""
+def wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str,
+               fingerprint: str | None = None) -> LoadedModel:
+    """Apply the seqedit conventions (eval, right padding, pad token) and build a ``LoadedModel``
+    (``fingerprint``: the model's :func:`fingerprint_model`, when already known)."""
     adapter = ModelAdapter.for_model(model)
     model.eval()
     tokenizer.padding_side = "right"
@@ -143,29 +157,50 @@ def wrap_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) 
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id  # silences generate()'s pad warning
-    return LoadedModel(model, tokenizer, adapter, name, fingerprint_model(model))
+    return LoadedModel(model, tokenizer, adapter, name, fingerprint or fingerprint_model(model))
 
 
 def load_model(
     name_or_path: str = "smollm2-135m",
     *,
     dtype: torch.dtype | str | None = None,
-    device: str | None = None,
+    device_map: str | dict | torch.device | None = None,
 ) -> LoadedModel:
     """Load ``name_or_path`` (hub id, local directory, or ``"smollm2-135m"``/``"embedded"``).
 
-    ``dtype`` defaults to float32 (editing solves need the precision); ``device`` defaults to
-    ``"cuda"`` when available, else ``"cpu"``. An unsupported ``config.model_type`` raises
-    ``UnsupportedArchitectureError`` before any weight is read.
+    ``dtype`` defaults to float32 (``"bfloat16"``/``"bf16"``, ``"float16"``, ``"auto"`` …: the edited
+    weights keep a float64 master whatever the model's dtype). ``device_map`` is Hugging Face's:
+    a device (``"cuda:1"``), ``"auto"`` (accelerate spreads the blocks over the GPUs, then CPU, then
+    disk), or a dict ``{module name: device | "cpu" | "disk"}``; default: the first GPU when there is
+    one, else the CPU. An unsupported ``config.model_type`` raises ``UnsupportedArchitectureError``
+    before any weight is read.
     """
-    torch_dtype = _resolve_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype)
+    device_map = device_map if device_map is not None else _default_device()
     if name_or_path.lower() in EMBEDDED_ALIASES:
         path, kwargs, name = str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
     else:
         path, kwargs, name = name_or_path, _hub_kwargs(), name_or_path
     _check_architecture(path, kwargs)
-    return _load_hf(path, name, torch_dtype, device, kwargs)
+    return _load_hf(path, name, torch_dtype, device_map, kwargs)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else HOST
+
+
+def parse_device_map(value: str | None) -> str | dict | None:
+    """A ``--device-map`` text as :func:`load_model` takes it: ``None``, a device or ``"auto"``, or a
+    JSON object ``{"module.name": device}`` (``ValueError`` naming the text when it is neither)."""
+    if value is None or not value.strip().startswith("{"):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"device map {value!r} is not valid JSON: {exc}") from None
+    if not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in parsed.items()):
+        raise ValueError(f"device map {value!r} must map module names to devices")
+    return parsed
 
 
 def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
@@ -193,7 +228,9 @@ def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
     raise TypeError(f"expected a LoadedModel, a model name or an HF model, got {type(model).__name__}")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """``dtype`` as :func:`load_model` takes it (``None``: float32; ``"bf16"``, ``"torch.float16"`` …
+    accepted; ``"auto"`` kept); ``ValueError`` naming it when unknown."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype) or dtype == "auto":
@@ -230,15 +267,53 @@ def _check_architecture(path: str, kwargs: dict) -> None:
     spec_for_model_type(getattr(config, "model_type", None) or "?")
 
 
-def _load_hf(path: str, name: str, dtype: torch.dtype | str, device: str, kwargs: dict) -> LoadedModel:
+def _load_hf(path: str, name: str, dtype: torch.dtype | str, device_map: Any, kwargs: dict) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model {name!r} from {path!r}: {exc}") from exc
-    return wrap_model(model, tokenizer, name)
+    return wrap_model(model, tokenizer, name, _cached_fingerprint(_checkpoint_dir(path, kwargs), model))
+
+
+def _checkpoint_dir(path: str, kwargs: dict) -> Path | None:
+    """The local directory holding ``path``'s files: ``path`` itself, or a hub id's snapshot in the HF
+    cache (``None`` when it cannot be found without the network)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(path, "config.json", **{**kwargs, "local_files_only": True})
+    except (OSError, ValueError):
+        return None
+    return Path(config).parent if config else None
+
+
+def _cached_fingerprint(path: Path | None, model: nn.Module) -> str:
+    """:func:`fingerprint_model` of a model just loaded from the checkpoint directory ``path``, cached per
+    (directory, files' names, sizes and mtimes, dtypes): hashing a 7B model reads every byte (~15 GB),
+    once, not per load. Without a directory the model is hashed every time."""
+    if path is None:
+        return fingerprint_model(model)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    stamp = json.dumps({"format": _CACHE_FORMAT, "path": str(path.resolve()), "files": files, "dtypes": dtypes})
+    entry = cache_dir("fingerprints") / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.json"
+    try:
+        cached = json.loads(entry.read_text())
+        if cached.get("stamp") == stamp:
+            return cached["fingerprint"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    fingerprint = fingerprint_model(model)
+    try:
+        atomic_write_json(entry, {"stamp": stamp, "fingerprint": fingerprint})
+    except OSError as exc:  # a read-only cache costs the next load a re-hash, nothing else
+        log.warning("seqedit: cannot cache the fingerprint of %s: %s", path, exc)
+    return fingerprint
 
 
 # ---------------------------------------------------------------------------------------------------
