@@ -11,8 +11,9 @@ import typer
 from rich.table import Table
 
 from ..progress import Phase, ProgressEvent, counter, emit
+from .preflight import check_edit, check_prompts
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_layers, progress_bars, read_facts,
+    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
 )
 
 
@@ -25,11 +26,11 @@ def edit(
     ),
     alignment: Optional[str] = typer.Option(None, help="aligned | naive | ... (default: the method's first)."),
     mode: str = typer.Option("sequential", help="sequential | one_time."),
-    batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential step."),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", min=1, help="Facts per sequential step."),
     ledger: Optional[Path] = typer.Option(
         None, "--ledger", "-l", help="Ledger directory: created, or reopened and continued (durable steps)."
     ),
-    n: Optional[int] = typer.Option(None, "--n", help="Use only the first N facts (after --split)."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Use only the first N facts (after --split)."),
     split: Optional[str] = typer.Option(None, help="CounterFact split: edit | train."),
     fmt: str = typer.Option("auto", "--format", help="Facts file layout (auto-detected)."),
     layers: Optional[str] = LayersOpt,
@@ -41,11 +42,15 @@ def edit(
 ) -> None:
     """Edit FACTS into a model, step by step, and report each step."""
     from ..editor import Editor
-    from ..errors import SeqEditError
     from ..evaluate.scoring import greedy_completions
+    from ..ledger import Ledger
 
     fs = read_facts(facts, n, split, fmt)
     edited_layers = parse_layers(layers)
+    check_prompts(prompt)
+    check_edit(model, method, alignment, mode, edited_layers, lam, v_steps, ledger, save)
+    new_ledger = ledger is not None and not Ledger.exists(ledger)
+    dir_existed = ledger is not None and ledger.exists()
     lm, _ = load(model)
     try:
         editor = Editor(
@@ -54,8 +59,10 @@ def edit(
         )
         with editor, progress_bars(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
-    except (SeqEditError, ValueError, OSError) as e:
-        fail(str(e))
+    except BaseException:
+        if new_ledger:  # a failed first run leaves no empty ledger behind
+            Ledger.discard_empty(ledger, remove_dir=not dir_existed)
+        raise
     completions = dict(zip(prompt, greedy_completions(lm, prompt))) if prompt else {}
     if save:
         lm.model.save_pretrained(save)
@@ -98,12 +105,13 @@ def edit(
 def generate(
     prompt: list[str] = typer.Argument(..., help="Prompts to complete."),
     model: str = ModelOpt,
-    max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Greedy completions of PROMPT(s) by a model."""
     from ..evaluate.scoring import greedy_completions
 
+    check_prompts(prompt)
     lm, _ = load(model)
     comps = greedy_completions(lm, prompt, max_new_tokens)
     if as_json:

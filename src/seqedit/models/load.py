@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,6 +46,7 @@ __all__ = [
     "fingerprint_model",
     "tokenizer_fingerprint",
     "load_model",
+    "model_config",
     "wrap_model",
 ]
 
@@ -160,12 +162,38 @@ def load_model(
     """
     torch_dtype = _resolve_dtype(dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name_or_path.lower() in EMBEDDED_ALIASES:
-        path, kwargs, name = str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
-    else:
-        path, kwargs, name = name_or_path, _hub_kwargs(), name_or_path
+    path, kwargs, name = _resolve(name_or_path)
     _check_architecture(path, kwargs)
     return _load_hf(path, name, torch_dtype, device, kwargs)
+
+
+def model_config(name_or_path: str) -> tuple[str, Any]:
+    """``(name, config)`` of a model, read without loading its weights: the name :func:`load_model`
+    gives it, and its HF config. Fails as :func:`load_model` would on a bad path or architecture."""
+    path, kwargs, name = _resolve(name_or_path)
+    return name, _check_architecture(path, kwargs)
+
+
+# A hub id: "name" or "owner/name" of letters, digits, "-", "_", "." (what the hub accepts).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _resolve(name_or_path: str) -> tuple[str, dict, str]:
+    """``(path or hub id, from_pretrained kwargs, name)``; a clear error for a path that holds no model."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelLoadError(f"model name must be a non-empty string, got {name_or_path!r}")
+    if name_or_path.lower() in EMBEDDED_ALIASES:
+        return str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"model {name_or_path!r} is a file; give a model directory (with config.json)")
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model directory {name_or_path!r} holds no config.json (not an HF model directory)")
+        return str(local), _hub_kwargs(), name_or_path
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.endswith("/"):
+        raise ModelLoadError(f"no model directory at {name_or_path!r} (and it is not a hub id)")
+    return name_or_path, _hub_kwargs(), name_or_path
 
 
 def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
@@ -210,7 +238,7 @@ def _hub_kwargs() -> dict:
     return {"local_files_only": True} if offline else {}
 
 
-def _check_architecture(path: str, kwargs: dict) -> None:
+def _check_architecture(path: str, kwargs: dict) -> Any:
     """Fail on an unsupported or unreadable config before any weight is loaded."""
     from transformers import AutoConfig
 
@@ -228,6 +256,7 @@ def _check_architecture(path: str, kwargs: dict) -> None:
                 spec_for_model_type(model_type)
         raise ModelLoadError(f"cannot read the config of {path!r}: {exc}") from exc
     spec_for_model_type(getattr(config, "model_type", None) or "?")
+    return config
 
 
 def _load_hf(path: str, name: str, dtype: torch.dtype | str, device: str, kwargs: dict) -> LoadedModel:

@@ -1,0 +1,85 @@
+"""Checks of a command's inputs that need no model weights, run before the model loads (minutes on a 7B
+model): options, the model's config, the ledger's lock, and whether the ledger's method and objective
+agree with the options given. Each raises a :class:`~seqedit.errors.SeqEditError` or ``ValueError``
+that the CLI prints as one ``error:`` line; none writes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import SeqEditError
+
+__all__ = ["check_edit", "check_ledger", "check_new_dir", "check_prompts"]
+
+
+class InputError(SeqEditError, ValueError):
+    """A command-line input is unusable (named in the message)."""
+
+
+def check_prompts(prompts: list[str], what: str = "prompt") -> None:
+    """Every prompt must show at least one character."""
+    from ..facts import visible
+
+    for i, p in enumerate(prompts, start=1):
+        if not visible(p):
+            raise InputError(f"{what} {i} ({p!r}) has no visible character")
+
+
+def check_new_dir(path: Path, what: str) -> None:
+    """``path`` may become a new directory: it does not exist, or is an empty directory."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"{what} {path} exists and is not an empty directory; choose another path")
+
+
+def _n_layers(model: str) -> tuple[str, Optional[int]]:
+    from ..models.load import model_config
+
+    name, config = model_config(model)
+    n = getattr(config, "num_hidden_layers", None)
+    return name, n if isinstance(n, int) else None
+
+
+def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode: str, layers: Optional[tuple[int, ...]],
+               lam: Optional[float], v_steps: Optional[int], ledger: Optional[Path], save: Optional[Path]) -> None:
+    """What ``seqedit edit`` would refuse after loading the model, refused before."""
+    from ..editor import DEFAULT_METHOD, MODES
+    from ..ledger import Ledger
+    from ..ledger.manifest import reconcile_settings, requested_method
+    from ..ledger.session import check_journalable
+    from ..methods import parse_method
+    from ..models.presets import preset_for
+
+    if mode not in MODES:
+        raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if save is not None and save.exists() and not save.is_dir():
+        raise InputError(f"--save {save} is a file; give a directory")
+    overrides: dict[str, Any] = {k: v for k, v in {"layers": layers, "lam": lam, "v_steps": v_steps}.items()
+                                 if v is not None}
+    name, n_layers = _n_layers(model)
+    if ledger is not None:
+        Ledger.check_writable(ledger)
+    if ledger is not None and Ledger.exists(ledger):
+        with Ledger(ledger) as L:
+            spec = requested_method(L.manifest, method, alignment, {})
+            _, hp = reconcile_settings(L.manifest, spec, None, overrides, ledger)
+    else:
+        spec = parse_method(method or DEFAULT_METHOD, alignment)
+        if ledger is not None:
+            check_journalable(spec)
+        hp = preset_for(name, n_layers).override(**overrides) if n_layers else None
+    if hp is not None and n_layers is not None:
+        if bad := [l for l in hp.layers if not 0 <= l < n_layers]:
+            raise InputError(f"--layers {','.join(map(str, bad))}: {name} has {n_layers} layers (0–{n_layers - 1})")
+
+
+def check_ledger(ledger: Path, *, write: bool) -> dict:
+    """The manifest of the ledger at ``ledger`` (opened read-only); with ``write``, the writer lock must be free."""
+    from ..ledger import Ledger
+
+    with Ledger(ledger) as L:
+        man = L.manifest
+    if write:
+        Ledger.check_writable(ledger)
+    return man
