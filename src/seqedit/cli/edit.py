@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from ..progress import Phase, ProgressEvent, counter, emit
-from .preflight import check_edit, check_prompts
+from .preflight import check_edit, check_ledger, check_prompt_tokens, check_prompts
 from .common import (
     JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
 )
@@ -38,6 +38,8 @@ def edit(
     v_steps: Optional[int] = VStepsOpt,
     save: Optional[Path] = typer.Option(None, "--save", help="Write the edited model here (HF directory)."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompts to complete after editing."),
+    max_prompt_tokens: int = typer.Option(
+        256, "--max-prompt-tokens", min=1, help="Longest fact (prompt with subject, and target) in tokens."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Edit FACTS into a model, step by step, and report each step."""
@@ -49,6 +51,9 @@ def edit(
     edited_layers = parse_layers(layers)
     check_prompts(prompt)
     check_edit(model, method, alignment, mode, edited_layers, lam, v_steps, ledger, save)
+    check_prompt_tokens(model, [(f"fact {f.id or i}", f"{f.text} {f.target}") for i, f in enumerate(fs, 1)],
+                        max_prompt_tokens)
+    check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, 12)
     new_ledger = ledger is not None and not Ledger.exists(ledger)
     dir_existed = ledger is not None and ledger.exists()
     lm, _ = load(model)
@@ -104,16 +109,30 @@ def edit(
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(..., help="Prompts to complete."),
-    model: str = ModelOpt,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="HF id, local directory, or 'smollm2-135m' (default: that, or the ledger's base)."),
+    ledger: Optional[Path] = typer.Option(None, "--ledger", "-l", help="Complete with this ledger's edited weights."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
+    max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", min=1, help="Longest prompt in tokens."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Greedy completions of PROMPT(s) by a model."""
     from ..evaluate.scoring import greedy_completions
 
     check_prompts(prompt)
-    lm, _ = load(model)
-    comps = greedy_completions(lm, prompt, max_new_tokens)
+    if ledger is not None:
+        model = model or check_ledger(ledger, write=True)["base"]["name"]
+    model = model or "smollm2-135m"
+    check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, max_new_tokens)
+    if ledger is None:
+        lm, _ = load(model)
+        comps = greedy_completions(lm, prompt, max_new_tokens)
+    else:
+        from .ledger import reopened  # here: importing it at the top would list its commands first
+
+        with reopened(ledger, model) as editor:
+            lm = editor.loaded
+            comps = greedy_completions(lm, prompt, max_new_tokens)
     if as_json:
         out.print_json(data={"model": lm.name, "completions": dict(zip(prompt, comps))})
         return

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def _editor(ledger: Path, model: Optional[str], check: Callable[[Ledger], None] | None = None) -> Iterator[Editor]:
+def reopened(ledger: Path, model: Optional[str], check: Callable[[Ledger], None] | None = None) -> Iterator[Editor]:
     """The ledger reopened on a freshly loaded base model. Before the model loads, the ledger is read
     (read-only), its writer lock must be free, and ``check`` may refuse the request on it."""
     from ..editor import Editor
@@ -49,7 +49,7 @@ def _step(ledger: Path, model: Optional[str], as_json: bool, what: str, act: Cal
           check: Callable[[Ledger], None]) -> None:
     """Run ``act`` (a forget or an undo) on the reopened ledger and print its step record, as JSON
     or as one line saying what it did."""
-    with _editor(ledger, model, check) as editor:
+    with reopened(ledger, model, check) as editor:
         rec = act(editor)
     if as_json:
         out.print_json(data=rec.to_dict())
@@ -148,7 +148,7 @@ def verify(
         rep = unreadable(ledger, str(e), tol)
     if rep.ok:  # the files are sound: now the weights (this loads the model)
         try:
-            with _editor(ledger, model) as editor:
+            with reopened(ledger, model) as editor:
                 rep = editor.verify(tol)
         except LedgerCorruptError as e:
             rep.ok, rep.bad_files = False, [("ledger", str(e))]
@@ -195,7 +195,7 @@ def export(
     if delta_dtype not in ("float32", "float64"):
         fail(f"--delta-dtype must be float32 or float64, got {delta_dtype!r}")
     check_new_dir(dest, "export target")
-    with _editor(ledger, model) as editor:
+    with reopened(ledger, model) as editor:
         path = editor.export(dest, delta=delta, delta_dtype=delta_dtype)
         step = editor.ledger.last_step
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

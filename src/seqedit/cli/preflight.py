@@ -7,11 +7,12 @@ that the CLI prints as one ``error:`` line; none writes anything.
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..errors import SeqEditError
 
-__all__ = ["check_edit", "check_ledger", "check_new_dir", "check_prompts"]
+__all__ = ["check_edit", "check_ledger", "check_new_dir", "check_prompt_tokens", "check_prompts", "context_length"]
 
 
 class InputError(SeqEditError, ValueError):
@@ -72,6 +73,34 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     if hp is not None and n_layers is not None:
         if bad := [l for l in hp.layers if not 0 <= l < n_layers]:
             raise InputError(f"--layers {','.join(map(str, bad))}: {name} has {n_layers} layers (0–{n_layers - 1})")
+
+
+def context_length(config: Any) -> Optional[int]:
+    """The model's context in tokens (``max_position_embeddings``), if its config says."""
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_prompt_tokens(model: str, texts: Sequence[tuple[str, str]], max_tokens: int, extra: int = 0) -> None:
+    """Each ``(label, text)`` must fit ``max_tokens`` and, with ``extra`` tokens to generate, the
+    model's context (only the tokenizer and config are read). A runaway prompt would otherwise run
+    for minutes and gigabytes before failing, or never."""
+    from ..models.load import model_config, model_tokenizer
+
+    name, config = model_config(model)
+    context = context_length(config)
+    limit = max_tokens if context is None else min(max_tokens, context - extra)
+    if limit < 1:
+        raise InputError(f"{name}: a context of {context} tokens leaves no room for {extra} new tokens")
+    tok = model_tokenizer(model)
+    for label, text in texts:
+        if len(text) <= limit:  # a token spans at least one character
+            continue
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            why = ("--max-prompt-tokens" if limit == max_tokens else
+                   f"the model's context of {context} tokens" + (f" minus {extra} to generate" if extra else ""))
+            raise InputError(f"{label} is {n} tokens long; the limit is {limit} ({why})")
 
 
 def check_ledger(ledger: Path, *, write: bool) -> dict:

@@ -161,6 +161,9 @@ class Journal:
                 self.conn.execute("ROLLBACK")
             raise
         self.run("COMMIT")
+        # Move the commit into the main file at once: a committed step then never lives only in the
+        # write-ahead log, whose damaged tail SQLite would silently drop (and the step's files with it).
+        self.rows("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def create(self, manifest: dict) -> None:
         with self.tx():

@@ -147,12 +147,15 @@ class Ledger:
 
     @staticmethod
     def check_writable(path: str | os.PathLike) -> None:
-        """Refuse early (nothing written) what ``open_for_writing(path)`` would refuse for the lock or
-        for the path itself: another writer, a file in the way, a directory that is not a ledger."""
+        """Refuse early (nothing written) what ``open_for_writing(path)`` would refuse for the lock, the
+        journal or the path: another writer, a damaged journal, a file or a non-ledger directory in the way."""
         path = Path(path)
         if Ledger.exists(path):
             if not lock_free(path):
                 raise LedgerError(f"ledger {path} is open for writing by another editor (close it first)")
+            with Ledger(path) as L:
+                if problem := L.journal.digest_problem():
+                    raise LedgerCorruptError(f"ledger {path}: {problem}; run seqedit verify")
         elif path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise LedgerError(f"--ledger {path} exists and is not a seqedit ledger (no {DB_NAME}); "
                               "give a new or empty directory")

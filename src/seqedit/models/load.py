@@ -47,6 +47,7 @@ __all__ = [
     "tokenizer_fingerprint",
     "load_model",
     "model_config",
+    "model_tokenizer",
     "wrap_model",
 ]
 
@@ -172,6 +173,17 @@ def model_config(name_or_path: str) -> tuple[str, Any]:
     gives it, and its HF config. Fails as :func:`load_model` would on a bad path or architecture."""
     path, kwargs, name = _resolve(name_or_path)
     return name, _check_architecture(path, kwargs)
+
+
+def model_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a model, without its weights (for checks before a long model load)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs, name = _resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} from {path!r}: {exc}") from exc
 
 
 # A hub id: "name" or "owner/name" of letters, digits, "-", "_", "." (what the hub accepts).
