@@ -52,6 +52,9 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     from ..methods import parse_method
     from ..models.presets import preset_for
 
+    for flag, value in (("--method", method), ("--alignment", alignment)):
+        if value is not None and not value.strip():
+            raise InputError(f"{flag} is empty")
     if mode not in MODES:
         raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
     if save is not None and save.exists() and not save.is_dir():
