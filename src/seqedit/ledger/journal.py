@@ -129,6 +129,8 @@ class Journal:
             if isinstance(e, sqlite3.OperationalError) and any(s in msg.lower() for s in _NOT_DAMAGE):
                 raise LedgerError(f"ledger {self.path}: the journal {DB_NAME} cannot be used: {msg}") from None
             raise LedgerCorruptError(f"ledger {self.path}: cannot read its journal {DB_NAME}: {msg}") from None
+        except UnicodeDecodeError as e:  # a text column whose bytes are no longer UTF-8
+            raise LedgerCorruptError(f"ledger {self.path}: its journal {DB_NAME} holds damaged text: {e}") from None
 
     # ------------------------------------------------------------------ queries
     def rows(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
