@@ -283,3 +283,50 @@ def test_progress_without_a_terminal_is_plain_lines(capsys: pytest.CaptureFixtur
         cb(ProgressEvent(Phase.STEPS, advance=1, total=2))
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines == ["steps: 1/2 done", "scoring", "steps: 2/2 done"]
+
+
+# ---------------------------------------------------------------- export and generate with a ledger
+def test_delta_loader_resolves_the_recorded_base_and_carries_the_tokenizer(
+        tmp_path: Path, model_dir: Path, ledger: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    import seqedit.models.load as load_mod
+
+    assert invoke("export", tmp_path / "delta", "--ledger", ledger, "--delta").exit_code == 0
+    meta = json.loads((tmp_path / "delta" / "seqedit_delta.json").read_text())
+    assert meta["base"]["name"] == str(model_dir)
+    spec = importlib.util.spec_from_file_location("apply_delta", tmp_path / "delta" / "apply_delta.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # a recorded alias resolves through seqedit (the embedded model's name, here mapped to the tiny model)
+    monkeypatch.setattr(load_mod, "_embedded_dir", lambda: model_dir)
+    mod.META["base"]["name"] = "smollm2-135m"
+    assert mod.base_path() == str(model_dir) and mod.base_path("other/id") == "other/id"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, tmp_path / "delta" / "apply_delta.py", tmp_path / "edited"], check=True,
+                   env=env, capture_output=True)
+    assert (tmp_path / "edited" / "tokenizer.json").is_file() and (tmp_path / "edited" / "config.json").is_file()
+
+
+def test_export_follows_the_umask(tmp_path: Path, ledger: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        assert invoke("export", tmp_path / "full", "--ledger", ledger).exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "full").stat().st_mode & 0o777 == 0o750
+
+
+def test_generate_with_a_ledger_uses_its_edited_weights(model_dir: Path, ledger: Path) -> None:
+    from seqedit import Editor, load_model
+    from seqedit.evaluate.scoring import greedy_completions
+
+    r = invoke("generate", "Place 0 is located in", "--ledger", ledger, "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)["completions"]["Place 0 is located in"]
+    with Editor(load_model(str(model_dir), device="cpu"), ledger=ledger) as ed:
+        assert got == greedy_completions(ed.loaded, ["Place 0 is located in"], 12)[0]
+    plain = invoke("generate", "Place 0 is located in", "--model", model_dir, "--json")
+    assert json.loads(plain.stdout)["model"] == str(model_dir)

@@ -457,6 +457,7 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     from seqedit.cli import ledger as cli_ledger
 
     monkeypatch.setattr(cli_ledger, "load", lambda name: (tiny_model("llama"), 0.0))
+    monkeypatch.setattr("seqedit.models.load.model_config", lambda name: (name, None))  # read before the load
     run = CliRunner().invoke
 
     r = run(cli.app, ["log", "--ledger", str(path), "--json"])

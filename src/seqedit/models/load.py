@@ -47,6 +47,7 @@ __all__ = [
     "tokenizer_fingerprint",
     "load_model",
     "model_config",
+    "model_location",
     "model_tokenizer",
     "wrap_model",
 ]
@@ -173,6 +174,12 @@ def model_config(name_or_path: str) -> tuple[str, Any]:
     gives it, and its HF config. Fails as :func:`load_model` would on a bad path or architecture."""
     path, kwargs, name = _resolve(name_or_path)
     return name, _check_architecture(path, kwargs)
+
+
+def model_location(name_or_path: str) -> str:
+    """The directory (or hub id) ``from_pretrained`` should read for ``name_or_path``: seqedit's aliases
+    (``smollm2-135m``) become their cached directory. Used by exported ``apply_delta.py`` loaders."""
+    return _resolve(name_or_path)[0]
 
 
 def model_tokenizer(name_or_path: str) -> Any:
