@@ -14,7 +14,6 @@ import os
 import random
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Callable
 
 import pytest
