@@ -330,3 +330,19 @@ def test_generate_with_a_ledger_uses_its_edited_weights(model_dir: Path, ledger:
         assert got == greedy_completions(ed.loaded, ["Place 0 is located in"], 12)[0]
     plain = invoke("generate", "Place 0 is located in", "--model", model_dir, "--json")
     assert json.loads(plain.stdout)["model"] == str(model_dir)
+
+
+def test_an_unreachable_hub_fails_fast_naming_the_model(monkeypatch: pytest.MonkeyPatch, no_model_load) -> None:
+    import socket
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    t = time.perf_counter()
+    assert_refused(invoke("generate", "Hi", "--model", "someorg/no-such-model"),
+                   "'someorg/no-such-model' is no local directory", "cannot be reached")
+    assert time.perf_counter() - t < 5

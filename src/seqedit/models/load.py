@@ -212,7 +212,35 @@ def _resolve(name_or_path: str) -> tuple[str, dict, str]:
         return str(local), _hub_kwargs(), name_or_path
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.endswith("/"):
         raise ModelLoadError(f"no model directory at {name_or_path!r} (and it is not a hub id)")
-    return name_or_path, _hub_kwargs(), name_or_path
+    kwargs = _hub_kwargs()
+    if not kwargs and not _hub_cached(name_or_path):
+        _check_hub_reachable(name_or_path)
+    return name_or_path, kwargs, name_or_path
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an unusual hub version: let from_pretrained decide
+        return True
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after transformers' ~30 s of retries, when the hub cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model {repo_id!r} is no local directory and not in the Hugging Face cache, and the hub "
+            f"({url.hostname}) cannot be reached ({exc.strerror or exc}); give a model directory, or set "
+            "HF_HUB_OFFLINE=1 to use only the cache"
+        ) from None
 
 
 def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
