@@ -1,6 +1,7 @@
 """CLI fuzz: seeded malformed inputs (facts files of random bytes, wrong types, missing and extra fields,
 huge fields, invalid Unicode; random option values) against edit, generate, forget, undo, log, verify,
-export and eval, on a tiny model saved to disk and a committed ledger.
+export, eval, bench, stats, verify-equivalence and demo, on a tiny model saved to disk and a committed
+ledger.
 
 Every input is malformed, so every call must be refused: exit 2, one ``error:`` line, no traceback,
 before any model loads (a guard stands in for the loader), and the ledger's files byte-identical
@@ -135,6 +136,13 @@ def _ledger_command(rng: random.Random, ctx: dict) -> tuple[str, list]:
         ["generate", "Hi", "--model", ctx["model"], "--max-new-tokens", rng.choice(["0", "-5", "x"])],
         ["generate", "Hi", "--ledger", rng.choice([ctx["notledger"], ctx["facts"]])],
         [rng.choice(["edit", "forget", "undo", "verify", "export", "eval", "nosuch"])],
+        ["bench", "--model", ctx["model"], "--facts", ctx["facts"], *rng.choice([["--n", "0"], ["--layers", "9"],
+                                                                              ["--batch-size", "-1"], ["--lam", "-2"]])],
+        ["stats", "--model", ctx["model"], *rng.choice([["--tokens", "0"], ["--corpus", ctx["tmp"] / "none"],
+                                                        ["--layers", "4"], ["--corpus", ctx["tmp"]]])],
+        ["verify-equivalence", "--model", ctx["model"], "--facts", ctx["facts"],
+         *rng.choice([["--batch-size", "0"], ["--method", "nosuch"], ["--stats-tokens", "0"], ["--layers", "1,x"]])],
+        ["demo", "--n", rng.choice(["0", "-1", "x"])],
     ])
     return f"command {choice[0]}", choice
 

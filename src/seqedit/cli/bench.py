@@ -14,6 +14,7 @@ from rich.table import Table
 from .common import (
     JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
 )
+from .preflight import check_edit
 
 if TYPE_CHECKING:
     from ..facts import Fact
@@ -45,8 +46,8 @@ def _efficacy(lm: LoadedModel, fs: Sequence[Fact]) -> dict[str, Any]:
 def bench(
     model: str = ModelOpt,
     facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
-    n: int = typer.Option(200, "--n", help="Number of facts."),
-    batch_size: int = typer.Option(100, "--batch-size", "-b"),
+    n: int = typer.Option(200, "--n", min=1, help="Number of facts."),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", min=1),
     split: str = typer.Option("train", help="CounterFact split."),
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
@@ -60,6 +61,7 @@ def bench(
     from ..shared_data import counterfact_path
 
     fs = read_facts(facts or str(counterfact_path()), n, split, "auto")
+    check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None)
     lm, load_s = load(model)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
@@ -127,7 +129,7 @@ def bench(
 @app.command()
 def demo(
     model: str = ModelOpt,
-    n: int = typer.Option(3, "--n", help="How many CounterFact facts to edit."),
+    n: int = typer.Option(3, "--n", min=1, help="How many CounterFact facts to edit."),
 ) -> None:
     """Edit a few real CounterFact facts and show the model's answers before and after."""
     from ..editor import Editor

@@ -11,10 +11,10 @@ import typer
 from rich.table import Table
 
 from ..progress import Phase, ProgressEvent, counter, emit
-from .preflight import check_edit, check_ledger, check_prompt_tokens, check_prompts
 from .common import (
-    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, load, out, parse_layers, progress_bars, read_facts,
+    JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out, parse_layers, progress_bars, read_facts,
 )
+from .preflight import check_edit, check_ledger, check_prompt_tokens, check_prompts
 
 
 @app.command()
@@ -145,7 +145,7 @@ def stats(
     model: str = ModelOpt,
     layers: Optional[str] = LayersOpt,
     corpus: Optional[Path] = typer.Option(None, help="Text file (default: WikiText-2 valid)."),
-    tokens: Optional[int] = typer.Option(None, help="Token budget (default: model preset)."),
+    tokens: Optional[int] = typer.Option(None, min=1, help="Token budget (default: model preset)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass."""
@@ -153,6 +153,9 @@ def stats(
     from ..models.presets import preset_for
     from ..shared_data import wikitext_path
 
+    if corpus is not None and not corpus.is_file():
+        fail(f"--corpus {corpus} is not a file")
+    check_edit(model, None, None, "sequential", parse_layers(layers), None, None, None, None)
     lm, _ = load(model)
     hp = preset_for(lm.name, lm.adapter.n_layers).override(layers=parse_layers(layers), stats_tokens=tokens)
     path = corpus or wikitext_path("valid")
