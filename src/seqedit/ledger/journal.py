@@ -205,7 +205,9 @@ class Journal:
             found = [r[0] for r in self.rows("PRAGMA integrity_check")]
         except LedgerError as e:
             return [str(e)]
-        return [m for m in found if m != "ok"]
+        # one finding per line; SQLite heads a group of them with "*** in database main ***"
+        lines = [line.strip() for m in found for line in str(m).splitlines()]
+        return [line for line in lines if line and line != "ok" and not line.startswith("***")]
 
     def close(self) -> None:
         if self.conn is not None:
