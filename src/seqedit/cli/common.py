@@ -80,7 +80,7 @@ class _Group(TyperGroup):
         except typer.Abort:
             _say_error("aborted")
             code = 1
-        except (SeqEditError, OSError, ValueError, TypeError, KeyError) as e:
+        except (SeqEditError, OSError, ValueError) as e:  # what bad input raises (KeyError, TypeError: bugs)
             if _debug["on"]:
                 raise
             _say_error(_describe(e))
@@ -96,8 +96,6 @@ class _Group(TyperGroup):
 
 
 def _describe(e: BaseException) -> str:
-    if isinstance(e, KeyError):
-        return f"missing key {e}"
     return str(e) or type(e).__name__
 
 
