@@ -46,6 +46,7 @@ def edit(
     from ..editor import Editor
     from ..evaluate.scoring import greedy_completions
     from ..ledger import Ledger
+    from ..ledger.directory import discard_empty
 
     fs = read_facts(facts, n, split, fmt)
     edited_layers = parse_layers(layers)
@@ -66,7 +67,7 @@ def edit(
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
     except BaseException:
         if new_ledger:  # a failed first run leaves no empty ledger behind
-            Ledger.discard_empty(ledger, remove_dir=not dir_existed)
+            discard_empty(ledger, remove_dir=not dir_existed)
         raise
     completions = dict(zip(prompt, greedy_completions(lm, prompt))) if prompt else {}
     if save:

@@ -30,13 +30,14 @@ def reopened(ledger: Path, model: Optional[str], check: Callable[[Ledger], None]
     (read-only), its writer lock must be free, and ``check`` may refuse the request on it."""
     from ..editor import Editor
     from ..ledger import Ledger
+    from ..ledger.directory import check_writable
     from ..models.load import model_config
 
     with Ledger(ledger) as L:
         name = model or L.manifest["base"]["name"]
         if check is not None:
             check(L)
-    Ledger.check_writable(ledger)
+    check_writable(ledger)
     model_config(name)  # a bad --model fails here, not after a load
     lm, _ = load(name)
     with console.status("restoring the ledger's weights …"):

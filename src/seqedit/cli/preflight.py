@@ -47,6 +47,7 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     """What ``seqedit edit`` would refuse after loading the model, refused before."""
     from ..editor import DEFAULT_METHOD, MODES
     from ..ledger import Ledger
+    from ..ledger.directory import check_writable
     from ..ledger.manifest import reconcile_settings, requested_method
     from ..ledger.session import check_journalable
     from ..methods import parse_method
@@ -63,7 +64,7 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
                                  if v is not None}
     name, n_layers = _n_layers(model)
     if ledger is not None:
-        Ledger.check_writable(ledger)
+        check_writable(ledger)
     if ledger is not None and Ledger.exists(ledger):
         with Ledger(ledger) as L:
             spec = requested_method(L.manifest, method, alignment, {})
@@ -109,9 +110,10 @@ def check_prompt_tokens(model: str, texts: Sequence[tuple[str, str]], max_tokens
 def check_ledger(ledger: Path, *, write: bool) -> dict:
     """The manifest of the ledger at ``ledger`` (opened read-only); with ``write``, the writer lock must be free."""
     from ..ledger import Ledger
+    from ..ledger.directory import check_writable
 
     with Ledger(ledger) as L:
         man = L.manifest
     if write:
-        Ledger.check_writable(ledger)
+        check_writable(ledger)
     return man

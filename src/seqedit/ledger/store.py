@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from ..atomic import atomic_write
 from ..facts import Fact
 from . import tensorio
 from .journal import (
-    DB_NAME, FORMAT_VERSION, LOCK_NAME, READABLE_VERSIONS, Journal, LedgerCorruptError, LedgerError, lock_free,
+    DB_NAME, FORMAT_VERSION, LOCK_NAME, READABLE_VERSIONS, Journal, LedgerCorruptError, LedgerError,
 )
 
 __all__ = ["FORMAT_VERSION", "FactRow", "Ledger", "LedgerCorruptError", "LedgerError", "StepRecord"]
@@ -144,43 +143,6 @@ class Ledger:
     def open_for_writing(cls, path: str | os.PathLike, manifest: dict | None = None) -> Ledger:
         """Open ``path`` exclusively, creating it with ``manifest`` if it holds no ledger yet."""
         return cls(path, _write=True, _create=None if cls.exists(path) else manifest)
-
-    @staticmethod
-    def check_writable(path: str | os.PathLike) -> None:
-        """Refuse early (nothing written) what ``open_for_writing(path)`` would refuse for the lock, the
-        journal or the path: another writer, a damaged journal, a file or a non-ledger directory in the way."""
-        path = Path(path)
-        if Ledger.exists(path):
-            if not lock_free(path):
-                raise LedgerError(f"ledger {path} is open for writing by another editor (close it first)")
-            with Ledger(path) as L:
-                if problem := L.journal.digest_problem():
-                    raise LedgerCorruptError(f"ledger {path}: {problem}; run seqedit verify")
-        elif path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise LedgerError(f"--ledger {path} exists and is not a seqedit ledger (no {DB_NAME}); "
-                              "give a new or empty directory")
-
-    @staticmethod
-    def discard_empty(path: str | os.PathLike, remove_dir: bool) -> bool:
-        """Remove a ledger that holds no step (what a failed first run left), and ``path`` itself if
-        ``remove_dir``. Returns whether it did; a ledger with a committed step is never touched."""
-        path = Path(path)
-        try:
-            with Ledger(path) as L:
-                if L.last_step:
-                    return False
-        except LedgerError:
-            return False
-        for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME):
-            (path / name).unlink(missing_ok=True)
-        for sub in ("base", "steps", "snapshots"):
-            shutil.rmtree(path / sub, ignore_errors=True)
-        if remove_dir:
-            try:
-                path.rmdir()
-            except OSError:
-                pass
-        return True
 
     def _lock(self) -> None:
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
