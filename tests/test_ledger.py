@@ -99,8 +99,10 @@ def test_a_ledger_written_before_the_method_registry_reopens(tmp_path: Path) -> 
     man["method"] = {"name": "memit", "alignment": "aligned", "ridge": None, "mu2": 1.0, "threshold": 2e-2,
                      "alpha": 10.0, "top_percent": 20.0, "reproduce_official_prune": False}
     man["hparams"]["ridge"] = 0.0
-    with db:
+    with db:  # as that older seqedit wrote it: format version 1, no content digest
         db.execute("UPDATE meta SET value = ? WHERE key = 'manifest'", (json.dumps(man),))
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'format_version'")
+        db.execute("DELETE FROM meta WHERE key = 'digest'")
     db.close()
     with make_editor(tmp_path / "L") as reopened:
         assert reopened.spec == seqedit.parse_method("memit", ridge=0.0)
@@ -211,7 +213,7 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
     db.commit()
     db.close()
-    with pytest.raises(LedgerCorruptError, match="format version '99'; this seqedit reads version 1"):
+    with pytest.raises(LedgerCorruptError, match="format version '99'; this seqedit reads versions 1, 2"):
         Ledger(path)
 
 
@@ -455,6 +457,7 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     from seqedit import editor as editor_mod
 
     monkeypatch.setattr(editor_mod, "load_model", lambda name, **kw: tiny_model("llama"))
+    monkeypatch.setattr("seqedit.models.load.model_config", lambda name: (name, None))  # read before the load
     run = CliRunner().invoke
 
     r = run(cli.app, ["log", "--ledger", str(path), "--json"])
@@ -482,5 +485,6 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     r = run(cli.app, ["log", "--ledger", str(tmp_path / "none")])
     assert r.exit_code == 2 and "seqedit ledger" in r.output
     (path / "steps" / "step-000001.safetensors").write_bytes(b"x")
-    r = run(cli.app, ["verify", "--ledger", str(path)])
-    assert r.exit_code == 2 and "corrupt" in " ".join(r.output.split())
+    r = run(cli.app, ["verify", "--ledger", str(path)])  # a failed check (1), reported, not an error (2)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "steps/step-000001.safetensors" in r.output and "checksum mismatch" in r.output

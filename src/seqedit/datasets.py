@@ -156,12 +156,14 @@ def _records(source: str | os.PathLike[str] | Iterable[Any]) -> tuple[str, Itera
     if not isinstance(source, (str, os.PathLike)):
         return "record", enumerate(source, start=1)
     path = Path(source)
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise FactError(f"{path}: invalid JSON: {exc}") from exc
+        except RecursionError:
+            raise FactError(f"{path}: invalid JSON: nested too deeply") from None
         return f"{path} record", enumerate(records, start=1)
 
     def lines() -> Iterator[tuple[int, Any]]:
@@ -172,8 +174,29 @@ def _records(source: str | os.PathLike[str] | Iterable[Any]) -> tuple[str, Itera
                     yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise FactError(f"{path} line {number}: invalid JSON: {exc}") from exc
+                except RecursionError:
+                    raise FactError(f"{path} line {number}: invalid JSON: nested too deeply") from None
 
     return f"{path} line", lines()
+
+
+def _read_text(path: Path) -> str:
+    """The text of a facts file; a FactError names the file if it is missing, a folder, or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FactError(f"facts file {path} does not exist") from None
+    except IsADirectoryError:
+        raise FactError(f"facts file {path} is a directory") from None
+    except OSError as exc:
+        raise FactError(f"cannot read facts file {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise FactError(
+            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} (line {line})"
+        ) from None
 
 
 def _split_ids(split: str, splits_file: str | os.PathLike[str] | None, source: object) -> frozenset[int]:

@@ -27,7 +27,7 @@ from .bank import LayerBank
 from .errors import SeqEditError
 from .facts import Fact
 from .ledger import export as ledger_export
-from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile
+from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile, requested_method
 from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
 from .ledger.verify import VerifyReport
@@ -109,9 +109,7 @@ class Editor:
             self.ledger = Ledger.open_for_writing(ledger)
             man = self.ledger.manifest
             try:
-                if method is None and (options or alignment):  # an alignment or options refine the stored method
-                    method, alignment = man["method"]["name"], alignment or man["method"]["alignment"]
-                spec = None if method is None else parse_method(method, alignment, **options)
+                spec = requested_method(man, method, alignment, options)
                 self.spec, self.hparams = reconcile(man, self.loaded, spec, hparams, overrides, ledger)
             except BaseException:
                 self.ledger.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import FactError
 
-__all__ = ["Fact"]
+__all__ = ["Fact", "check_distinct", "visible"]
 
 # Sentence punctuation only: brackets and quotes may belong to the relation, and "}" ends "{}".
 _TRAILING_PUNCT = re.compile(r"[\s.,;:!?\u2026]+$")
@@ -35,6 +35,18 @@ def _label(fact_id: object, prompt: object) -> str:
         return repr(fact_id)
     text = prompt if isinstance(prompt, str) else repr(prompt)
     return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+# Characters that show nothing on their own: controls, formats (zero-width space, joiners, BOM), unassigned
+# and surrogates, separators, combining marks without a base, and the blank letters some fonts draw as space.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Cs", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` holds at least one character that shows (not only whitespace or invisibles)."""
+    return any(not (c.isspace() or c in _BLANK_LETTERS or unicodedata.category(c) in _INVISIBLE_CATEGORIES)
+               for c in text)
 
 
 def _norm(text: str) -> str:
@@ -75,6 +87,12 @@ class Fact:
                 raise fail(f"{what} must be a string, got {type(value).__name__}")
             if not value.strip():
                 raise fail(f"{what} is empty")
+            if not visible(value):
+                raise fail(f"{what} {value!r} has no visible character (only whitespace or invisible ones)")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise fail(f"{what} holds a lone surrogate (invalid Unicode): {value!r}") from None
             return value.strip()
 
         def items(values: object, what: str, kind: str) -> list[Any]:
@@ -164,3 +182,17 @@ class Fact:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Fact))
+
+
+def check_distinct(facts: Iterable[Fact], where: str = "facts") -> None:
+    """Refuse a fact list that names one id twice or holds one edit twice (same slot, same target):
+    it would be edited twice, weighing double. ``where`` names the list in the message."""
+    ids: dict[str, int] = {}
+    edits: dict[tuple[str, str, str], int] = {}
+    for i, f in enumerate(facts, start=1):
+        if f.id is not None:
+            if (j := ids.setdefault(f.id, i)) != i:
+                raise FactError(f"{where}: facts {j} and {i} have the same id {f.id!r}")
+        key = (*f.slot, _norm(f.target))
+        if (j := edits.setdefault(key, i)) != i:
+            raise FactError(f"{where}: facts {j} and {i} are the same edit ({f.subject!r} -> {f.target!r})")

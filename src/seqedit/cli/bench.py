@@ -15,6 +15,7 @@ from .common import (
     DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, load, out, parse_layers,
     parse_sets, progress_bars, read_facts,
 )
+from .preflight import check_edit
 
 if TYPE_CHECKING:
     from ..facts import Fact
@@ -48,8 +49,8 @@ def bench(
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
-    n: int = typer.Option(200, "--n", help="Number of facts."),
-    batch_size: int = typer.Option(100, "--batch-size", "-b"),
+    n: int = typer.Option(200, "--n", min=1, help="Number of facts."),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", min=1),
     split: str = typer.Option("train", help="CounterFact split."),
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
@@ -65,6 +66,7 @@ def bench(
 
     overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps}
     fs = read_facts(facts or str(counterfact_path()), n, split, "auto")
+    check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None)
     lm, load_s = load(model, dtype, device_map)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
@@ -134,7 +136,7 @@ def demo(
     model: str = ModelOpt,
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
-    n: int = typer.Option(3, "--n", help="How many CounterFact facts to edit."),
+    n: int = typer.Option(3, "--n", min=1, help="How many CounterFact facts to edit."),
 ) -> None:
     """Edit a few real CounterFact facts and show the model's answers before and after."""
     from ..editor import Editor

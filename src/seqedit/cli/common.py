@@ -8,12 +8,18 @@ document); spinners, bars and errors go to ``console`` (stderr).
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -25,17 +31,88 @@ if TYPE_CHECKING:
     from ..models.load import LoadedModel
 
 __all__ = [
-    "BaseOpt", "DeviceMapOpt", "DtypeOpt", "JsonOpt", "LamOpt", "LayersOpt", "LedgerOpt", "ModelOpt", "VStepsOpt",
-    "app", "console", "out", "fail", "load", "parse_csv", "parse_layers", "progress_bars", "read_facts",
+    "BaseOpt", "DeviceMapOpt", "DtypeOpt", "JsonOpt", "LamOpt", "LayersOpt", "LedgerOpt", "ModelOpt", "SetOpt",
+    "VStepsOpt", "EXIT_CHECK_FAILED", "EXIT_INTERNAL", "EXIT_USAGE",
+    "app", "console", "out", "fail", "load", "one_line", "parse_csv", "parse_layers", "parse_sets", "progress_bars",
+    "read_facts",
 ]
 
+EXIT_CHECK_FAILED = 1  # a check ran and failed (verify)
+EXIT_USAGE = 2  # bad input: options, files, a refused ledger operation
+EXIT_INTERNAL = 3  # an error seqedit did not anticipate (a bug): one line, the traceback with --debug
+
+console = Console(stderr=True)
+out = Console()
+_debug = {"on": False}
+
+
+def one_line(msg: object) -> str:
+    """``msg`` on one line: every run of whitespace holding a line break becomes one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(msg)).strip()
+
+
+def _say_error(msg: object) -> None:
+    # soft_wrap: Rich would break the line at 80 columns when stderr is no terminal (a log file)
+    console.print(f"[bold red]error:[/] {escape(one_line(msg))}", soft_wrap=True, highlight=False)
+
+
+class _Group(TyperGroup):
+    """The ``seqedit`` group: every failure ends as ONE ``error:`` line on stderr and an exit code
+    (:data:`EXIT_USAGE` for bad input and refused operations, :data:`EXIT_INTERNAL` for anything
+    unforeseen), never a traceback unless ``--debug`` (or ``SEQEDIT_DEBUG=1``)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        from ..errors import SeqEditError
+
+        _debug["on"] = os.environ.get("SEQEDIT_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+        # transformers' own deprecation (its generate passes the old argument): noise on every edit
+        warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
+        code: int
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        except TyperException as e:  # usage errors: bad option values, missing arguments
+            if type(e).__name__ != "NoArgsIsHelpError":  # (that one has printed the help)
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                _say_error(e.format_message() + hint)
+            code = e.exit_code
+        except typer.Abort:
+            _say_error("aborted")
+            code = 1
+        except (SeqEditError, OSError, ValueError) as e:  # what bad input raises (KeyError, TypeError: bugs)
+            if _debug["on"]:
+                raise
+            _say_error(_describe(e))
+            code = EXIT_USAGE
+        except Exception as e:  # a bug: say so on one line, the traceback is one flag away
+            if _debug["on"]:
+                raise
+            _say_error(f"internal error ({type(e).__name__}: {_describe(e)}); rerun with seqedit --debug for the traceback")
+            code = EXIT_INTERNAL
+        if not standalone_mode:
+            return code
+        sys.exit(code)
+
+
+def _describe(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Sequential knowledge editing whose every step equals the one-time solution.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-console = Console(stderr=True)
-out = Console()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", envvar="SEQEDIT_DEBUG", help="Show the traceback of an error."),
+) -> None:
+    _debug["on"] = debug
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="HF id, local directory, or 'smollm2-135m'.")
 DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32 (default), bfloat16, float16 or auto; "
@@ -81,11 +158,11 @@ def parse_csv(value: str, what: str) -> tuple[str, ...]:
     return items
 
 
-def fail(msg: str) -> NoReturn:
-    """Print ``error: msg`` on stderr and exit with 2 (no traceback)."""
+def fail(msg: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print ``error: msg`` on stderr, on one line, and exit with ``code`` (no traceback)."""
     # escaped: paths such as runs[v2] must print as they are, not as Rich markup
-    console.print(f"[bold red]error:[/] {escape(msg)}")
-    raise typer.Exit(2)
+    _say_error(msg)
+    raise typer.Exit(code)
 
 
 def load(model: str, dtype: Optional[str] = None, device_map: Optional[str] = None) -> tuple[LoadedModel, float]:
@@ -98,6 +175,8 @@ def load(model: str, dtype: Optional[str] = None, device_map: Optional[str] = No
 
     hf_logging.disable_progress_bar()  # the spinner says it; tqdm bars would garble Rich's output
     t = time.perf_counter()
+    if not console.is_terminal:
+        _plain(f"loading {model} …")
     try:
         with console.status(f"loading {model} …"):
             lm = load_model(model, dtype=dtype, device_map=parse_device_map(device_map))
@@ -106,15 +185,25 @@ def load(model: str, dtype: Optional[str] = None, device_map: Optional[str] = No
     return lm, time.perf_counter() - t
 
 
+def _plain(msg: str) -> None:
+    """One plain progress line on stderr (for logs: no colour, no wrapping)."""
+    console.print(escape(msg), soft_wrap=True, highlight=False, markup=True)
+
+
 def read_facts(path: str, n: Optional[int], split: Optional[str], fmt: str) -> list[Fact]:
     """The first ``n`` facts of ``path`` (after ``split``); a clean failure if the file is bad or missing."""
     from ..datasets import load_facts
     from ..errors import SeqEditError
+    from ..facts import check_distinct
 
     try:
-        return load_facts(path, format=fmt, split=split, limit=n)
+        facts = load_facts(path, format=fmt, split=split, limit=n)
+        check_distinct(facts, path)
     except (SeqEditError, OSError) as e:
         fail(str(e))
+    if not facts:
+        fail(f"{path} holds no facts" + (f" in split {split!r}" if split else ""))
+    return facts
 
 
 @contextmanager
@@ -131,6 +220,9 @@ def progress_bars(enabled: bool = True, labels: Mapping[Phase, str] | None = Non
         yield None
         return
     names = {**{p: p.label for p in Phase}, **(labels or {})}
+    if not console.is_terminal:  # a log file: plain lines, not bars that only a terminal redraws
+        yield _PlainProgress(names)
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -158,3 +250,43 @@ def progress_bars(enabled: bool = True, labels: Mapping[Phase, str] | None = Non
                 bar.advance(task, event.advance)
 
         yield show
+
+
+class _PlainProgress:
+    """Progress as plain lines on stderr when it is not a terminal: one per finished step or
+    configuration, one per new status message, and for the finer phases (Σ₀ tokens, value
+    optimisation, layer solves) at most one every ``SEQEDIT_PROGRESS_SECONDS`` (default 30)."""
+
+    def __init__(self, names: Mapping[Phase, str]) -> None:
+        self.names = names
+        self.done: dict[Phase, int] = {}
+        self.total: dict[Phase, Optional[int]] = {}
+        self.t0 = self.last = time.perf_counter()
+        try:
+            self.every = float(os.environ.get("SEQEDIT_PROGRESS_SECONDS", "30"))
+        except ValueError:
+            self.every = 30.0
+        self.status: Optional[str] = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        p = event.phase
+        if p is Phase.STATUS:
+            if event.message and event.message != self.status:
+                self.status = event.message
+                self._line(event.message)
+            return
+        if event.start or p not in self.done:
+            self.done[p] = 0
+        if event.total is not None:
+            self.total[p] = event.total
+        self.done[p] += event.advance
+        if not event.advance:
+            return
+        now = time.perf_counter()
+        if p in (Phase.STEPS, Phase.CONFIGS) or now - self.last >= self.every:
+            total = self.total.get(p)
+            self._line(f"{self.names[p]}: {self.done[p]}" + (f"/{total}" if total is not None else "") + " done")
+
+    def _line(self, msg: str) -> None:
+        self.last = time.perf_counter()
+        _plain(f"[{self.last - self.t0:7.1f} s] {msg}")

@@ -15,6 +15,7 @@ from .common import (
     DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out,
     parse_layers, progress_bars, read_facts,
 )
+from .preflight import check_edit, check_ledger, check_prompt_tokens, check_prompts
 
 
 @app.command()
@@ -28,11 +29,11 @@ def edit(
     ),
     alignment: Optional[str] = typer.Option(None, help="aligned | naive | ... (default: the method's first)."),
     mode: str = typer.Option("sequential", help="sequential | one_time."),
-    batch_size: int = typer.Option(100, "--batch-size", "-b", help="Facts per sequential step."),
+    batch_size: int = typer.Option(100, "--batch-size", "-b", min=1, help="Facts per sequential step."),
     ledger: Optional[Path] = typer.Option(
         None, "--ledger", "-l", help="Ledger directory: created, or reopened and continued (durable steps)."
     ),
-    n: Optional[int] = typer.Option(None, "--n", help="Use only the first N facts (after --split)."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Use only the first N facts (after --split)."),
     split: Optional[str] = typer.Option(None, help="CounterFact split: edit | train."),
     fmt: str = typer.Option("auto", "--format", help="Facts file layout (auto-detected)."),
     layers: Optional[str] = LayersOpt,
@@ -40,18 +41,26 @@ def edit(
     v_steps: Optional[int] = VStepsOpt,
     save: Optional[Path] = typer.Option(None, "--save", help="Write the edited model here (HF directory)."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompts to complete after editing."),
+    max_prompt_tokens: int = typer.Option(
+        256, "--max-prompt-tokens", min=1, help="Longest fact (prompt with subject, and target) in tokens."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Edit FACTS into a model, step by step, and report each step."""
     from ..editor import Editor
-    from ..errors import SeqEditError
     from ..evaluate.scoring import greedy_completions
     from ..ledger import Ledger
+    from ..ledger.directory import discard_empty
     from ..ledger.manifest import recorded_base
-
     fs = read_facts(facts, n, split, fmt)
     edited_layers = parse_layers(layers)
-    if dtype is None and ledger is not None and Ledger.exists(ledger):
+    check_prompts(prompt)
+    check_edit(model, method, alignment, mode, edited_layers, lam, v_steps, ledger, save)
+    check_prompt_tokens(model, [(f"fact {f.id or i}", f"{f.text} {f.target}") for i, f in enumerate(fs, 1)],
+                        max_prompt_tokens)
+    check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, 12)
+    new_ledger = ledger is not None and not Ledger.exists(ledger)
+    dir_existed = ledger is not None and ledger.exists()
+    if dtype is None and not new_ledger and ledger is not None:
         dtype = recorded_base(ledger).get("dtype")  # the base fingerprint includes the dtype
     lm, _ = load(model, dtype, device_map)
     try:
@@ -61,8 +70,10 @@ def edit(
         )
         with editor, progress_bars(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
-    except (SeqEditError, ValueError, OSError) as e:
-        fail(str(e))
+    except BaseException:
+        if new_ledger:  # a failed first run leaves no empty ledger behind
+            discard_empty(ledger, remove_dir=not dir_existed)
+        raise
     completions = dict(zip(prompt, greedy_completions(lm, prompt))) if prompt else {}
     if save:
         lm.model.save_pretrained(save)
@@ -104,17 +115,31 @@ def edit(
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(..., help="Prompts to complete."),
-    model: str = ModelOpt,
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="HF id, local directory, or 'smollm2-135m' (default: that, or the ledger's base)."),
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
-    max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
+    ledger: Optional[Path] = typer.Option(None, "--ledger", "-l", help="Complete with this ledger's edited weights."),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
+    max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", min=1, help="Longest prompt in tokens."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Greedy completions of PROMPT(s) by a model."""
     from ..evaluate.scoring import greedy_completions
 
-    lm, _ = load(model, dtype, device_map)
-    comps = greedy_completions(lm, prompt, max_new_tokens)
+    check_prompts(prompt)
+    if ledger is not None:
+        model = model or check_ledger(ledger, write=True)["base"]["name"]
+    model = model or "smollm2-135m"
+    check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, max_new_tokens)
+    if ledger is None:
+        lm, _ = load(model, dtype, device_map)
+        comps = greedy_completions(lm, prompt, max_new_tokens)
+    else:
+        from .ledger import reopened  # here: importing it at the top would list its commands first
+        with reopened(ledger, model, dtype=dtype, device_map=device_map) as editor:
+            lm = editor.loaded
+            comps = greedy_completions(lm, prompt, max_new_tokens)
     if as_json:
         out.print_json(data={"model": lm.name, "completions": dict(zip(prompt, comps))})
         return
@@ -129,7 +154,7 @@ def stats(
     device_map: Optional[str] = DeviceMapOpt,
     layers: Optional[str] = LayersOpt,
     corpus: Optional[Path] = typer.Option(None, help="Text file (default: WikiText-2 valid)."),
-    tokens: Optional[int] = typer.Option(None, help="Token budget (default: model preset)."),
+    tokens: Optional[int] = typer.Option(None, min=1, help="Token budget (default: model preset)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Precompute and cache Σ₀ (the second moment of keys) for the edited layers in one pass.
@@ -145,6 +170,9 @@ def stats(
     from ..models.presets import preset_for
     from ..shared_data import wikitext_path
 
+    if corpus is not None and not corpus.is_file():
+        fail(f"--corpus {corpus} is not a file")
+    check_edit(model, None, None, "sequential", parse_layers(layers), None, None, None, None)
     rank, world = join_launched_group()
     if world > 1 and device_map is None and torch.cuda.is_available():
         device_map = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"

@@ -13,6 +13,7 @@ from .common import (
     DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, console, fail, load, out,
     parse_layers, progress_bars, read_facts,
 )
+from .preflight import check_edit
 
 if TYPE_CHECKING:
     from ..methods import MethodSpec
@@ -60,14 +61,14 @@ def verify_equivalence(
         None, help="Alignment(s), comma separated, or 'all' (default: each method's first)."
     ),
     facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
-    n: int = typer.Option(200, "--n", help="Number of facts."),
-    batch_size: int = typer.Option(20, "--batch-size", "-b", help="Facts per sequential step."),
+    n: int = typer.Option(200, "--n", min=1, help="Number of facts."),
+    batch_size: int = typer.Option(20, "--batch-size", "-b", min=1, help="Facts per sequential step."),
     split: Optional[str] = typer.Option(None, help="CounterFact split (default: train of the shared CounterFact)."),
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
     v_steps: Optional[int] = VStepsOpt,
     ridge: Optional[float] = typer.Option(None, help="Ridge ρ (rlsedit: its λ²); default per method."),
-    stats_tokens: Optional[int] = typer.Option(None, "--stats-tokens", help="Σ₀ token budget (default: preset)."),
+    stats_tokens: Optional[int] = typer.Option(None, "--stats-tokens", min=1, help="Σ₀ token budget (default: preset)."),
     tol: float = typer.Option(1e-10, help="Largest relative gap accepted for the aligned forms."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -84,6 +85,7 @@ def verify_equivalence(
 
     specs = _specs(method, alignment, {"ridge": ridge})
     fs = read_facts(facts or str(counterfact_path()), n, split or (None if facts else "train"), "auto")
+    check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None)
     lm, _ = load(model, dtype, device_map)
     hp = preset_for(lm.name, lm.adapter.n_layers).override(
         layers=parse_layers(layers), lam=lam, v_steps=v_steps, stats_tokens=stats_tokens

@@ -68,6 +68,8 @@ def eval_(
     from ..evaluate.runner import run_eval
     from ..report import render, rendered
 
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out {out_dir} is a file; give a folder")
     overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps,
                  "stats_tokens": stats_tokens}
     config = EvalConfig(

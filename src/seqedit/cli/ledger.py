@@ -13,45 +13,54 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .common import BaseOpt, DeviceMapOpt, DtypeOpt, JsonOpt, LedgerOpt, app, console, fail, out
+from .common import EXIT_CHECK_FAILED, BaseOpt, DeviceMapOpt, DtypeOpt, JsonOpt, LedgerOpt, app, console, fail, out
+from .preflight import check_new_dir
 
 if TYPE_CHECKING:
     from ..editor import Editor
-    from ..ledger import StepRecord
+    from ..ledger import Ledger, StepRecord, VerifyReport
 
 
 @contextmanager
-def _editor(ledger: Path, model: Optional[str], dtype: Optional[str] = None,
-            device_map: Optional[str] = None) -> Iterator[Editor]:
-    """The ledger reopened on a freshly loaded base model (its recorded name and dtype unless given);
-    SeqEditErrors become CLI errors."""
+def reopened(ledger: Path, model: Optional[str], check: Callable[[Ledger], None] | None = None,
+             dtype: Optional[str] = None, device_map: Optional[str] = None) -> Iterator[Editor]:
+    """The ledger reopened on a freshly loaded base model (``Editor.from_ledger``: its recorded name and
+    dtype unless given). Before the model loads, the ledger is read (read-only), its writer lock must
+    be free, and ``check`` may refuse the request on it."""
     from ..editor import Editor
     from ..errors import SeqEditError
-    from ..models.load import parse_device_map
+    from ..ledger import Ledger
+    from ..ledger.directory import check_writable
+    from ..models.load import model_config, parse_device_map
 
     from transformers.utils import logging as hf_logging
 
+    with Ledger(ledger) as L:
+        name = model or L.manifest["base"]["name"]
+        if check is not None:
+            check(L)
+    check_writable(ledger)
+    model_config(name)  # a bad --model fails here, not after a load
     hf_logging.disable_progress_bar()  # the spinner says it; tqdm bars would garble Rich's output
     try:
         with console.status("loading the base model and restoring the ledger's weights …"):
-            editor = Editor.from_ledger(ledger, model=model, dtype=dtype, device_map=parse_device_map(device_map))
+            editor = Editor.from_ledger(ledger, model=name, dtype=dtype, device_map=parse_device_map(device_map))
     except (SeqEditError, ValueError, OSError) as e:
         fail(str(e))
     try:
         yield editor
-    except (SeqEditError, ValueError, OSError) as e:
-        fail(str(e))
     finally:
         editor.close()
 
 
 def _step(ledger: Path, model: Optional[str], as_json: bool, what: str, act: Callable[[Editor], StepRecord],
-          dtype: Optional[str] = None, device_map: Optional[str] = None) -> None:
+          check: Callable[[Ledger], None], dtype: Optional[str] = None, device_map: Optional[str] = None) -> None:
     """Run ``act`` (a forget or an undo) on the reopened ledger and print its step record, as JSON
     or as one line saying what it did."""
-    with _editor(ledger, model, dtype, device_map) as editor:
+    with reopened(ledger, model, check, dtype, device_map) as editor:
         rec = act(editor)
     if as_json:
         out.print_json(data=rec.to_dict())
@@ -69,12 +78,18 @@ def forget(
     as_json: bool = JsonOpt,
 ) -> None:
     """Remove facts exactly: the weights become the one-time solution of the remaining facts."""
-    _step(ledger, model, as_json, "forget", lambda editor: editor.forget(ids), dtype, device_map)
+    from ..ledger.plan import plan_forget
+    from ..methods import MethodSpec
+
+    def check(L: Ledger) -> None:  # the same plan the editor makes, refused before the model loads
+        plan_forget(ids, L.in_force(), MethodSpec.from_dict(L.manifest["method"]))
+
+    _step(ledger, model, as_json, "forget", lambda editor: editor.forget(ids), check, dtype, device_map)
 
 
 @app.command()
 def undo(
-    step: int = typer.Argument(..., help="The step to revert (see `seqedit log`)."),
+    step: int = typer.Argument(..., min=1, help="The step to revert (see `seqedit log`)."),
     ledger: Path = LedgerOpt,
     model: Optional[str] = BaseOpt,
     dtype: Optional[str] = DtypeOpt,
@@ -82,7 +97,14 @@ def undo(
     as_json: bool = JsonOpt,
 ) -> None:
     """Revert a step: its facts leave, the facts it replaced or forgot come back (undo an undo to redo)."""
-    _step(ledger, model, as_json, f"undo of step {step}", lambda editor: editor.undo(step), dtype, device_map)
+    from ..ledger.plan import plan_undo
+    from ..methods import MethodSpec
+
+    def check(L: Ledger) -> None:
+        plan_undo(L.step(step), L.last_step, L.rows_added(step), L.rows_removed(step), L.in_force(),
+                  MethodSpec.from_dict(L.manifest["method"]))
+
+    _step(ledger, model, as_json, f"undo of step {step}", lambda editor: editor.undo(step), check, dtype, device_map)
 
 
 @app.command()
@@ -91,14 +113,10 @@ def log(
     as_json: bool = JsonOpt,
 ) -> None:
     """The ledger's steps and the facts in force (no model needed)."""
-    from ..errors import SeqEditError
     from ..ledger import Ledger
 
-    try:
-        with Ledger(ledger) as L:
-            man, steps, rows = L.manifest, L.steps(), L.in_force()
-    except SeqEditError as e:
-        fail(str(e))
+    with Ledger(ledger) as L:  # read-only: writes nothing, not even SQLite's shared-memory file
+        man, steps, rows = L.manifest, L.steps(), L.in_force()
     if as_json:
         out.print_json(data={
             "ledger": str(ledger), "manifest": man, "steps": [s.to_dict() for s in steps],
@@ -127,18 +145,40 @@ def log(
 def verify(
     ledger: Path = LedgerOpt,
     model: Optional[str] = BaseOpt,
-    tol: float = typer.Option(1e-8, help="Largest relative error accepted per layer."),
+    tol: float = typer.Option(1e-8, min=0.0, help="Largest relative error accepted per layer."),
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Re-solve the one-time problem of the facts in force, compare with the restored weights per layer,
-    and check every file's checksum. Exits with 1 when anything fails."""
-    with _editor(ledger, model, dtype, device_map) as editor:
-        rep = editor.verify(tol)
+    """Check every file (checksums, the journal's pages and content digest), then re-solve the one-time
+    problem of the facts in force and compare with the restored weights per layer. Lists every problem
+    found; exits with 1 when anything fails (2: not a ledger, or a bad option)."""
+    from ..ledger import Ledger, LedgerCorruptError
+    from ..ledger.verify import check_files, unreadable
+
+    if not Ledger.exists(ledger):
+        fail(f"{ledger} is not a seqedit ledger (no ledger.sqlite)")
+    try:
+        with Ledger(ledger) as L:
+            rep = check_files(L, tol)
+    except LedgerCorruptError as e:
+        rep = unreadable(ledger, str(e), tol)
+    if rep.ok:  # the files are sound: now the weights (this loads the model)
+        try:
+            with reopened(ledger, model, dtype=dtype, device_map=device_map) as editor:
+                rep = editor.verify(tol)
+        except LedgerCorruptError as e:
+            rep.ok, rep.bad_files = False, [("ledger", str(e))]
+    _print_verify(ledger, rep, as_json)
+    if not rep.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _print_verify(ledger: Path, rep: VerifyReport, as_json: bool) -> None:
     if as_json:
         out.print_json(data=rep.to_dict())
-    else:
+        return
+    if rep.layers:
         t = Table(title=f"verify {ledger}: {rep.method}, {rep.n_facts} facts in force after {rep.steps} steps")
         for col in ("layer", "relative error", "deployed = master"):
             t.add_column(col, justify="right")
@@ -146,11 +186,17 @@ def verify(
             rel = "n/a (not a one-time solution)" if e["rel_error"] is None else f"{e['rel_error']:.2e}"
             t.add_row(str(l), rel, "yes" if e["deployed_matches"] else "[red]NO[/]")
         out.print(t)
-        out.print(f"{rep.files_checked} files checked, {len(rep.bad_files)} bad" +
-                  "".join(f"\n  [red]{n}: {p}[/]" for n, p in rep.bad_files))
-        out.print("[bold green]OK[/]" if rep.ok else f"[bold red]FAILED[/] (tolerance {rep.tol:g})")
-    if not rep.ok:
-        raise typer.Exit(1)
+    else:
+        out.print(f"verify {ledger}: weights not checked (the files must be sound first)")
+    out.print(f"{rep.files_checked} files checked, {len(rep.bad_files)} bad")
+    if problems := rep.problems():
+        t = Table(title=f"{len(problems)} problems")
+        t.add_column("what")
+        t.add_column("problem")
+        for what, problem in problems:
+            t.add_row(escape(what), f"[red]{escape(problem)}[/]")
+        out.print(t)
+    out.print("[bold green]OK[/]" if rep.ok else f"[bold red]FAILED[/] (tolerance {rep.tol:g})")
 
 
 @app.command()
@@ -165,7 +211,10 @@ def export(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write the edited model as a plain HF directory (AutoModelForCausalLM.from_pretrained), or its deltas."""
-    with _editor(ledger, model, dtype, device_map) as editor:
+    if delta_dtype not in ("float32", "float64"):
+        fail(f"--delta-dtype must be float32 or float64, got {delta_dtype!r}")
+    check_new_dir(dest, "export target")
+    with reopened(ledger, model, dtype=dtype, device_map=device_map) as editor:
         path = editor.export(dest, delta=delta, delta_dtype=delta_dtype)
         step = editor.ledger.last_step
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -30,16 +30,30 @@ PROVENANCE = "seqedit_ledger.json"
 
 _LOADER = '''"""Apply seqedit weight deltas to a base model (standalone: torch, safetensors, transformers).
 
-    python apply_delta.py BASE_MODEL_DIR_OR_ID OUT_DIR      # writes the edited model
-    from apply_delta import load; model = load("BASE")      # in Python
+    python apply_delta.py [BASE_MODEL_DIR_OR_ID] OUT_DIR   # writes the edited model and its tokenizer
+    from apply_delta import load; model = load()           # in Python (the recorded base, or load("BASE"))
+
+BASE defaults to the base model recorded in seqedit_delta.json; seqedit's own names for it (such as
+"smollm2-135m") are resolved when seqedit is installed.
 """
 import json, pathlib, sys
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 HERE = pathlib.Path(__file__).resolve().parent
+META = json.loads((HERE / "seqedit_delta.json").read_text())
+
+
+def base_path(base=None):
+    """Where the base model is: BASE, else the recorded name, through seqedit's aliases if it is installed."""
+    base = base or META["base"]["name"]
+    try:
+        from seqedit.models.load import model_location
+    except ImportError:
+        return base
+    return model_location(base)
 
 
 def apply(model):
@@ -52,15 +66,17 @@ def apply(model):
     return model
 
 
-def load(base, **kwargs):
-    meta = json.loads((HERE / "seqedit_delta.json").read_text())
-    kwargs.setdefault("dtype", getattr(torch, meta["dtype"]))
-    return apply(AutoModelForCausalLM.from_pretrained(base, **kwargs))
+def load(base=None, **kwargs):
+    kwargs.setdefault("dtype", getattr(torch, META["dtype"]))
+    return apply(AutoModelForCausalLM.from_pretrained(base_path(base), **kwargs))
 
 
 if __name__ == "__main__":
-    m = load(sys.argv[1])
-    m.save_pretrained(sys.argv[2])
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python apply_delta.py [BASE_MODEL_DIR_OR_ID] OUT_DIR")
+    out, base = sys.argv[-1], base_path(sys.argv[1] if len(sys.argv) == 3 else None)
+    load(base).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
 '''
 
 
@@ -77,10 +93,17 @@ def _publish(tmp: Path, path: Path) -> Path:
         if p.is_file():
             with p.open("rb") as fh:
                 os.fsync(fh.fileno())
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700; an export is shared like any new folder
     if path.exists():
         path.rmdir()  # empty, checked by _fresh_dir
     os.rename(tmp, path)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _provenance(L: Ledger) -> dict[str, Any]:

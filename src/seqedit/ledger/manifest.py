@@ -10,13 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..methods import MethodSpec
+from ..methods import MethodSpec, parse_method
 from ..models.load import LoadedModel, fingerprint_model
 from ..models.presets import EditHParams
 from ..version import __version__
-from .store import Ledger, LedgerError
+from .journal import LedgerError
+from .store import Ledger
 
-__all__ = ["KV_DTYPES", "build_manifest", "recorded_base", "check_base", "check_storage", "reconcile", "stored_hparams", "w0_digest"]
+__all__ = ["KV_DTYPES", "build_manifest", "recorded_base", "check_base", "check_storage", "reconcile", "reconcile_settings",
+           "requested_method", "stored_hparams", "w0_digest"]
 
 KV_DTYPES = ("float64", "float32")
 # Hyperparameters that define the objective of the stored facts; the others only shape future steps.
@@ -95,6 +97,28 @@ def reconcile(man: dict, loaded: LoadedModel, spec: MethodSpec | None, hp: EditH
             f"ledger {path} was built on base model {base['name']!r} (fingerprint {base['fingerprint'][:16]}…); "
             f"the model given is {loaded.name!r} (fingerprint {loaded.fingerprint[:16]}…): load that base model"
         )
+    stored_spec, wanted = reconcile_settings(man, spec, hp, overrides, path)
+    for l in wanted.layers:
+        if w0_digest(loaded.adapter.weight(l)) != base["w0_sha256"][str(l)]:
+            raise LedgerError(
+                f"layer {l} of the model differs from the ledger's base weights although the fingerprint "
+                "matches: was this model object already edited? Load a fresh base model"
+            )
+    return stored_spec, wanted
+
+
+def requested_method(man: dict, method: str | None, alignment: str | None, options: dict[str, Any]) -> MethodSpec | None:
+    """The method asked of an existing ledger: ``None`` (the stored one) unless a method, an alignment or
+    options are given; an alignment or options without a method refine the stored method."""
+    if method is None and (options or alignment):
+        method, alignment = man["method"]["name"], alignment or man["method"]["alignment"]
+    return None if method is None else parse_method(method, alignment, **options)
+
+
+def reconcile_settings(man: dict, spec: MethodSpec | None, hp: EditHParams | None, overrides: dict[str, Any],
+                       path: Any) -> tuple[MethodSpec, EditHParams]:
+    """The part of :func:`reconcile` that needs no model (so a CLI can refuse before loading one): the
+    stored method, and the hyperparameters to continue with; refuses another method or objective."""
     stored_spec = MethodSpec.from_dict(man["method"])
     if spec is not None and spec != stored_spec:
         raise LedgerError(
@@ -107,10 +131,4 @@ def reconcile(man: dict, loaded: LoadedModel, spec: MethodSpec | None, hp: EditH
             for k in _OBJECTIVE_HPARAMS if getattr(wanted, k) != getattr(stored_hp, k)]
     if diff:
         raise LedgerError(f"ledger {path} was built with other hyperparameters ({'; '.join(diff)})")
-    for l in wanted.layers:
-        if w0_digest(loaded.adapter.weight(l)) != base["w0_sha256"][str(l)]:
-            raise LedgerError(
-                f"layer {l} of the model differs from the ledger's base weights although the fingerprint "
-                "matches: was this model object already edited? Load a fresh base model"
-            )
     return stored_spec, wanted

@@ -54,7 +54,7 @@ class LedgerSession:
 
     def open(self) -> Ledger:
         """The ledger, or an error if it was closed."""
-        if self.ledger.conn is None:
+        if self.ledger.closed:
             raise LedgerError("this editor's ledger was closed; reopen it with Editor(model, ledger=...)")
         return self.ledger
 

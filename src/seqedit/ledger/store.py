@@ -17,7 +17,6 @@ corruption, reported and never repaired by deleting anything.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -27,64 +26,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import fcntl
 import torch
 from torch import Tensor
 
 from ..atomic import atomic_write
-from ..errors import SeqEditError
 from ..facts import Fact
 from . import tensorio
+from .journal import (
+    DB_NAME, FORMAT_VERSION, LOCK_NAME, READABLE_VERSIONS, Journal, LedgerCorruptError, LedgerError,
+)
 
 __all__ = ["FORMAT_VERSION", "FactRow", "Ledger", "LedgerCorruptError", "LedgerError", "StepRecord"]
 
-FORMAT_VERSION = 1
-DB_NAME = "ledger.sqlite"
 KEEP_SNAPSHOTS = 2  # the newest two: the one before the latest step serves undo of non-exact methods
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS steps (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    created REAL NOT NULL,
-    target INTEGER,
-    undone_by INTEGER,
-    snapshot INTEGER NOT NULL DEFAULT 0,
-    info TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS facts (
-    row INTEGER PRIMARY KEY,
-    fact_id TEXT NOT NULL,
-    slot_subject TEXT NOT NULL,
-    slot_prompt TEXT NOT NULL,
-    fact TEXT NOT NULL,
-    kv_step INTEGER NOT NULL,
-    kv_col INTEGER NOT NULL,
-    added INTEGER NOT NULL,
-    removed INTEGER
-);
-CREATE UNIQUE INDEX IF NOT EXISTS facts_slot_in_force ON facts(slot_subject, slot_prompt) WHERE removed IS NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS facts_id_in_force ON facts(fact_id) WHERE removed IS NULL;
-CREATE INDEX IF NOT EXISTS facts_added ON facts(added);
-CREATE INDEX IF NOT EXISTS facts_removed ON facts(removed);
-CREATE TABLE IF NOT EXISTS files (
-    name TEXT PRIMARY KEY,
-    sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    step INTEGER
-);
-"""
+# What a manifest must hold for the ledger to be reopened (a damaged one fails here, not later).
+_MANIFEST_KEYS = {"base": dict, "method": dict, "method_label": str, "hparams": dict, "kv_dtype": str,
+                  "snapshot_every": int}
 
 _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
 _SNAP_FILE = re.compile(r"^snap-(\d+)-L(\d+)\.safetensors$")
-
-
-class LedgerError(SeqEditError):
-    """A ledger operation was refused: other base model or method, conflicting facts, unsupported op."""
-
-
-class LedgerCorruptError(LedgerError):
-    """The ledger on disk is damaged (checksum mismatch, missing file, unknown format). Nothing was deleted."""
 
 
 @dataclass(frozen=True)
@@ -125,34 +86,49 @@ class StepRecord:
 
 
 def _fact_row(r: sqlite3.Row) -> FactRow:
-    return FactRow(r["row"], Fact.from_dict(json.loads(r["fact"])), r["kv_step"], r["kv_col"], r["added"], r["removed"])
+    try:
+        fact = Fact.from_dict(json.loads(r["fact"]))
+    except (ValueError, TypeError) as e:  # FactError is a ValueError
+        raise LedgerCorruptError(f"the journal's fact row {r['row']} is damaged: {e}") from None
+    return FactRow(r["row"], fact, r["kv_step"], r["kv_col"], r["added"], r["removed"])
+
+
+def _info(r: sqlite3.Row) -> dict[str, Any]:
+    try:
+        info = json.loads(r["info"])
+    except (ValueError, TypeError):
+        info = None
+    if not isinstance(info, dict):
+        raise LedgerCorruptError(f"the journal's row of step {r['id']} is damaged (its info is not a JSON object)")
+    return info
 
 
 class Ledger:
     """A ledger directory (see the module docstring). ``Ledger(path)`` opens an existing one read-only
-    (journal queries: ``manifest``, ``steps()``, ``in_force()``); the :class:`~seqedit.Editor` opens it
-    for writing with ``Ledger.open_for_writing``. Use ``close()`` (or ``with``) to release it.
+    (journal queries: ``manifest``, ``steps()``, ``in_force()``; nothing is written, not even SQLite's
+    shared-memory file when no writer is active); the :class:`~seqedit.Editor` opens it for writing
+    with ``Ledger.open_for_writing``. Use ``close()`` (or ``with``) to release it.
     """
 
     def __init__(self, path: str | os.PathLike, *, _write: bool = False, _create: dict | None = None) -> None:
         self.path = Path(path)
         self.recovered: list[str] = []  # files of interrupted steps removed by this open
         self._lock_fd: int | None = None
+        self.journal: Journal | None = None
         db = self.path / DB_NAME
         if _create is None and not db.is_file():
             raise LedgerError(f"{self.path} is not a seqedit ledger (no {DB_NAME})")
-        if _write:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._lock()
-        self.conn = sqlite3.connect(db, isolation_level=None)  # explicit BEGIN/COMMIT below
-        self.conn.row_factory = sqlite3.Row
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")
+            if _write:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._lock()
+            self.journal = Journal(self.path, read_only=not _write)
             if _create is not None:
-                self._create(_create)
+                self.journal.create(_create)
             self.manifest = self._read_manifest()
             if _write:
+                if problem := self.journal.digest_problem():  # before _recover may delete a file
+                    raise LedgerCorruptError(f"ledger {self.path}: {problem}; run seqedit verify")
                 self._recover()
         except BaseException:
             self.close()
@@ -169,7 +145,7 @@ class Ledger:
         return cls(path, _write=True, _create=None if cls.exists(path) else manifest)
 
     def _lock(self) -> None:
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -179,12 +155,16 @@ class Ledger:
             ) from None
         self._lock_fd = fd
 
+    @property
+    def closed(self) -> bool:
+        return self.journal is None
+
     def close(self) -> None:
-        conn = getattr(self, "conn", None)
-        if conn is not None:
-            conn.close()
-            self.conn = None  # type: ignore[assignment]
-        if self._lock_fd is not None:
+        journal = getattr(self, "journal", None)
+        if journal is not None:
+            journal.close()
+            self.journal = None
+        if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
@@ -200,46 +180,26 @@ class Ledger:
         except Exception:
             pass
 
-    def _create(self, manifest: dict) -> None:
-        with self._tx():
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self.conn.execute(stmt)
-            self.conn.execute("INSERT INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-            self.conn.execute("INSERT INTO meta VALUES ('manifest', ?)", (json.dumps(manifest),))
-
     def _read_manifest(self) -> dict:
-        try:
-            rows = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as e:
-            raise LedgerCorruptError(f"ledger {self.path}: cannot read its journal: {e}") from None
+        rows = self.journal.meta()
         version = rows.get("format_version")
-        if version != str(FORMAT_VERSION):
+        if version not in READABLE_VERSIONS:
             raise LedgerCorruptError(
-                f"ledger {self.path} has format version {version!r}; this seqedit reads version {FORMAT_VERSION}"
+                f"ledger {self.path} has format version {version!r}; this seqedit reads versions "
+                f"{', '.join(READABLE_VERSIONS)}"
             )
         try:
-            return json.loads(rows["manifest"])
+            man = json.loads(rows["manifest"])
         except (KeyError, ValueError):
             raise LedgerCorruptError(f"ledger {self.path}: the manifest is missing or not JSON") from None
-
-    def _tx(self):
-        """``with self._tx():`` one IMMEDIATE transaction, rolled back on any error."""
-        conn = self.conn
-
-        class _T:
-            def __enter__(self_inner):
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self_inner, exc_type, exc, tb):
-                conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-                return False
-
-        return _T()
+        bad = [k for k, kind in _MANIFEST_KEYS.items() if not isinstance(man.get(k) if isinstance(man, dict) else None, kind)]
+        if bad or not all(isinstance(man["base"].get(k), str) for k in ("name", "fingerprint")):
+            raise LedgerCorruptError(f"ledger {self.path}: the manifest is damaged (bad or missing {bad or 'base'})")
+        return man
 
     def _recover(self) -> None:
         """Finish or roll back an interrupted step: remove unreferenced files, check referenced ones exist."""
-        known = {r["name"] for r in self.conn.execute("SELECT name FROM files")}
+        known = {r["name"] for r in self.journal.rows("SELECT name FROM files")}
         last = self.last_step
         for sub in ("base", "steps", "snapshots"):
             d = self.path / sub
@@ -263,50 +223,50 @@ class Ledger:
     # ------------------------------------------------------------------ queries
     @property
     def last_step(self) -> int:
-        return self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM steps").fetchone()[0]
+        return self.journal.one("SELECT COALESCE(MAX(id), 0) FROM steps")[0]
 
     def _ids(self, sql: str, step: int) -> tuple[str, ...]:
-        return tuple(r[0] for r in self.conn.execute(sql, (step,)))
+        return tuple(r[0] for r in self.journal.rows(sql, (step,)))
 
     def _record(self, r: sqlite3.Row) -> StepRecord:
         return StepRecord(
             r["id"], r["kind"], r["created"], r["target"], r["undone_by"],
             self._ids("SELECT fact_id FROM facts WHERE added = ? ORDER BY row", r["id"]),
             self._ids("SELECT fact_id FROM facts WHERE removed = ? ORDER BY row", r["id"]),
-            json.loads(r["info"]),
+            _info(r),
         )
 
     def steps(self) -> list[StepRecord]:
-        return [self._record(r) for r in self.conn.execute("SELECT * FROM steps ORDER BY id")]
+        return [self._record(r) for r in self.journal.rows("SELECT * FROM steps ORDER BY id")]
 
     def step(self, step_id: int) -> StepRecord:
-        r = self.conn.execute("SELECT * FROM steps WHERE id = ?", (step_id,)).fetchone()
+        r = self.journal.one("SELECT * FROM steps WHERE id = ?", (step_id,))
         if r is None:
             raise LedgerError(f"ledger {self.path} has no step {step_id} (steps 1..{self.last_step})")
         return self._record(r)
 
     def in_force(self) -> list[FactRow]:
         """Facts in force, in the order they were (re-)added."""
-        return [_fact_row(r) for r in self.conn.execute("SELECT * FROM facts WHERE removed IS NULL ORDER BY row")]
+        return [_fact_row(r) for r in self.journal.rows("SELECT * FROM facts WHERE removed IS NULL ORDER BY row")]
 
     def in_force_after(self, step: int) -> list[FactRow]:
         """Facts that were in force right after ``step``."""
         sql = "SELECT * FROM facts WHERE added <= ? AND (removed IS NULL OR removed > ?) ORDER BY row"
-        return [_fact_row(r) for r in self.conn.execute(sql, (step, step))]
+        return [_fact_row(r) for r in self.journal.rows(sql, (step, step))]
 
     def rows_added(self, step: int) -> list[FactRow]:
-        return [_fact_row(r) for r in self.conn.execute("SELECT * FROM facts WHERE added = ? ORDER BY row", (step,))]
+        return [_fact_row(r) for r in self.journal.rows("SELECT * FROM facts WHERE added = ? ORDER BY row", (step,))]
 
     def rows_removed(self, step: int) -> list[FactRow]:
         sql = "SELECT * FROM facts WHERE removed = ? ORDER BY row"
-        return [_fact_row(r) for r in self.conn.execute(sql, (step,))]
+        return [_fact_row(r) for r in self.journal.rows(sql, (step,))]
 
     def snapshot_steps(self) -> list[int]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM steps WHERE snapshot = 1 ORDER BY id")]
+        return [r[0] for r in self.journal.rows("SELECT id FROM steps WHERE snapshot = 1 ORDER BY id")]
 
     # ------------------------------------------------------------------ files
     def _sha(self, name: str) -> str:
-        r = self.conn.execute("SELECT sha256 FROM files WHERE name = ?", (name,)).fetchone()
+        r = self.journal.one("SELECT sha256 FROM files WHERE name = ?", (name,))
         if r is None:
             raise LedgerCorruptError(f"ledger {self.path}: no committed file {name!r}")
         return r[0]
@@ -323,27 +283,36 @@ class Ledger:
             raise LedgerCorruptError(
                 f"ledger {self.path}: {name} is corrupt (sha256 {got[:12]}…, journal says {want[:12]}…)"
             )
-        return tensorio.decode(data)
+        try:
+            return tensorio.decode(data)
+        except Exception as e:  # the checksum matched, so the journal itself vouches for a bad file
+            raise LedgerCorruptError(f"ledger {self.path}: {name} cannot be decoded: {e}") from None
 
     def check_files(self) -> list[tuple[str, str]]:
-        """``(name, problem)`` for the journal if SQLite's ``integrity_check`` fails (a damaged page may
-        not disturb the queries a step makes, so only this check sees it), and for every committed file
-        that is missing or has another checksum."""
+        """Every problem on disk, as ``(name, problem)``: the journal if SQLite's ``integrity_check``
+        fails (a damaged page may not disturb the queries a step makes) or its content digest disagrees
+        with its rows (a changed row leaves sound pages), and every committed file that is missing,
+        unreadable or has another checksum. Never raises for damage: it is what this reports."""
+        bad = [(DB_NAME, f"integrity_check: {msg}") for msg in self.journal.integrity()]
         try:
-            found = [r[0] for r in self.conn.execute("PRAGMA integrity_check")]
-        except sqlite3.DatabaseError as e:
-            found = [str(e)]
-        bad = [(DB_NAME, f"integrity_check: {msg}") for msg in found if msg != "ok"]
-        for r in self.conn.execute("SELECT name, sha256 FROM files ORDER BY name"):
-            p = self.path / r["name"]
-            if not p.is_file():
-                bad.append((r["name"], "missing"))
-            elif tensorio.sha256(p.read_bytes()) != r["sha256"]:
-                bad.append((r["name"], "checksum mismatch"))
+            if problem := self.journal.digest_problem():
+                bad.append((DB_NAME, problem))
+            files = self.journal.rows("SELECT name, sha256 FROM files ORDER BY name")
+        except LedgerError as e:
+            return bad + [(DB_NAME, str(e))]
+        for r in files:
+            p = self.path / str(r["name"])
+            try:
+                if not p.is_file():
+                    bad.append((r["name"], "missing"))
+                elif tensorio.sha256(p.read_bytes()) != r["sha256"]:
+                    bad.append((r["name"], "checksum mismatch"))
+            except OSError as e:
+                bad.append((r["name"], f"unreadable: {e.strerror or e}"))
         return bad
 
     def file_count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        return self.journal.one("SELECT COUNT(*) FROM files")[0]
 
     def _write_file(self, name: str, obj: Any, step: int | None, written: list[tuple[str, str, int, int | None]]) -> None:
         data = tensorio.encode(obj)
@@ -377,7 +346,7 @@ class Ledger:
         """Stored Σ₀ per layer, or ``None`` before the first step stored them."""
         layers = list(layers)
         names = [_sigma_name(l) for l in layers]
-        have = {r[0] for r in self.conn.execute("SELECT name FROM files WHERE name LIKE 'base/%'")}
+        have = {r[0] for r in self.journal.rows("SELECT name FROM files WHERE name LIKE 'base/%'")}
         if not have:
             return None
         if not set(names) <= have:
@@ -388,8 +357,8 @@ class Ledger:
         written: list = []
         for l, s in sigma0.items():
             self._write_file(_sigma_name(l), {"sigma0": s.to(torch.float64)}, None, written)
-        with self._tx():
-            self.conn.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", written)
+        with self.journal.tx():
+            self.journal.many("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", written)
 
     def snapshot(self, step: int, layers: Iterable[int]) -> dict[int, dict]:
         """``{layer: {"state": method state dict, "master": W: [d_out, d_in]}}`` saved after ``step``."""
@@ -439,23 +408,23 @@ class Ledger:
     def annotate(self, step: int, extra: dict) -> None:
         """Merge ``extra`` into a committed step's info (e.g. the step report, known only after commit)."""
         info = {**self.step(step).info, **extra}
-        with self._tx():
-            self.conn.execute("UPDATE steps SET info = ? WHERE id = ?", (json.dumps(info, default=str), step))
+        with self.journal.tx():
+            self.journal.run("UPDATE steps SET info = ? WHERE id = ?", (json.dumps(info, default=str), step))
 
     def _commit_rows(self, step, kind, add, readd, remove, target, info, snap, written) -> list[str]:
-        c = self.conn
+        c = self.journal
         dropped: list[str] = []
-        with self._tx():
-            c.execute(
+        with c.tx():
+            c.run(
                 "INSERT INTO steps (id, kind, created, target, snapshot, info) VALUES (?, ?, ?, ?, ?, ?)",
                 (step, kind, time.time(), target, int(snap), json.dumps(info, default=str)),
             )
             for r in remove:
-                if c.execute("UPDATE facts SET removed = ? WHERE row = ? AND removed IS NULL", (step, r.row)).rowcount != 1:
+                if c.run("UPDATE facts SET removed = ? WHERE row = ? AND removed IS NULL", (step, r.row)) != 1:
                     raise LedgerError(f"fact {r.fact.id!r} (row {r.row}) is not in force")
             new = [(f, step, i) for i, f in enumerate(add)] + [(r.fact, r.kv_step, r.kv_col) for r in readd]
             try:
-                c.executemany(
+                c.many(
                     "INSERT INTO facts (fact_id, slot_subject, slot_prompt, fact, kv_step, kv_col, added) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(f.id, *f.slot, json.dumps(f.to_dict()), ks, kc, step) for f, ks, kc in new],
@@ -463,14 +432,14 @@ class Ledger:
             except sqlite3.IntegrityError as e:  # planning checks this first; the index is the backstop
                 raise LedgerError(f"step {step} would put two facts with one slot or id in force: {e}") from None
             if target is not None:
-                c.execute("UPDATE steps SET undone_by = ? WHERE id = ?", (step, target))
-            c.executemany("INSERT INTO files VALUES (?, ?, ?, ?)", written)
+                c.run("UPDATE steps SET undone_by = ? WHERE id = ?", (step, target))
+            c.many("INSERT INTO files VALUES (?, ?, ?, ?)", written)
             if snap:
                 old = [s for s in self.snapshot_steps() if s != step][: -(KEEP_SNAPSHOTS - 1) or None]
                 for s in old:
-                    names = [r[0] for r in c.execute("SELECT name FROM files WHERE step = ? AND name LIKE 'snapshots/%'", (s,))]
-                    c.executemany("DELETE FROM files WHERE name = ?", [(n,) for n in names])
-                    c.execute("UPDATE steps SET snapshot = 0 WHERE id = ?", (s,))
+                    names = [r[0] for r in c.rows("SELECT name FROM files WHERE step = ? AND name LIKE 'snapshots/%'", (s,))]
+                    c.many("DELETE FROM files WHERE name = ?", [(n,) for n in names])
+                    c.run("UPDATE steps SET snapshot = 0 WHERE id = ?", (s,))
                     dropped += names
         return dropped
 

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..bank import LayerBank
+from .journal import DB_NAME, LedgerError
 from .store import Ledger
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "check_files", "unreadable", "verify"]
 
 
 @dataclass
@@ -29,11 +30,47 @@ class VerifyReport:
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def problems(self) -> list[tuple[str, str]]:
+        """Every failed check as ``(what, problem)``: bad files, then layers, in one list."""
+        out = list(self.bad_files)
+        for l, e in self.layers.items():
+            if not e["deployed_matches"]:
+                out.append((f"layer {l}", "the model's weight is not the float64 master cast to its dtype"))
+            if e["rel_error"] is not None and not e["rel_error"] <= self.tol:
+                out.append((f"layer {l}", f"relative error {e['rel_error']:.3g} > tolerance {self.tol:g}"))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = {str(k): v for k, v in self.layers.items()}
         d["bad_files"] = [list(b) for b in self.bad_files]
+        d["problems"] = [{"what": w, "problem": p} for w, p in self.problems()]
         return d
+
+
+def check_files(ledger: Ledger, tol: float = 1e-8) -> VerifyReport:
+    """The model-free part of :func:`verify` on a ledger opened read-only: the journal's pages and
+    digest and every file's checksum. ``layers`` stays empty; ``ok`` only if nothing is bad (the
+    weights still need :func:`verify`). Damage is reported, never raised."""
+    t0 = time.perf_counter()
+    bad = ledger.check_files()
+    try:
+        n_facts, steps = len(ledger.in_force()), ledger.last_step
+    except LedgerError as e:
+        n_facts, steps = 0, 0
+        if not bad:
+            bad = [(DB_NAME, str(e))]
+    try:
+        count = ledger.file_count()
+    except LedgerError:
+        count = 0
+    method = ledger.manifest.get("method_label", "?")
+    return VerifyReport(not bad, tol, str(method), False, n_facts, steps, count, bad, {}, time.perf_counter() - t0)
+
+
+def unreadable(path: Any, problem: str, tol: float) -> VerifyReport:
+    """The report on a ledger whose journal cannot even be opened."""
+    return VerifyReport(False, tol, "?", False, 0, 0, 0, [(DB_NAME, problem)], {})
 
 
 def verify(bank: LayerBank, ledger: Ledger, tol: float = 1e-8) -> VerifyReport:
@@ -54,7 +91,7 @@ def verify(bank: LayerBank, ledger: Ledger, tol: float = 1e-8) -> VerifyReport:
         else:
             entry["rel_error"] = None
         layers[l] = entry
-    ok = not bad and all(e["deployed_matches"] and (e["rel_error"] is None or e["rel_error"] <= tol)
-                         for e in layers.values())
-    return VerifyReport(ok, tol, bank.spec.label, caps.exact, len(rows), ledger.last_step, ledger.file_count(),
-                        bad, layers, time.perf_counter() - t0)
+    rep = VerifyReport(False, tol, bank.spec.label, caps.exact, len(rows), ledger.last_step, ledger.file_count(),
+                       bad, layers, time.perf_counter() - t0)
+    rep.ok = not rep.problems()
+    return rep

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -47,6 +48,9 @@ __all__ = [
     "fingerprint_model",
     "tokenizer_fingerprint",
     "load_model",
+    "model_config",
+    "model_location",
+    "model_tokenizer",
     "parse_device_map",
     "resolve_dtype",
     "wrap_model",
@@ -177,10 +181,7 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     device_map = device_map if device_map is not None else _default_device()
-    if name_or_path.lower() in EMBEDDED_ALIASES:
-        path, kwargs, name = str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
-    else:
-        path, kwargs, name = name_or_path, _hub_kwargs(), name_or_path
+    path, kwargs, name = _resolve(name_or_path)
     _check_architecture(path, kwargs)
     return _load_hf(path, name, torch_dtype, device_map, kwargs)
 
@@ -201,6 +202,80 @@ def parse_device_map(value: str | None) -> str | dict | None:
     if not all(isinstance(k, str) and isinstance(v, (str, int)) for k, v in parsed.items()):
         raise ValueError(f"device map {value!r} must map module names to devices")
     return parsed
+
+
+def model_config(name_or_path: str) -> tuple[str, Any]:
+    """``(name, config)`` of a model, read without loading its weights: the name :func:`load_model`
+    gives it, and its HF config. Fails as :func:`load_model` would on a bad path or architecture."""
+    path, kwargs, name = _resolve(name_or_path)
+    return name, _check_architecture(path, kwargs)
+
+
+def model_location(name_or_path: str) -> str:
+    """The directory (or hub id) ``from_pretrained`` should read for ``name_or_path``: seqedit's aliases
+    (``smollm2-135m``) become their cached directory. Used by exported ``apply_delta.py`` loaders."""
+    return _resolve(name_or_path)[0]
+
+
+def model_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a model, without its weights (for checks before a long model load)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs, name = _resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of {name!r} from {path!r}: {exc}") from exc
+
+
+# A hub id: "name" or "owner/name" of letters, digits, "-", "_", "." (what the hub accepts).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _resolve(name_or_path: str) -> tuple[str, dict, str]:
+    """``(path or hub id, from_pretrained kwargs, name)``; a clear error for a path that holds no model."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ModelLoadError(f"model name must be a non-empty string, got {name_or_path!r}")
+    if name_or_path.lower() in EMBEDDED_ALIASES:
+        return str(_embedded_dir()), {"local_files_only": True}, EMBEDDED_ALIASES[0]
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"model {name_or_path!r} is a file; give a model directory (with config.json)")
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"model directory {name_or_path!r} holds no config.json (not an HF model directory)")
+        return str(local), _hub_kwargs(), name_or_path
+    if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.endswith("/"):
+        raise ModelLoadError(f"no model directory at {name_or_path!r} (and it is not a hub id)")
+    kwargs = _hub_kwargs()
+    if not kwargs and not _hub_cached(name_or_path):
+        _check_hub_reachable(name_or_path)
+    return name_or_path, kwargs, name_or_path
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an unusual hub version: let from_pretrained decide
+        return True
+
+
+def _check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after transformers' ~30 s of retries, when the hub cannot be reached."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"model {repo_id!r} is no local directory and not in the Hugging Face cache, and the hub "
+            f"({url.hostname}) cannot be reached ({exc.strerror or exc}); give a model directory, or set "
+            "HF_HUB_OFFLINE=1 to use only the cache"
+        ) from None
 
 
 def as_loaded(model: Any, tokenizer: Any = None) -> LoadedModel:
@@ -247,7 +322,7 @@ def _hub_kwargs() -> dict:
     return {"local_files_only": True} if offline else {}
 
 
-def _check_architecture(path: str, kwargs: dict) -> None:
+def _check_architecture(path: str, kwargs: dict) -> Any:
     """Fail on an unsupported or unreadable config before any weight is loaded."""
     from transformers import AutoConfig
 
@@ -265,6 +340,7 @@ def _check_architecture(path: str, kwargs: dict) -> None:
                 spec_for_model_type(model_type)
         raise ModelLoadError(f"cannot read the config of {path!r}: {exc}") from exc
     spec_for_model_type(getattr(config, "model_type", None) or "?")
+    return config
 
 
 def _load_hf(path: str, name: str, dtype: torch.dtype | str, device_map: Any, kwargs: dict) -> LoadedModel:
