@@ -31,7 +31,7 @@ def save_tiny_model(path: Path) -> Path:
 
 def committed_ledger(model_dir: Path, path: Path, steps: int = 2) -> Path:
     """A closed ledger of ``steps`` apply steps (two facts each) on the model saved at ``model_dir``."""
-    ed = make_editor(path, lm=load_model(str(model_dir), device="cpu"), snapshot_every=1)
+    ed = make_editor(path, lm=load_model(str(model_dir), device_map="cpu"), snapshot_every=1)
     for s in range(steps):
         apply_facts(ed, [fact(2 * s), fact(2 * s + 1)])
     ed.close()
@@ -73,10 +73,12 @@ def assert_refused(result: Result, *named: str) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every CLI model load raises :class:`ModelLoaded` (an internal error, exit 3, if reached)."""
-    from seqedit.cli import edit, evaluate, ledger
+    from seqedit import editor
+    from seqedit.cli import edit, evaluate
 
-    def guard(name: str):
+    def guard(name: str, *args, **kwargs):
         raise ModelLoaded(f"the model {name} was loaded")
 
-    for module in (edit, evaluate, ledger):
+    for module in (edit, evaluate):
         monkeypatch.setattr(module, "load", guard)
+    monkeypatch.setattr(editor, "load_model", guard)  # the ledger commands load through Editor.from_ledger

@@ -301,7 +301,7 @@ def test_delta_loader_resolves_the_recorded_base_and_carries_the_tokenizer(
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     # a recorded alias resolves through seqedit (the embedded model's name, here mapped to the tiny model)
-    monkeypatch.setattr(load_mod, "_embedded_dir", lambda: model_dir)
+    monkeypatch.setattr(load_mod, "embedded_dir", lambda: model_dir)
     mod.META["base"]["name"] = "smollm2-135m"
     assert mod.base_path() == str(model_dir) and mod.base_path("other/id") == "other/id"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -326,7 +326,7 @@ def test_generate_with_a_ledger_uses_its_edited_weights(model_dir: Path, ledger:
     r = invoke("generate", "Place 0 is located in", "--ledger", ledger, "--json")
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)["completions"]["Place 0 is located in"]
-    with Editor(load_model(str(model_dir), device="cpu"), ledger=ledger) as ed:
+    with Editor(load_model(str(model_dir), device_map="cpu"), ledger=ledger) as ed:
         assert got == greedy_completions(ed.loaded, ["Place 0 is located in"], 12)[0]
     plain = invoke("generate", "Place 0 is located in", "--model", model_dir, "--json")
     assert json.loads(plain.stdout)["model"] == str(model_dir)

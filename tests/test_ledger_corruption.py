@@ -95,7 +95,7 @@ def test_corruption_campaign(tmp_path_factory: pytest.TempPathFactory) -> None:
     model = save_tiny_model(root / "model")
     closed = committed_ledger(model, root / "closed", steps=3)
     # a copy taken while a writer holds the ledger: it carries the write-ahead log and its index
-    live = Editor(load_model(str(model), device="cpu"), ledger=closed)
+    live = Editor(load_model(str(model), device_map="cpu"), ledger=closed)
     open_copy = Path(shutil.copytree(closed, root / "open", ignore=shutil.ignore_patterns("lock")))
     live.close()
     assert (open_copy / "ledger.sqlite-wal").exists()

