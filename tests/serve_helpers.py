@@ -64,3 +64,40 @@ def wait_settled(client: TestClient, edit_ids: list[str], timeout: float = 60) -
             return out
         time.sleep(0.02)
     raise TimeoutError(f"{len(edit_ids) - len(out)} edits still queued")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def applied_in_ledger(ledger: Path) -> dict[str, list[int]]:
+    """``{edit id: [apply steps whose added facts carry it]}`` read from the ledger journal (read-only)."""
+    from seqedit.ledger import Ledger
+    from seqedit.serve.edit_queue import EDIT_META_KEY
+
+    out: dict[str, list[int]] = {}
+    with Ledger(ledger) as L:
+        for step in L.steps():
+            if step.kind == "apply":
+                for row in L.rows_added(step.id):
+                    out.setdefault(row.fact.meta.get(EDIT_META_KEY), []).append(step.id)
+    return out
+
+
+def wait_http_ready(base: str, token: str, timeout: float = 60) -> None:
+    """Poll ``base``/readyz until it answers 200."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", headers=auth(token), timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{base} did not become ready")

@@ -150,8 +150,16 @@ class Worker:
         return self.queue.reconcile(applied)
 
     def _refresh(self) -> None:
+        """Read the steps since the last refresh (and the targets of new undos, whose ``undone_by``
+        changed) and the facts in force; the cost does not grow with the ledger's history."""
         ledger = self.editor.ledger
-        self.view = LedgerView(tuple(ledger.in_force()), tuple(ledger.steps()), ledger.last_step)
+        steps = {s.id: s for s in self.view.steps}
+        new = [ledger.step(i) for i in range(self.view.last_step + 1, ledger.last_step + 1)]
+        for s in new:
+            if s.target is not None and s.target in steps:
+                steps[s.target] = ledger.step(s.target)
+        steps.update((s.id, s) for s in new)
+        self.view = LedgerView(tuple(ledger.in_force()), tuple(steps[i] for i in sorted(steps)), ledger.last_step)
 
     def _run_jobs(self) -> None:
         while self._jobs:
