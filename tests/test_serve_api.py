@@ -136,6 +136,8 @@ def test_completions_have_the_openai_shape(client):
     sampled = [client.post("/v1/completions", json={"prompt": "The", "max_tokens": 6, "temperature": 1.0, "top_p": 0.9,
                                                    "seed": 7}, headers=auth()).json()["choices"][0]["text"] for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
+    tiny = client.post("/v1/completions", json={**body, "temperature": 5e-324}, headers=auth())  # overflowed once
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == out["choices"][0]["text"]
     for bad in ({"stream": True}, {"max_tokens": 10_000}, {"n": 100}, {"prompt": []}, {"temperature": -1}):
         r = client.post("/v1/completions", json={"prompt": "x", **bad}, headers=auth())
         assert r.status_code in (400, 422) and r.json()["error"]["message"], bad

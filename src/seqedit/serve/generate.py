@@ -1,5 +1,6 @@
-"""OpenAI-style text completions on the live edited model (greedy at ``temperature=0``, else sampled
-with ``temperature`` and ``top_p``); ``stop`` strings cut the text, as OpenAI does."""
+"""OpenAI-style text completions on the live edited model (greedy at ``temperature`` below
+:data:`GREEDY_BELOW`, else sampled with ``temperature`` and ``top_p``); ``stop`` strings cut the text,
+as OpenAI does."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import torch
 
 from ..models.load import LoadedModel
 
-__all__ = ["Completion", "complete", "cut_at_stop"]
+__all__ = ["Completion", "GREEDY_BELOW", "complete", "cut_at_stop"]
+
+# Logits divided by a tinier temperature overflow to inf and sampling fails (found by the schema fuzz);
+# at such temperatures sampling is greedy decoding anyway.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ def complete(lm: LoadedModel, ids: list[int], *, max_tokens: int, temperature: f
     tok = lm.tokenizer
     device = next(lm.model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
-    sample = temperature > 0
+    sample = temperature >= GREEDY_BELOW
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     if sample and seed is not None:
         torch.manual_seed(seed)
