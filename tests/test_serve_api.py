@@ -257,3 +257,13 @@ def test_open_api_without_tokens_on_loopback(tmp_path):
         wait_ready(c)
         assert c.get("/v1/facts").status_code == 200
         assert c.get("/openapi.json").json()["info"]["title"] == "seqedit serve"
+
+
+def test_the_openai_client_works_unchanged(client):
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key=READ_TOKEN, http_client=client)
+    r = oa.completions.create(model="seqedit", prompt="Place 1 is located in", max_tokens=4, temperature=0)
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 4 and isinstance(r.choices[0].text, str)
+    assert [m.id for m in oa.models.list()] == ["tiny-llama"]
+    with pytest.raises(openai.AuthenticationError, match="bearer token"):
+        openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=client).models.list()

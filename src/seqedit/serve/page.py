@@ -18,7 +18,7 @@ border-radius:6px;padding:.8rem 1rem;flex:1 1 28rem}table{border-collapse:collap
 th,td{text-align:left;padding:.25rem .4rem;border-bottom:1px solid #eef;vertical-align:top}
 input{padding:.3rem;border:1px solid #bbc;border-radius:4px;width:100%;box-sizing:border-box}
 label{display:block;margin:.3rem 0}button{padding:.3rem .8rem;border-radius:4px;border:1px solid #557;
-background:#eef;cursor:pointer}#msg{min-height:1.2rem;color:#a22}.state-applied{color:#176b2c}
+background:#eef;cursor:pointer}#msg{min-height:1.2rem;color:#176b2c}#msg.bad{color:#a22}.state-applied{color:#176b2c}
 .state-rejected{color:#a22}.state-queued{color:#8a6500}
 """
 
@@ -36,7 +36,7 @@ async function api(method, path, body) {
 function cell(tr, text, cls) { const td = document.createElement('td'); td.textContent = text ?? ''; if (cls) td.className = cls; tr.appendChild(td); return td; }
 function button(td, label, testid, onclick) { const b = document.createElement('button'); b.textContent = label; b.dataset.testid = testid; b.onclick = onclick; td.appendChild(b); }
 function fill(id, rows, make) { const tb = $(id); tb.replaceChildren(); for (const r of rows) { const tr = document.createElement('tr'); make(tr, r); tb.appendChild(tr); } }
-function say(text) { $('msg').textContent = text; }
+function say(text, bad) { $('msg').textContent = text; $('msg').className = bad ? 'bad' : ''; }
 async function refresh() {
   try {
     const [facts, log, edits] = await Promise.all([api('GET', '/v1/facts?limit=200'), api('GET', '/v1/log?limit=20'), api('GET', '/v1/edits?limit=20')]);
@@ -45,7 +45,7 @@ async function refresh() {
     fill('facts', facts.facts, (tr, f) => {
       tr.dataset.factId = f.id; cell(tr, f.id); cell(tr, f.prompt.replace('{}', f.subject)); cell(tr, f.target); cell(tr, f.step);
       button(cell(tr, ''), 'withdraw', 'withdraw-' + f.id, async () => {
-        try { const s = await api('DELETE', '/v1/facts/' + encodeURIComponent(f.id)); say('forgot ' + f.id + ' (step ' + s.id + ')'); } catch (e) { say(e.message); }
+        try { const s = await api('DELETE', '/v1/facts/' + encodeURIComponent(f.id)); say('forgot ' + f.id + ' (step ' + s.id + ')'); } catch (e) { say(e.message, true); }
         refresh();
       });
     });
@@ -53,7 +53,7 @@ async function refresh() {
       cell(tr, s.id); cell(tr, s.kind + (s.target ? ' of ' + s.target : '')); cell(tr, '+' + s.added.length + ' / −' + s.removed.length);
       cell(tr, s.undone_by ? 'undone by ' + s.undone_by : '');
       button(cell(tr, ''), 'undo', 'undo-' + s.id, async () => {
-        try { const u = await api('POST', '/v1/steps/' + s.id + '/undo'); say('step ' + u.id + ' undoes step ' + s.id); } catch (e) { say(e.message); }
+        try { const u = await api('POST', '/v1/steps/' + s.id + '/undo'); say('step ' + u.id + ' undoes step ' + s.id); } catch (e) { say(e.message, true); }
         refresh();
       });
     });
@@ -69,7 +69,7 @@ $('fact-form').onsubmit = async (ev) => {
   const fact = {prompt: $('prompt').value, subject: $('subject').value, target: $('target').value};
   if ($('fact-id').value.trim()) fact.id = $('fact-id').value.trim();
   try { const r = await api('POST', '/v1/edits', fact); say('queued ' + r.edits[0].id + ' (fact ' + r.edits[0].fact_id + ')'); ev.target.reset(); }
-  catch (e) { say(e.message); }
+  catch (e) { say(e.message, true); }
   refresh();
 };
 refresh(); setInterval(refresh, 1000);
