@@ -27,8 +27,8 @@ def fact(i: int, variant: int = 0, **kw: Any) -> dict[str, Any]:
 
 def make_config(tmp: Path, **kw: Any) -> ServeConfig:
     kw = {"tokens": TokenTable(read=(READ_TOKEN,), write=(WRITE_TOKEN,)), "editor_options": dict(EDITOR_OPTIONS),
-          "max_wait_s": 0.05, "export_root": tmp / "exports", "max_tokens": 32} | kw
-    return ServeConfig(ledger=tmp / "ledger", model="tiny-llama", **kw)
+          "max_wait_s": 0.05, "export_root": tmp / "exports", "max_tokens": 32, "model": "tiny-llama"} | kw
+    return ServeConfig(ledger=tmp / "ledger", **kw)
 
 
 @contextmanager
