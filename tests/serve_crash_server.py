@@ -8,7 +8,6 @@ ledger TMP_DIR/ledger (tiny llama, ``serve_helpers.make_config``); the test SIGK
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 torch.set_num_threads(1)  # before any parallel op: OpenMP pools and fork() do not mix
 
 import uvicorn  # noqa: E402
+from fork_server import serve_forks  # noqa: E402
 from serve_helpers import make_config  # noqa: E402
 
 from seqedit.serve import create_app  # noqa: E402
@@ -32,20 +32,7 @@ def serve(tmp: str, port: int) -> None:
 def main() -> None:
     tmp = sys.argv[1]
     tiny_model("llama")  # trains and caches the tokenizer once, before forking
-    print("ready", flush=True)
-    for line in sys.stdin:
-        words = line.split()
-        if not words or words[0] != "go":
-            break
-        pid = os.fork()
-        if pid == 0:
-            try:
-                serve(tmp, int(words[1]))
-            finally:
-                os._exit(0)
-        print(pid, flush=True)
-        os.waitpid(pid, 0)
-        print("done", flush=True)
+    serve_forks(lambda args: serve(tmp, int(args[0])), exit_code=0)
 
 
 if __name__ == "__main__":

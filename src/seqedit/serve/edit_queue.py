@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..errors import SeqEditError
 
@@ -170,8 +170,9 @@ class EditQueue:
         sql = "SELECT * FROM edits ORDER BY seq DESC LIMIT ? OFFSET ?"
         return [_record(r) for r in self._query(sql, (limit, offset))]
 
-    def all(self) -> Iterator[EditRecord]:
-        return iter([_record(r) for r in self._query("SELECT * FROM edits ORDER BY seq")])
+    def all(self) -> list[EditRecord]:
+        """Every edit, oldest first."""
+        return [_record(r) for r in self._query("SELECT * FROM edits ORDER BY seq")]
 
     # ------------------------------------------------------------------ outcomes
     def mark_applied(self, edit_ids: Iterable[str], step: int) -> None:
