@@ -183,7 +183,7 @@ class Worker:
         if age is None:
             return []
         candidates = self.queue.queued(cfg.max_batch * 4)
-        if len(candidates) < cfg.max_batch and age < cfg.max_wait_s and not self._stop.is_set():
+        if len(candidates) < cfg.max_batch and age < cfg.max_wait_s:
             return []
         batch, slots, ids = [], set(), set()
         for rec in candidates:
