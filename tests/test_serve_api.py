@@ -74,6 +74,9 @@ def test_invalid_facts_are_refused_on_submit(client):
     assert r.status_code == 422 and "same subject and relation" in r.json()["error"]["message"]
     r = client.post("/v1/edits", json=fact(32, meta={"serve_edit": "x"}), headers=auth())
     assert r.status_code == 422
+    deep = {"x": [[[[[[[[[[1]]]]]]]]]]}
+    r = client.post("/v1/edits", json=fact(33, meta=deep), headers=auth())
+    assert r.status_code == 422 and "nested deeper" in r.json()["error"]["message"]
     r = client.post("/v1/edits", json={"facts": []}, headers=auth())
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 

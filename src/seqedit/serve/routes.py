@@ -67,6 +67,23 @@ def _on_worker(worker: Worker, fn: Callable, what: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- edits
+META_DEPTH = 8
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests deeper than ``limit`` (iterative: deep input must not recurse)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return False
+
+
 def _checked_facts(body: EditsIn, limit: int) -> list[dict[str, Any]]:
     items: list[FactIn] = [body] if isinstance(body, FactIn) else body.facts
     if len(items) > limit:
@@ -75,6 +92,8 @@ def _checked_facts(body: EditsIn, limit: int) -> list[dict[str, Any]]:
     for i, item in enumerate(items):
         where = "fact" if isinstance(body, FactIn) else f"facts[{i}]"
         data = item.model_dump()
+        if _too_deep(data["meta"], META_DEPTH):  # every later reader (journal, JSON, pydantic) recurses
+            raise ApiError(422, "invalid_request", f"{where}.meta: nested deeper than {META_DEPTH} levels")
         if EDIT_META_KEY in data["meta"]:
             raise ApiError(422, "invalid_request", f"{where}.meta: the key {EDIT_META_KEY!r} is reserved")
         try:
