@@ -111,6 +111,9 @@ def test_export_stays_inside_the_export_root(client, tmp_path):
     root = client.app.state.config.export_root
     r = client.post("/v1/export", json={"path": "d1", "delta": True}, headers=auth())
     assert r.status_code == 200 and r.json()["path"] == "d1" and (root / "d1" / "delta.safetensors").is_file()
+    r = client.post("/v1/export", json={"path": "models/full"}, headers=auth())
+    assert r.status_code == 200 and (root / "models" / "full" / "config.json").is_file()
+    assert r.json()["step"] == client.get("/v1/log", headers=auth()).json()["last_step"]
     for bad in ("../escape", "/tmp/abs", "a/../../escape", "."):
         r = client.post("/v1/export", json={"path": bad}, headers=auth())
         assert r.status_code == 400, (bad, r.text)
@@ -270,3 +273,46 @@ def test_the_openai_client_works_unchanged(client):
     assert [m.id for m in oa.models.list()] == ["tiny-llama"]
     with pytest.raises(openai.AuthenticationError, match="bearer token"):
         openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=client).models.list()
+
+
+def test_shutdown_finishes_the_step_in_progress(tmp_path):
+    """Stopping the app while a step is half written lets the step finish and commit before exit."""
+    with serve_client(tmp_path) as c:
+        worker = c.app.state.worker
+        bank = worker.editor.bank
+        mid_step, original = threading.Event(), bank.write
+
+        def slow_write(layer, delta):
+            original(layer, delta)
+            mid_step.set()
+            time.sleep(0.3)
+
+        bank.write = slow_write
+        ids = submit(c, fact(1))
+        assert mid_step.wait(30)
+    # the context exit ran the app's shutdown: the worker finished the step, marked it and closed the ledger
+    assert worker.status == "stopped"
+    q = EditQueue(tmp_path / "ledger" / "serve-queue.sqlite")
+    assert q.get(ids[0]).state == "applied" and q.get(ids[0]).step == 1
+    q.close()
+
+
+def test_not_ready_when_the_ledger_is_damaged(tmp_path):
+    with serve_client(tmp_path) as c:
+        wait_settled(c, submit(c, fact(1)))
+    step_file = next((tmp_path / "ledger" / "steps").iterdir())
+    data = bytearray(step_file.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in a committed file
+    step_file.write_bytes(bytes(data))
+    app = create_app(make_config(tmp_path), load=lambda: tiny_model("llama"))
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 60
+        while c.app.state.worker.status.endswith(("ing", "ing the model", "ing the ledger")):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = c.get("/readyz", headers=auth())  # the reopen's replay found the damaged file
+        assert r.status_code == 503 and "step-000001.safetensors is corrupt" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "x"}, headers=auth()).status_code == 503
+        assert c.post("/v1/edits", json=fact(2), headers=auth()).status_code == 202  # still durable, applied later
+        time.sleep(0.2)
+        assert c.get("/v1/log", headers=auth()).json()["queue"]["queued"] == 1  # but not applied on a bad ledger
