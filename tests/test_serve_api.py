@@ -4,6 +4,7 @@ lock, restart and reconciliation, auth and JSON errors."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -144,11 +145,38 @@ def test_completions_have_the_openai_shape(client):
     assert sampled[0] == sampled[1]  # a seed makes sampling repeatable
     tiny = client.post("/v1/completions", json={**body, "temperature": 5e-324}, headers=auth())  # overflowed once
     assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == out["choices"][0]["text"]
-    for bad in ({"stream": True}, {"max_tokens": 10_000}, {"n": 100}, {"prompt": []}, {"temperature": -1}):
+    for bad in ({"max_tokens": 10_000}, {"n": 100}, {"prompt": []}, {"temperature": -1}):
         r = client.post("/v1/completions", json={"prompt": "x", **bad}, headers=auth())
         assert r.status_code in (400, 422) and r.json()["error"]["message"], bad
     models = client.get("/v1/models", headers=auth(READ_TOKEN)).json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny-llama"
+
+
+def _streamed(client: TestClient, body: dict) -> tuple[dict[int, str], dict[int, str], list[str]]:
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=auth()) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        chunk = json.loads(line.removeprefix("data: "))
+        assert chunk["object"] == "text_completion"
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+            if c["finish_reason"]:
+                finish[c["index"]] = c["finish_reason"]
+    return texts, finish, lines
+
+
+@pytest.mark.parametrize("stop", [None, "e", [" t", "an"]])
+def test_streamed_completions_add_up_to_the_whole_ones(client, stop):
+    body = {"prompt": ["Place 1 is located in", "The river"], "max_tokens": 12, "temperature": 0, "n": 2, "stop": stop}
+    whole = client.post("/v1/completions", json=body, headers=auth()).json()["choices"]
+    texts, finish, lines = _streamed(client, body)
+    assert texts == {c["index"]: c["text"] for c in whole}
+    assert finish == {c["index"]: c["finish_reason"] for c in whole}
+    assert len(lines) > len(whole) + 1 or all(len(t) < 2 for t in texts.values())  # it did come in pieces
 
 
 def test_a_completion_never_sees_half_a_step(client):
@@ -271,6 +299,10 @@ def test_the_openai_client_works_unchanged(client):
     r = oa.completions.create(model="seqedit", prompt="Place 1 is located in", max_tokens=4, temperature=0)
     assert r.object == "text_completion" and r.usage.completion_tokens <= 4 and isinstance(r.choices[0].text, str)
     assert [m.id for m in oa.models.list()] == ["tiny-llama"]
+    pieces = list(oa.completions.create(model="seqedit", prompt="Place 1 is located in", max_tokens=4, temperature=0,
+                                        stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == r.choices[0].text
+    assert pieces[-1].choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.AuthenticationError, match="bearer token"):
         openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=client).models.list()
 

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
 
 from ..errors import FactError, SeqEditError
 from ..facts import Fact
 from ..ledger import FactRow, LedgerError, StepRecord
 from .auth import require
 from .edit_queue import EDIT_META_KEY, EditQueue, EditRecord, IdempotencyConflict
-from .errors import ApiError
-from .generate import complete, prompt_ids
+from .errors import ApiError, error_body
+from .generate import complete, prompt_ids, stream_complete
 from .schemas import (
     CompletionIn, CompletionOut, EditOut, EditsAccepted, EditsIn, EditsPage, ErrorOut, ExportIn, ExportOut, FactIn,
     FactOut, FactsPage, LogOut, ModelList, StepOut, VerifyIn, VerifyOut,
@@ -26,6 +28,8 @@ from .schemas import (
 from .worker import Worker
 
 __all__ = ["router"]
+
+log = logging.getLogger("seqedit.serve")
 
 READ, WRITE = Depends(require("read")), Depends(require("write"))
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -247,6 +251,29 @@ def export(body: ExportIn, request: Request) -> ExportOut:
 
 
 # ---------------------------------------------------------------------------------------------- OpenAI-shaped serving
+def _stream(request: Request, lm: Any, worker: Worker, encoded: list[list[int]], body: CompletionIn,
+            stops: list[str]) -> StreamingResponse:
+    """Server-sent events as OpenAI streams them: one ``text_completion`` chunk per piece of text, the
+    choice's ``finish_reason`` on its last chunk, then ``data: [DONE]``. An error after the first byte
+    (the status is sent) becomes an ``error`` event."""
+    head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+            "model": request.app.state.model_id}
+    pieces = stream_complete(lm, encoded, worker.weights.read(), max_tokens=body.max_tokens,
+                             temperature=body.temperature, top_p=body.top_p, n=body.n, stops=stops, seed=body.seed)
+
+    def events() -> Iterator[str]:
+        try:
+            for k, text, finish in pieces:
+                choice = {"text": text, "index": k, "logprobs": None, "finish_reason": finish}
+                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+        except Exception as e:
+            log.error("streamed completion failed", exc_info=e, extra={"event": "stream_error"})
+            yield f"data: {json.dumps(error_body('internal', 'generation failed (see the server log)'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def _served(request: Request) -> Any:
     worker = _worker(request)
     if not worker.ready or worker.loaded is None:
@@ -260,12 +287,12 @@ def models(request: Request) -> ModelList:
     return ModelList(data=[{"id": request.app.state.model_id, "created": int(request.app.state.started)}])
 
 
-@router.post("/completions", response_model=CompletionOut, dependencies=[READ])
-def completions(body: CompletionIn, request: Request) -> CompletionOut:
+@router.post("/completions", response_model=CompletionOut, dependencies=[READ],
+             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true "
+                                          "server-sent events of CompletionOut chunks ending with [DONE]"}})
+def completions(body: CompletionIn, request: Request) -> Any:
     """OpenAI ``/v1/completions`` on the live edited model; it sees the weights before or after a step, never during."""
     config = request.app.state.config
-    if body.stream:
-        raise ApiError(400, "invalid_request", "stream: streaming is not supported; send stream=false")
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not 1 <= len(prompts) <= config.max_prompts:
         raise ApiError(400, "invalid_request", f"prompt: give 1..{config.max_prompts} prompts, got {len(prompts)}")
@@ -286,6 +313,8 @@ def completions(body: CompletionIn, request: Request) -> CompletionOut:
         if len(ids) + body.max_tokens > limit:
             raise ApiError(400, "invalid_request",
                            f"prompt[{i}]: {len(ids)} tokens + max_tokens {body.max_tokens} exceed the context of {limit}")
+    if body.stream:
+        return _stream(request, lm, worker, encoded, body, stops)
     choices, used = [], 0
     with worker.weights.read():
         for i, ids in enumerate(encoded):
