@@ -348,3 +348,19 @@ def test_not_ready_when_the_ledger_is_damaged(tmp_path):
         assert c.post("/v1/edits", json=fact(2), headers=auth()).status_code == 202  # still durable, applied later
         time.sleep(0.2)
         assert c.get("/v1/log", headers=auth()).json()["queue"]["queued"] == 1  # but not applied on a bad ledger
+
+
+def test_the_command_refuses_a_public_address_without_a_token(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from seqedit.cli import app
+
+    monkeypatch.delenv("SEQEDIT_API_TOKEN", raising=False)
+    run = CliRunner().invoke(app, ["serve", "--ledger", str(tmp_path / "L"), "--model", "m", "--host", "0.0.0.0"])
+    assert run.exit_code == 2 and "without an API token" in run.output
+    (tmp_path / "tokens").write_text("write short\n")
+    run = CliRunner().invoke(app, ["serve", "--ledger", str(tmp_path / "L"), "--model", "m", "--token-file",
+                                   str(tmp_path / "tokens")])
+    assert run.exit_code == 2 and "at least 16 characters" in run.output
+    run = CliRunner().invoke(app, ["serve", "--ledger", str(tmp_path / "L")])
+    assert run.exit_code == 2 and "--model is needed" in run.output
