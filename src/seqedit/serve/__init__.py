@@ -3,7 +3,7 @@
 ``config`` (settings, tokens), ``auth`` (bearer scopes), ``edit_queue`` (durable SQLite queue),
 ``worker`` (the one thread owning the editor: batches, forget/undo/verify/export jobs),
 ``weights_lock`` (completions never see half a step), ``generate`` (OpenAI-style completions),
-``schemas`` (pydantic bodies), ``routes`` (the ``/v1`` API), ``page`` (the HTML page at ``/``),
+``schemas`` (pydantic bodies), ``routes`` (the ledger side of ``/v1``), ``completions`` (the OpenAI side), ``page`` (the HTML page at ``/``),
 ``errors``, ``middleware``, ``logs``, and ``app`` (:func:`create_app`). A front end, like ``seqedit.cli``:
 it uses the public :class:`~seqedit.Editor` and ledger API only.
 """

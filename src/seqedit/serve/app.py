@@ -19,7 +19,7 @@ from .edit_queue import EditQueue
 from .errors import ApiError, install_handlers
 from .middleware import AccessLog, BodyLimit
 from .page import render_page
-from .routes import router
+from . import completions, routes
 from .schemas import Health
 from .worker import Worker
 
@@ -64,7 +64,8 @@ def create_app(config: ServeConfig, load: Callable[[], LoadedModel] | None = Non
     app.state.started = time.time()
     app.state.model_id = config.model or "seqedit"
     install_handlers(app)
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(completions.router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:

@@ -1,35 +1,28 @@
-"""The ``/v1`` API: edits (durable queue), facts in force, forget, undo, log, verify, export, and the
-OpenAI-shaped completions and models. Every route needs a token of the scope it names."""
+"""The ledger side of the ``/v1`` API: edits (durable queue), facts in force, forget, undo, log, verify,
+export. Every route needs a token of the scope it names; :mod:`.completions` has the OpenAI side."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import StreamingResponse
 
 from ..errors import FactError, SeqEditError
 from ..facts import Fact
 from ..ledger import FactRow, LedgerError, StepRecord
 from .auth import require
 from .edit_queue import EDIT_META_KEY, EditQueue, EditRecord, IdempotencyConflict
-from .errors import ApiError, error_body
-from .generate import complete, prompt_ids, stream_complete
+from .errors import ApiError
 from .schemas import (
-    CompletionIn, CompletionOut, EditOut, EditsAccepted, EditsIn, EditsPage, ErrorOut, ExportIn, ExportOut, FactIn,
-    FactOut, FactsPage, LogOut, ModelList, StepOut, VerifyIn, VerifyOut,
+    EditOut, EditsAccepted, EditsIn, EditsPage, ErrorOut, ExportIn, ExportOut, FactIn, FactOut, FactsPage, LogOut,
+    StepOut, VerifyIn, VerifyOut,
 )
 from .worker import Worker
 
-__all__ = ["router"]
-
-log = logging.getLogger("seqedit.serve")
+__all__ = ["ERRORS", "READ", "WRITE", "router", "worker_of"]
 
 READ, WRITE = Depends(require("read")), Depends(require("write"))
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -38,7 +31,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
-def _worker(request: Request) -> Worker:
+def worker_of(request: Request) -> Worker:
     return request.app.state.worker
 
 
@@ -129,7 +122,7 @@ def submit_edits(
         records = _queue(request).submit(facts, idempotency_key, digest)
     except IdempotencyConflict as e:
         raise ApiError(409, "conflict", str(e)) from None
-    _worker(request).notify()
+    worker_of(request).notify()
     return EditsAccepted(edits=[_edit_out(r) for r in records])
 
 
@@ -154,13 +147,13 @@ def get_edit(edit_id: str, request: Request) -> EditOut:
 @router.get("/facts", response_model=FactsPage, dependencies=[READ])
 def list_facts(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000)) -> FactsPage:
     """Facts in force, oldest first."""
-    facts = _worker(request).view.facts
+    facts = worker_of(request).view.facts
     return FactsPage(total=len(facts), offset=offset, limit=limit,
                      facts=[_fact_out(r) for r in facts[offset: offset + limit]])
 
 
 def _fact_in_force(request: Request, fact_id: str) -> FactRow:
-    row = _worker(request).view.fact(fact_id)
+    row = worker_of(request).view.fact(fact_id)
     if row is None:
         raise ApiError(404, "not_found", f"no fact {fact_id!r} in force")
     return row
@@ -175,7 +168,7 @@ def get_fact(fact_id: str, request: Request) -> FactOut:
 def forget_fact(fact_id: str, request: Request) -> StepOut:
     """Forget a fact exactly (a new ledger step): the weights become the one-time solution without it."""
     _fact_in_force(request, fact_id)
-    worker = _worker(request)
+    worker = worker_of(request)
 
     def forget(editor: Any) -> StepRecord:
         with worker.weights.write():
@@ -187,7 +180,7 @@ def forget_fact(fact_id: str, request: Request) -> StepOut:
 @router.post("/steps/{step_id}/undo", response_model=StepOut, dependencies=[WRITE])
 def undo_step(step_id: int, request: Request) -> StepOut:
     """Revert a step as a new step (undo an undo to redo)."""
-    worker = _worker(request)
+    worker = worker_of(request)
     if not 1 <= step_id <= worker.view.last_step:
         raise ApiError(404, "not_found", f"no step {step_id} (steps 1..{worker.view.last_step})")
 
@@ -201,7 +194,7 @@ def undo_step(step_id: int, request: Request) -> StepOut:
 @router.get("/log", response_model=LogOut, dependencies=[READ])
 def ledger_log(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000)) -> LogOut:
     """Steps, newest first, and the queue's counts."""
-    view = _worker(request).view
+    view = worker_of(request).view
     newest = view.steps[::-1]
     return LogOut(last_step=view.last_step, total=len(newest), offset=offset, limit=limit,
                   steps=[_step_out(s) for s in newest[offset: offset + limit]], queue=_queue(request).counts())
@@ -210,7 +203,7 @@ def ledger_log(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: 
 @router.post("/verify", response_model=VerifyOut, dependencies=[READ])
 def verify(request: Request, body: Optional[VerifyIn] = None) -> VerifyOut:
     """Re-solve the one-time problem of the facts in force and compare with the live weights; check files."""
-    worker, tol = _worker(request), (body or VerifyIn()).tol
+    worker, tol = worker_of(request), (body or VerifyIn()).tol
 
     def run(editor: Any) -> dict:
         with worker.weights.read():
@@ -238,7 +231,7 @@ def export_target(root: Optional[Path], path: str) -> Path:
 def export(body: ExportIn, request: Request) -> ExportOut:
     """Write the edited model (HF directory) or its weight deltas to a new directory under the export root."""
     target = export_target(request.app.state.config.export_root, body.path)
-    worker, root = _worker(request), request.app.state.config.export_root.resolve()
+    worker, root = worker_of(request), request.app.state.config.export_root.resolve()
 
     def run(editor: Any) -> ExportOut:
         with worker.weights.read():
@@ -248,81 +241,3 @@ def export(body: ExportIn, request: Request) -> ExportOut:
         return ExportOut(path=str(path.resolve().relative_to(root)), delta=body.delta, bytes=size, step=step)
 
     return _on_worker(worker, run, "export")
-
-
-# ---------------------------------------------------------------------------------------------- OpenAI-shaped serving
-def _stream(request: Request, lm: Any, worker: Worker, encoded: list[list[int]], body: CompletionIn,
-            stops: list[str]) -> StreamingResponse:
-    """Server-sent events as OpenAI streams them: one ``text_completion`` chunk per piece of text, the
-    choice's ``finish_reason`` on its last chunk, then ``data: [DONE]``. An error after the first byte
-    (the status is sent) becomes an ``error`` event."""
-    head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
-            "model": request.app.state.model_id}
-    pieces = stream_complete(lm, encoded, worker.weights.read(), max_tokens=body.max_tokens,
-                             temperature=body.temperature, top_p=body.top_p, n=body.n, stops=stops, seed=body.seed)
-
-    def events() -> Iterator[str]:
-        try:
-            for k, text, finish in pieces:
-                choice = {"text": text, "index": k, "logprobs": None, "finish_reason": finish}
-                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-        except Exception as e:
-            log.error("streamed completion failed", exc_info=e, extra={"event": "stream_error"})
-            yield f"data: {json.dumps(error_body('internal', 'generation failed (see the server log)'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _served(request: Request) -> Any:
-    worker = _worker(request)
-    if not worker.ready or worker.loaded is None:
-        raise ApiError(503, "unavailable", f"the model is not ready ({worker.status})")
-    return worker
-
-
-@router.get("/models", response_model=ModelList, dependencies=[READ])
-def models(request: Request) -> ModelList:
-    _served(request)
-    return ModelList(data=[{"id": request.app.state.model_id, "created": int(request.app.state.started)}])
-
-
-@router.post("/completions", response_model=CompletionOut, dependencies=[READ],
-             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream=true "
-                                          "server-sent events of CompletionOut chunks ending with [DONE]"}})
-def completions(body: CompletionIn, request: Request) -> Any:
-    """OpenAI ``/v1/completions`` on the live edited model; it sees the weights before or after a step, never during."""
-    config = request.app.state.config
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    if not 1 <= len(prompts) <= config.max_prompts:
-        raise ApiError(400, "invalid_request", f"prompt: give 1..{config.max_prompts} prompts, got {len(prompts)}")
-    if any(not isinstance(p, str) or len(p) > 8000 for p in prompts):
-        raise ApiError(400, "invalid_request", "prompt: each prompt must be a string of at most 8000 characters")
-    if body.max_tokens > config.max_tokens:
-        raise ApiError(400, "invalid_request", f"max_tokens: at most {config.max_tokens}, got {body.max_tokens}")
-    if body.n > config.max_n:
-        raise ApiError(400, "invalid_request", f"n: at most {config.max_n}, got {body.n}")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4 or any(len(s) > 200 for s in stops):
-        raise ApiError(400, "invalid_request", "stop: at most 4 strings of at most 200 characters")
-    worker = _served(request)
-    lm = worker.loaded
-    limit = int(getattr(lm.model.config, "max_position_embeddings", 2048) or 2048)
-    encoded = [prompt_ids(lm, p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if len(ids) + body.max_tokens > limit:
-            raise ApiError(400, "invalid_request",
-                           f"prompt[{i}]: {len(ids)} tokens + max_tokens {body.max_tokens} exceed the context of {limit}")
-    if body.stream:
-        return _stream(request, lm, worker, encoded, body, stops)
-    choices, used = [], 0
-    with worker.weights.read():
-        for i, ids in enumerate(encoded):
-            for j, c in enumerate(complete(lm, ids, max_tokens=body.max_tokens, temperature=body.temperature,
-                                           top_p=body.top_p, n=body.n, stops=stops, seed=body.seed)):
-                choices.append({"text": c.text, "index": i * body.n + j, "finish_reason": c.finish_reason})
-                used += c.tokens
-    n_prompt = sum(len(ids) for ids in encoded)
-    return CompletionOut(id="cmpl-" + uuid.uuid4().hex, created=int(time.time()), model=request.app.state.model_id,
-                         choices=choices, usage={"prompt_tokens": n_prompt, "completion_tokens": used,
-                                                 "total_tokens": n_prompt + used})
