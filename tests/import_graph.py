@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("seqedit.ledger",),
     ("seqedit.editor", "seqedit.steps", "seqedit.pipeline"),
     ("seqedit.evaluate", "seqedit.report", "seqedit.testing"),
-    ("seqedit.cli", "seqedit"),
+    ("seqedit.cli", "seqedit.serve", "seqedit"),
 )
 
 

@@ -15,6 +15,7 @@ import torch
 
 torch.set_num_threads(1)  # before any parallel op: OpenMP pools and fork() do not mix
 
+from fork_server import serve_forks  # noqa: E402
 from ledger_helpers import make_editor, next_op  # noqa: E402
 
 from seqedit.testing import tiny_model  # noqa: E402
@@ -33,19 +34,7 @@ def work(ledger: str, log: str) -> None:
 def main() -> None:
     ledger, log = sys.argv[1], sys.argv[2]
     tiny_model("llama")  # trains and caches the tokenizer once, before forking
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "go":
-            break
-        pid = os.fork()
-        if pid == 0:
-            try:
-                work(ledger, log)
-            finally:
-                os._exit(1)
-        print(pid, flush=True)
-        os.waitpid(pid, 0)
-        print("done", flush=True)
+    serve_forks(lambda args: work(ledger, log))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ COMMANDS = (
     "edit", "generate", "stats", "verify-equivalence", "bench", "demo",  # cli/edit.py, equivalence.py, bench.py
     "forget", "undo", "log", "verify", "export",  # cli/ledger.py
     "eval", "report",  # cli/evaluate.py
+    "serve",  # cli/serve.py
 )
 
 

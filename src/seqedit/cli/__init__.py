@@ -8,11 +8,12 @@ Importing the command modules registers their commands on the shared Typer :data
 - :mod:`.bench`: bench, demo
 - :mod:`.evaluate`: eval, report
 - :mod:`.ledger`: forget, undo, log, verify, export
+- :mod:`.serve`: serve
 """
 
 from __future__ import annotations
 
-from . import edit, equivalence, bench, evaluate, ledger  # noqa: F401  (registers the commands, in this order)
+from . import edit, equivalence, bench, evaluate, ledger, serve  # noqa: F401  (registers the commands, in this order)
 from .common import app
 
 __all__ = ["app", "main"]
