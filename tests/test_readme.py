@@ -18,7 +18,13 @@ from seqedit.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text("utf-8")
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
+# A block right after `<!-- readme-test: needs a running server -->` talks to a live `seqedit serve`:
+# it is compiled, not run (tests/test_serve_api.py drives the same OpenAI client against the app).
+_FENCES = re.findall(r"(<!-- readme-test: needs a running server -->\n)?```(\w+)\n(.*?)```", README, re.S)
+BLOCKS = [(kind, body) for marker, kind, body in _FENCES if not marker]
+SERVER_BLOCKS = [body for marker, kind, body in _FENCES if marker and kind == "python"]
+# programs a bash block may run besides seqedit (installing, writing a token file, calling the service)
+_OTHER_PROGRAMS = {"pip", "printf", "curl", "openssl", "export"}
 
 # Stands in for what would take minutes: the embedded model is a tiny llama, facts files are capped at
 # four facts, the preset is two layers with a small Σ₀ budget. `hf_model`, `hf_tokenizer` and
@@ -63,6 +69,12 @@ def test_python_blocks_run(tmp_path: Path) -> None:
     assert "README OK 4" in r.stdout and "config.json" in r.stdout
 
 
+def test_server_blocks_compile() -> None:
+    assert SERVER_BLOCKS  # the OpenAI client example
+    for body in SERVER_BLOCKS:
+        compile(body, "README.md", "exec")
+
+
 def _command_lines() -> list[str]:
     lines = []
     for kind, body in BLOCKS:
@@ -85,6 +97,8 @@ def test_every_seqedit_command_line_parses() -> None:
             continue
         if words[0] == "torchrun":  # a launcher running the CLI module: check what it passes to seqedit
             words = ["seqedit", *words[words.index("seqedit.cli") + 1:]]
+        if words[0] in _OTHER_PROGRAMS or re.match(r"^[A-Z_]+=", words[0]):
+            continue
         assert words[0] == "seqedit", line
         args = ["1" if w == "STEP" else w for w in words[1:]]
         with group.make_context("seqedit", list(args), resilient_parsing=False) as ctx:
