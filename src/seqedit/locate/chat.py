@@ -24,7 +24,7 @@ import re
 from ..errors import LocateError
 from .tokens import EncodedPrompt, encode_prompt, fill_template, locate_subject, target_ids
 
-__all__ = ["PROMPT_FORMATS", "answer_ids", "chat_prompt", "check_chat_template", "check_prompt_format", "encode_chat", "encode_row",
+__all__ = ["PROMPT_FORMATS", "answer_ids", "chat_ids", "chat_prompt", "check_chat_template", "check_prompt_format", "encode_chat", "encode_row",
            "formats", "question_template"]
 
 PROMPT_FORMATS = ("bare", "chat", "both")
@@ -70,6 +70,12 @@ def chat_prompt(tokenizer, user: str) -> tuple[str, int]:
         raise LocateError(f"the chat template does not keep the user message {user!r} verbatim; "
                           "its subject cannot be located")
     return rendered, at
+
+
+def chat_ids(tokenizer, user: str) -> list[int]:
+    """Token ids of the conversation ``user`` → assistant's turn opened (the template's own special
+    tokens, none added)."""
+    return list(tokenizer(chat_prompt(tokenizer, user)[0], add_special_tokens=False)["input_ids"])
 
 
 def encode_chat(tokenizer, context: str, prompt: str, subject: str) -> EncodedPrompt:
