@@ -23,14 +23,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ..facts import Fact
 from ..locate.chat import answer_ids, chat_ids, question_template
-from ..locate.tokens import pad_id_of
-from ..models.placement import input_device
 from .counterfact import _mean, _Summarised
-from .scoring import map_target_log_probs
+from .scoring import greedy_continuations, map_target_log_probs, target_score
 
 __all__ = ["ChatRecord", "ChatResult", "chat_metrics", "chat_replies", "first_sentence"]
 
@@ -71,18 +67,9 @@ def _contains(text: str, target: str) -> bool:
     return target.casefold() in text.casefold()
 
 
-@torch.no_grad()
 def chat_replies(loaded, questions: Sequence[str], max_new_tokens: int = 24) -> list[str]:
     """The greedy reply to each question asked in one user turn of the chat template."""
-    tok, model = loaded.tokenizer, loaded.model
-    device = input_device(model)
-    out = []
-    for q in questions:
-        ids = torch.tensor([chat_ids(tok, q)], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
-        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return out
+    return greedy_continuations(loaded, [chat_ids(loaded.tokenizer, q) for q in questions], max_new_tokens)
 
 
 def chat_scores(loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64) -> list[float]:
@@ -95,11 +82,8 @@ def chat_scores(loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64) 
         rows.append(prompts[q] + list(t))
         spans.append((len(prompts[q]), t))
 
-    def nll(i: int, logp: torch.Tensor) -> float:
-        want = torch.tensor(spans[i][1])
-        return float(-logp[torch.arange(len(want)), want].mean())
-
-    return map_target_log_probs(loaded, rows, spans, nll, batch_rows)
+    return map_target_log_probs(loaded, rows, spans, lambda i, logp: target_score(spans[i][1], logp).mean_nll,
+                                batch_rows)
 
 
 def chat_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64, max_new_tokens: int = 24) -> ChatResult:
