@@ -136,6 +136,11 @@ def test_eval_run_edits_in_its_prompt_format_and_scores_in_chat(tmp_path) -> Non
     assert data["settings"]["prompt_format"] == "both"
     base, final = data["baseline"]["edit"]["chat"], data["configs"]["memit/aligned/se"]["final"]["edit"]["chat"]
     assert base["n_records"] == final["n_records"] == 2
+    from seqedit.report import markdown
+
+    md = markdown(data)
+    assert "editing prompt format **both**" in md and "| Chat Eff. | Chat Gen. | Chat Spe. | Chat Ans. |" in md
+    assert f"| pre-edit | – | {100 * base['efficacy']:.1f} |" in md
     # the same edit by hand: one step of an editor in the `both` format, then the chat metrics
     sel = select_facts("counterfact", 2, cfg.seed, layout="rome", split="edit")
     hp = preset_for(lm.name, lm.adapter.n_layers).override(**overrides)
