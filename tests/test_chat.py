@@ -135,3 +135,14 @@ def test_chat_format_without_a_chat_template_is_refused_before_any_work() -> Non
         Editor(lm, layers=(1, 2), prompt_format="both")
     with pytest.raises(LocateError, match="prompt_format must be one of"):
         Editor(lm, layers=(1, 2), prompt_format="Chat")
+
+
+def test_a_chat_ledger_on_a_tokenizer_without_template_is_refused_and_released(tmp_path: Path) -> None:
+    make_editor(tmp_path / "L", prompt_format="chat").close()
+    lm = tiny_model("llama")
+    lm.tokenizer.chat_template = None
+    with pytest.raises(LocateError, match="needs a chat template") as refused:
+        make_editor(tmp_path / "L", lm=lm)
+    # while the refusal (and the half-built editor in its traceback) is alive, the ledger is free
+    make_editor(tmp_path / "L").close()
+    assert refused.value is not None

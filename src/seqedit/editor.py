@@ -124,6 +124,7 @@ class Editor:
                 spec = requested_method(man, method, alignment, options)
                 self.spec, self.hparams = reconcile(man, self.loaded, spec, hparams, overrides, ledger)
                 prompt_format = reconcile_prompt_format(man, prompt_format, mix_prompt_formats, ledger)
+                check_chat_template(self.loaded.tokenizer, prompt_format)
             except BaseException:
                 self.ledger.close()
                 raise
@@ -131,9 +132,9 @@ class Editor:
         else:
             self.hparams = (hparams or preset_for(self.loaded.name, self.loaded.adapter.n_layers)).override(**overrides)
             self.spec = parse_method(method or DEFAULT_METHOD, alignment, **options)
+            check_chat_template(self.loaded.tokenizer, prompt_format or "bare")
         self.method, self.mode = self.spec.name, mode
         self.prompt_format: str = prompt_format or "bare"
-        check_chat_template(self.loaded.tokenizer, self.prompt_format)
         n_layers = self.loaded.adapter.n_layers
         for layer in self.hparams.layers:
             if not 0 <= layer < n_layers:
