@@ -12,6 +12,7 @@ import torch
 
 from seqedit.errors import LocateError
 from seqedit.facts import Fact
+from seqedit.locate.chat import formats, question_template
 from seqedit.locate.keys import ContextRows, KeyReader, read_keys
 from seqedit.locate.tokens import encode_prompt, fill_template, target_ids
 from seqedit.locate.trace import block_hidden, replace_block_hidden
@@ -78,16 +79,30 @@ def test_keys_are_template_weighted_ffn_inputs() -> None:
     torch.testing.assert_close(out.keys[2], manual, rtol=1e-5, atol=1e-6)
 
 
-def _reference_z(lm, fact: Fact, templates, hp: EditHParams) -> tuple[torch.Tensor, int]:
-    """The reference compute_z: full rows, whole model, full vocabulary, torch Adam, one fact."""
+def _reference_z(lm, fact: Fact, templates, hp: EditHParams, prompt_format: str = "bare") -> tuple[torch.Tensor, int]:
+    """The reference compute_z: full rows, whole model, full vocabulary, torch Adam, one fact; the rows
+    of every format of ``prompt_format`` (chat rows rendered directly with the chat template)."""
     tok, model, adapter = lm.tokenizer, lm.model, lm.adapter
-    tgt = list(target_ids(tok, fact.target))
-    rows, subj, labels = [], [], []
-    for t in templates:
-        enc = encode_prompt(tok, t, fact.prompt, fact.subject)
-        rows.append(list(enc.ids) + tgt[:-1])
-        subj.append(enc.subject_last)
-        labels.append(len(enc.ids) - 1)
+    rows, subj, labels, tgts = [], [], [], []
+    for fmt in formats(prompt_format):
+        tgt = list(target_ids(tok, fact.target, lead_space=fmt == "bare"))
+        for t in templates:
+            if fmt == "bare":
+                enc = encode_prompt(tok, t, fact.prompt, fact.subject)
+                ids, last = list(enc.ids), enc.subject_last
+            else:
+                user = t.replace("{}", question_template(fact.prompt)).replace("{}", fact.subject)
+                text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                               add_generation_prompt=True)
+                end = text.rindex(fact.subject) + len(fact.subject)  # the subject occurs once per row
+                enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+                ids = enc["input_ids"]
+                last = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= end - 1 < b)
+            rows.append(ids + tgt[:-1])
+            subj.append(last)
+            labels.append(len(ids) - 1)
+            tgts.append(tgt)
+    n_rewrite = len(rows)
     enc = encode_prompt(tok, "{}", KL_PROMPT, fact.subject)
     rows.append(list(enc.ids))
     subj.append(enc.subject_last)
@@ -120,11 +135,11 @@ def _reference_z(lm, fact: Fact, templates, hp: EditHParams) -> tuple[torch.Tens
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
             nll = torch.stack(
                 [
-                    -logp[i, [labels[i] + j for j in range(len(tgt))], tgt].mean()
-                    for i in range(len(templates))
+                    -logp[i, [labels[i] + j for j in range(len(tgts[i]))], tgts[i]].mean()
+                    for i in range(n_rewrite)
                 ]
             ).mean()
-            kl_lp = logp[len(templates), subj[-1]]
+            kl_lp = logp[n_rewrite, subj[-1]]
             if init is None:
                 init = kl_lp.detach().clone()
             kl = (kl_lp.exp() * (kl_lp - init)).sum()
@@ -143,13 +158,14 @@ def _reference_z(lm, fact: Fact, templates, hp: EditHParams) -> tuple[torch.Tens
     return (state["h0"] + delta.detach()).double(), updates
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_values_match_reference_compute_z(family: str) -> None:
+@pytest.mark.parametrize("family,prompt_format", [("llama", "bare"), ("gpt2", "bare"), ("llama", "chat"),
+                                                  ("gpt2", "both")])
+def test_values_match_reference_compute_z(family: str, prompt_format: str) -> None:
     lm = tiny_model(family, hidden=64, intermediate=128)
     hp = EditHParams(layers=(1, 2), v_lr=0.5, v_steps=8, early_stop_loss=-1.0, v_batch_facts=8)
-    got = compute_values(lm, FACTS, TEMPLATES, hp)
+    got = compute_values(lm, FACTS, TEMPLATES, hp, prompt_format=prompt_format)
     for f, fact in enumerate(FACTS):
-        ref, updates = _reference_z(lm, fact, TEMPLATES, hp)
+        ref, updates = _reference_z(lm, fact, TEMPLATES, hp, prompt_format)
         assert got.steps[f] == updates == hp.v_steps - 1
         torch.testing.assert_close(got.z[:, f], ref, rtol=1e-3, atol=1e-4)
 

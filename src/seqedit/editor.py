@@ -27,10 +27,12 @@ from .bank import LayerBank
 from .errors import SeqEditError
 from .facts import Fact
 from .ledger import export as ledger_export
-from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile, requested_method
+from .ledger.manifest import (build_manifest, check_base, check_storage, recorded_base, reconcile,
+                              reconcile_prompt_format, requested_method)
 from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
 from .ledger.verify import VerifyReport
+from .locate.chat import check_chat_template, check_prompt_format
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult
@@ -75,6 +77,12 @@ class Editor:
     between snapshots of the per-layer state (reopen replays at most that many steps).
     :meth:`from_ledger` reopens a ledger on its recorded base model and dtype.
 
+    ``prompt_format`` (``"bare"``, ``"chat"`` or ``"both"``, ``locate/chat.py``) is how each fact is
+    written for its keys and values: as a bare completion, as a question through the tokenizer's chat
+    template with the answer starting the assistant's turn, or both averaged. A ledger records it and
+    every step's; continuing a ledger in another format is refused unless ``mix_prompt_formats=True``.
+    Default: the ledger's, else ``"bare"``.
+
     ``solve_device`` is where each edited layer's float64 state lives and is solved (``LayerBank``):
     by default the layer's GPU when it has one, else the CPU; ``"cpu"`` saves ~2·d_in²·8 bytes of GPU
     memory per layer (``docs/architecture.md``, "Devices and dtypes").
@@ -96,10 +104,14 @@ class Editor:
         snapshot_every: int = 10,
         callbacks: Sequence[EditorCallback] = (),
         solve_device: torch.device | str | None = None,
+        prompt_format: str | None = None,
+        mix_prompt_formats: bool = False,
         **overrides: Any,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if prompt_format is not None:
+            check_prompt_format(prompt_format)
         self.loaded = as_loaded(model, tokenizer)
         hp_fields = set(EditHParams.__dataclass_fields__)
         options = {**(method_options or {}), **{k: v for k, v in overrides.items() if k not in hp_fields and v is not None}}
@@ -111,6 +123,8 @@ class Editor:
             try:
                 spec = requested_method(man, method, alignment, options)
                 self.spec, self.hparams = reconcile(man, self.loaded, spec, hparams, overrides, ledger)
+                prompt_format = reconcile_prompt_format(man, prompt_format, mix_prompt_formats, ledger)
+                check_chat_template(self.loaded.tokenizer, prompt_format)
             except BaseException:
                 self.ledger.close()
                 raise
@@ -118,7 +132,9 @@ class Editor:
         else:
             self.hparams = (hparams or preset_for(self.loaded.name, self.loaded.adapter.n_layers)).override(**overrides)
             self.spec = parse_method(method or DEFAULT_METHOD, alignment, **options)
+            check_chat_template(self.loaded.tokenizer, prompt_format or "bare")
         self.method, self.mode = self.spec.name, mode
+        self.prompt_format: str = prompt_format or "bare"
         n_layers = self.loaded.adapter.n_layers
         for layer in self.hparams.layers:
             if not 0 <= layer < n_layers:
@@ -152,7 +168,8 @@ class Editor:
         check_journalable(self.spec)  # before a new ledger directory is created
         if self.ledger is None:
             check_base(self.loaded, path)
-            man = build_manifest(self.loaded, self.spec, self.hparams, self.stats_corpus, kv_dtype, snapshot_every)
+            man = build_manifest(self.loaded, self.spec, self.hparams, self.stats_corpus, kv_dtype, snapshot_every,
+                                 self.prompt_format)
             self.ledger = Ledger.open_for_writing(path, man)
         try:
             self.session = LedgerSession(self.ledger, self.bank, kv_dtype, snapshot_every)
@@ -259,7 +276,7 @@ class Editor:
         plan = self.session.plan_apply(facts) if self.session is not None else None
         self.prepare(progress)
         report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
-                                   values, plan, len(self.steps) + 1, progress)
+                                   values, plan, len(self.steps) + 1, progress, self.prompt_format)
         if record is not None:
             self.last_record = record
             self.ledger.annotate(record.id, {"report": report.to_dict()})

@@ -18,6 +18,7 @@ from .facts import Fact
 from .ledger.plan import Plan
 from .ledger.session import Constraints, LedgerSession
 from .ledger.store import StepRecord
+from .locate.chat import formats
 from .locate.keys import ContextRows, KeyReader
 from .locate.values import ValueResult, compute_values
 from .models.load import LoadedModel
@@ -45,23 +46,27 @@ def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: t
 
 def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | None, hp: EditHParams,
               facts: Sequence[Fact], get_templates: Callable[[], list[str]], values: ValueResult | None,
-              plan: Plan | None, next_id: int, progress: ProgressCallback | None) -> tuple[StepReport, StepRecord | None]:
+              plan: Plan | None, next_id: int, progress: ProgressCallback | None,
+              prompt_format: str = "bare") -> tuple[StepReport, StepRecord | None]:
     """Edit ``facts`` (ids assigned, ``plan`` made when ``session`` journals the bank) into ``bank``'s
-    layers; ``values`` are precomputed targets or ``None`` to optimise them now. Returns the report
-    (``id`` = the committed record's, else ``next_id``) and the journal record."""
+    layers; ``values`` are precomputed targets or ``None`` to optimise them now. Keys and values
+    average over the rows of ``prompt_format`` (``locate/chat.py``); the residual is taken on each
+    fact's primary row. Returns the report (``id`` = the committed record's, else ``next_id``) and
+    the journal record (its info records the prompt format)."""
     tok = loaded.tokenizer
     sec: dict[str, float] = {}
     t = time.perf_counter()
     templates = get_templates()
-    ctx = ContextRows.build(tok, facts, templates)  # validates every subject before any work
-    bare = ContextRows.build(tok, facts, ["{}"])
+    ctx = ContextRows.build(tok, facts, templates, prompt_format)  # validates every subject before any work
+    bare = ContextRows.build(tok, facts, ["{}"], formats(prompt_format)[0])  # the primary rows
     sec["templates"] = time.perf_counter() - t
 
     t = time.perf_counter()
     value_work: dict[str, float] = {}
     if values is None:
         emit(progress, ProgressEvent(Phase.VALUES, total=len(facts), start=True))
-        values = compute_values(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES))
+        values = compute_values(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES),
+                                prompt_format=prompt_format)
         value_work = {
             "iterations": values.iterations,
             "suffix_tokens": values.row_tokens,
@@ -103,7 +108,8 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
             emit(progress, ProgressEvent(Phase.LAYERS, advance=1, total=n_layers))
         if plan is not None:
             t = time.perf_counter()
-            record = session.commit_apply(facts, plan, constraints, update_norms, hp.to_dict())
+            record = session.commit_apply(facts, plan, constraints, update_norms, hp.to_dict(),
+                                          prompt_format=prompt_format)
             sec["commit"] = time.perf_counter() - t
     t = time.perf_counter()
     H = bare_reader.read([], z_layer=hp.z_layer).z_hidden

@@ -121,6 +121,11 @@ def markdown(data: dict[str, Any]) -> str:
     if fluency_on:
         cols.append(("Flu. (×100)", ("final", "fluency", "fluency"), 100.0, 1))
     lines += _table(_unwrap_baseline(data), cols)
+    if _get(data, "baseline", "edit", "chat") is not None:  # evaluate/chat.py: the facts asked as questions
+        lines += ["", f"Asked through the chat template (editing prompt format **{st.get('prompt_format', 'bare')}**; "
+                      "Ans. = the greedy reply's first sentence names the new target):", ""]
+        lines += _table(_unwrap_baseline(data), [(f"Chat {_SHORT.get(m, 'Ans.')}", ("final", "edit", "chat", m), 100.0, 1)
+                                                 for m in ("efficacy", "generalization", "specificity", "answer_new")])
     if ds == "counterfact":
         flu = _get(data, "baseline", "fluency") or {}
         missing = flu.get("n_without_prompts", 0)

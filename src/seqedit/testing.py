@@ -18,9 +18,16 @@ from .errors import SeqEditError
 from .shared_data import shared_data_dir
 from .models.load import LoadedModel, wrap_model
 
-__all__ = ["FAMILIES", "SPECIAL_TOKEN", "tiny_model", "tiny_tokenizer"]
+__all__ = ["FAMILIES", "SPECIAL_TOKEN", "TINY_CHAT_TEMPLATE", "tiny_model", "tiny_tokenizer"]
 
 SPECIAL_TOKEN = "<|endoftext|>"
+# A ChatML-like template with a default system turn (as SmolLM2-Instruct's); its markers are plain text
+# to the tiny vocabulary, which is all the chat prompt format needs.
+TINY_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TINY_VOCAB = 1000
 _TRAIN_BYTES = 200_000
 _WIKITEXT = Path("wikitext", "wikitext-2-raw", "wiki.valid.raw")
@@ -87,6 +94,7 @@ def tiny_tokenizer(*, add_bos: bool = False) -> PreTrainedTokenizerFast:
 
     Padding is on the right; ``return_offsets_mapping=True`` gives character spans that tile the input.
     ``add_bos=True`` prepends ``<|endoftext|>`` to every encoding (a Llama-3-style BOS), for BOS tests.
+    Its chat template is :data:`TINY_CHAT_TEMPLATE`.
     """
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(add_bos)),
@@ -97,6 +105,7 @@ def tiny_tokenizer(*, add_bos: bool = False) -> PreTrainedTokenizerFast:
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
+    tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
 

@@ -137,11 +137,18 @@ def demo(
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     n: int = typer.Option(3, "--n", min=1, help="How many CounterFact facts to edit."),
+    prompt_format: Optional[str] = typer.Option(
+        None, "--prompt-format", help="bare | chat | both (default: both when the model has a chat template)."),
 ) -> None:
     """Edit a few real CounterFact facts and show the model's answers before and after."""
     from ..editor import Editor
+    from ..evaluate.chat import chat_replies
     from ..evaluate.scoring import greedy_completions, score_targets
+    from ..locate.chat import check_prompt_format, question_template
     from ..shared_data import counterfact_path
+
+    if prompt_format is not None:
+        check_prompt_format(prompt_format)
 
     t0 = time.perf_counter()
     fs = read_facts(str(counterfact_path()), n, "train", "auto")
@@ -153,14 +160,18 @@ def demo(
         sc = score_targets(lm, [(f.text, f.target) for f in fs] + [(f.text, f.true_target or f.target) for f in fs])
         return [(c, sc[i].prob, sc[len(fs) + i].prob) for i, c in enumerate(comps)]
 
+    chat = bool(getattr(lm.tokenizer, "chat_template", None))
+    prompt_format = prompt_format or ("both" if chat else "bare")
+    question = question_template(fs[0].text)
     t = time.perf_counter()
     before = snapshot()
+    reply_before = chat_replies(lm, [question], 16)[0] if chat else None
     before_s = time.perf_counter() - t
-    editor = Editor(lm)
+    editor = Editor(lm, prompt_format=prompt_format)
     with progress_bars() as cb:
         report = editor.apply(fs, progress=cb)
     after = snapshot()
-    table = Table(title=f"{len(fs)} CounterFact facts edited into {lm.name}")
+    table = Table(title=f"{len(fs)} CounterFact facts edited into {lm.name} (prompt format: {prompt_format})")
     for col in ("prompt", "new / old target", "completion before", "completion after", "P(new)", "P(old)"):
         table.add_column(col)
     for f, b, a in zip(fs, before, after):
@@ -169,6 +180,10 @@ def demo(
             f"{b[1]:.3f} → {a[1]:.3f}", f"{b[2]:.3f} → {a[2]:.3f}",
         )
     out.print(table)
+    if chat:
+        reply_after = chat_replies(lm, [question], 16)[0]
+        out.print(f"asked through the chat template — user: {question}\n  assistant before: {reply_before.strip()}\n"
+                  f"  assistant after:  [bold]{reply_after.strip()}[/]", highlight=False)
     s = report.seconds
     out.print(
         f"time: load {load_s:.1f} s · scoring {before_s:.1f} s · Σ₀ {editor.setup_seconds['stats']:.1f} s "

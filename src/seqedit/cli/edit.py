@@ -43,18 +43,24 @@ def edit(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompts to complete after editing."),
     max_prompt_tokens: int = typer.Option(
         256, "--max-prompt-tokens", min=1, help="Longest fact (prompt with subject, and target) in tokens."),
+    prompt_format: Optional[str] = typer.Option(
+        None, "--prompt-format", help="bare | chat | both: facts written as completions, asked through the chat "
+        "template, or both (default: bare, or the ledger's)."),
+    mix_prompt_formats: bool = typer.Option(
+        False, "--mix-prompt-formats", help="Allow steps in another prompt format than the ledger's."),
+    chat: bool = typer.Option(False, "--chat", help="Ask the --prompt(s) through the chat template."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Edit FACTS into a model, step by step, and report each step."""
     from ..editor import Editor
-    from ..evaluate.scoring import greedy_completions
     from ..ledger import Ledger
     from ..ledger.directory import discard_empty
     from ..ledger.manifest import recorded_base
     fs = read_facts(facts, n, split, fmt)
     edited_layers = parse_layers(layers)
     check_prompts(prompt)
-    check_edit(model, method, alignment, mode, edited_layers, lam, v_steps, ledger, save)
+    check_edit(model, method, alignment, mode, edited_layers, lam, v_steps, ledger, save, prompt_format,
+               mix_prompt_formats)
     check_prompt_tokens(model, [(f"fact {f.id or i}", f"{f.text} {f.target}") for i, f in enumerate(fs, 1)],
                         max_prompt_tokens)
     check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, 12)
@@ -66,7 +72,7 @@ def edit(
     try:
         editor = Editor(
             lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
-            ledger=ledger,
+            ledger=ledger, prompt_format=prompt_format, mix_prompt_formats=mix_prompt_formats,
         )
         with editor, progress_bars(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)
@@ -74,7 +80,7 @@ def edit(
         if new_ledger:  # a failed first run leaves no empty ledger behind
             discard_empty(ledger, remove_dir=not dir_existed)
         raise
-    completions = dict(zip(prompt, greedy_completions(lm, prompt))) if prompt else {}
+    completions = dict(zip(prompt, _complete(lm, prompt, 12, chat))) if prompt else {}
     if save:
         lm.model.save_pretrained(save)
         lm.tokenizer.save_pretrained(save)
@@ -84,6 +90,7 @@ def edit(
                 "model": lm.name,
                 "method": editor.spec.label,
                 "mode": mode,
+                "prompt_format": editor.prompt_format,
                 "hparams": editor.hparams.to_dict(),
                 "setup_seconds": editor.setup_seconds,
                 "steps": [r.to_dict() for r in reports],
@@ -122,10 +129,11 @@ def generate(
     ledger: Optional[Path] = typer.Option(None, "--ledger", "-l", help="Complete with this ledger's edited weights."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1, help="Tokens generated per prompt."),
     max_prompt_tokens: int = typer.Option(2048, "--max-prompt-tokens", min=1, help="Longest prompt in tokens."),
+    chat: bool = typer.Option(
+        False, "--chat", help="Send each prompt as a user turn through the model's chat template; print the reply."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Greedy completions of PROMPT(s) by a model."""
-    from ..evaluate.scoring import greedy_completions
+    """Greedy completions of PROMPT(s) by a model (with --chat: its replies to them as questions)."""
 
     check_prompts(prompt)
     if ledger is not None:
@@ -134,17 +142,30 @@ def generate(
     check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, max_new_tokens)
     if ledger is None:
         lm, _ = load(model, dtype, device_map)
-        comps = greedy_completions(lm, prompt, max_new_tokens)
+        comps = _complete(lm, prompt, max_new_tokens, chat)
     else:
         from .ledger import reopened  # here: importing it at the top would list its commands first
         with reopened(ledger, model, dtype=dtype, device_map=device_map) as editor:
             lm = editor.loaded
-            comps = greedy_completions(lm, prompt, max_new_tokens)
+            comps = _complete(lm, prompt, max_new_tokens, chat)
     if as_json:
-        out.print_json(data={"model": lm.name, "completions": dict(zip(prompt, comps))})
+        out.print_json(data={"model": lm.name, **({"chat": True} if chat else {}), "completions": dict(zip(prompt, comps))})
         return
     for p, c in zip(prompt, comps):
-        out.print(f"[bold]{p}[/]{c}")
+        out.print(f"[bold]user:[/] {p}\n[bold]assistant:[/] {c}" if chat else f"[bold]{p}[/]{c}", highlight=False)
+
+
+def _complete(lm, prompts: list[str], max_new_tokens: int, chat: bool) -> list[str]:
+    """Greedy completions of ``prompts``, or with ``chat`` the replies to them as user turns."""
+    if chat:
+        from ..evaluate.chat import chat_replies
+        from ..locate.chat import check_chat_template
+
+        check_chat_template(lm.tokenizer)
+        return chat_replies(lm, prompts, max_new_tokens)
+    from ..evaluate.scoring import greedy_completions
+
+    return greedy_completions(lm, prompts, max_new_tokens)
 
 
 @app.command()

@@ -58,6 +58,11 @@ def eval_(
     v_steps: Optional[int] = VStepsOpt,
     stats_tokens: Optional[int] = typer.Option(None, "--stats-tokens", help="Σ₀ token budget (default: preset)."),
     eval_batch_rows: int = typer.Option(64, "--eval-batch-rows", help="Rows per scoring forward."),
+    prompt_format: str = typer.Option(
+        "bare", "--prompt-format", help="Editing prompt format: bare | chat | both (chat, both: edit metrics are "
+        "also measured through the chat template)."),
+    chat_eval: bool = typer.Option(
+        False, "--chat-eval", help="Also measure the edit metrics through the chat template (any --prompt-format)."),
     sets: Optional[list[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -80,6 +85,7 @@ def eval_(
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
         facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
         eval_batch_rows=eval_batch_rows, dtype=dtype, device_map=device_map, checkpoint=checkpoint,
+        prompt_format=prompt_format, chat_eval=chat_eval,
     )
     try:
         t = time.perf_counter()
@@ -95,6 +101,7 @@ def eval_(
     wall = time.perf_counter() - t
     summary = {
         label: {"final": {k: v for k, v in (e.get("final", {}).get("edit") or {}).items() if not isinstance(v, dict)},
+                "chat": {k: v for k, v in ((e.get("final", {}).get("edit") or {}).get("chat") or {}).items()},
                 "same_as": e.get("same_as"), "seconds": e.get("seconds")}
         for label, e in data["configs"].items()
     }
@@ -104,16 +111,22 @@ def eval_(
                              "reused": last["reused"], "skipped": data["skipped"], "wall_seconds": wall,
                              "baseline": data["baseline"].get("edit"), "configs": summary})
         return
+    base = data["baseline"].get("edit") or {}
     metrics = [k for k in ("efficacy", "generalization", "specificity", "specificity_vs_pre_edit",
-                           "specificity_vs_gold") if k in (data["baseline"].get("edit") or {})]
-    table = Table(title=f"{dataset}: {n} edits on {data['model']['name']} (values: {values}; ×100)")
-    for col in ("config", *metrics, "note"):
+                           "specificity_vs_gold") if k in base]
+    chat_metrics = [k for k in ("efficacy", "generalization", "specificity", "answer_new") if k in (base.get("chat") or {})]
+
+    def cells(edit: dict) -> list[str]:
+        return [f"{100 * (edit[m] or 0):.1f}" for m in metrics] + [f"{100 * (edit['chat'][m] or 0):.1f}" for m in chat_metrics]
+
+    table = Table(title=f"{dataset}: {n} edits on {data['model']['name']} (values: {values}; "
+                        f"prompt format: {prompt_format}; ×100)")
+    for col in ("config", *metrics, *[f"chat {m}" for m in chat_metrics], "note"):
         table.add_column(col, justify="left" if col in ("config", "note") else "right")
-    table.add_row("pre-edit", *[f"{100 * (data['baseline']['edit'][m] or 0):.1f}" for m in metrics], "")
+    table.add_row("pre-edit", *cells(base), "")
     for label, e in data["configs"].items():
-        fin = e["final"]["edit"]
         note = f"= {e['same_as']}" if e.get("same_as") else ("resumed" if label in last["resumed"] else "")
-        table.add_row(label, *[f"{100 * (fin[m] or 0):.1f}" for m in metrics], note)
+        table.add_row(label, *cells(e["final"]["edit"]), note)
     out.print(table)
     for s in data["skipped"]:
         out.print(f"skipped {s['config']}: {s['reason']}")

@@ -43,13 +43,15 @@ def _n_layers(model: str) -> tuple[str, Optional[int]]:
 
 
 def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode: str, layers: Optional[tuple[int, ...]],
-               lam: Optional[float], v_steps: Optional[int], ledger: Optional[Path], save: Optional[Path]) -> None:
+               lam: Optional[float], v_steps: Optional[int], ledger: Optional[Path], save: Optional[Path],
+               prompt_format: Optional[str] = None, mix_prompt_formats: bool = False) -> None:
     """What ``seqedit edit`` would refuse after loading the model, refused before."""
     from ..editor import DEFAULT_METHOD, MODES
     from ..ledger import Ledger
     from ..ledger.directory import check_writable
-    from ..ledger.manifest import reconcile_settings, requested_method
+    from ..ledger.manifest import reconcile_prompt_format, reconcile_settings, requested_method
     from ..ledger.session import check_journalable
+    from ..locate.chat import check_prompt_format
     from ..methods import parse_method
     from ..models.presets import preset_for
 
@@ -58,6 +60,8 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
             raise InputError(f"{flag} is empty")
     if mode not in MODES:
         raise InputError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    if prompt_format is not None:
+        check_prompt_format(prompt_format)
     if save is not None and save.exists() and not save.is_dir():
         raise InputError(f"--save {save} is a file; give a directory")
     overrides: dict[str, Any] = {k: v for k, v in {"layers": layers, "lam": lam, "v_steps": v_steps}.items()
@@ -69,6 +73,7 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
         with Ledger(ledger) as L:
             spec = requested_method(L.manifest, method, alignment, {})
             _, hp = reconcile_settings(L.manifest, spec, None, overrides, ledger)
+            reconcile_prompt_format(L.manifest, prompt_format, mix_prompt_formats, ledger)
     else:
         spec = parse_method(method or DEFAULT_METHOD, alignment)
         if ledger is not None:

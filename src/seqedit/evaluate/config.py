@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import SeqEditError
+from ..locate.chat import PROMPT_FORMATS
 from ..methods import METHODS, method_info
 from ..models.load import parse_device_map, resolve_dtype
 from .general import TASKS
@@ -50,6 +51,9 @@ class EvalConfig:
     slot's earlier fact. ``general_every``/``retention_every``
     are in steps, 0 = final model only. ``general_n``/``drift_windows``/``fluency_n`` = 0 turn that
     metric off. ``fluency_tokens`` is ROME's ``max_out_len`` (tokens per generation, prompt included).
+    ``prompt_format`` is the editors' (``bare``, ``chat``, ``both``; ``locate/chat.py``); the edit
+    metrics are also measured through the chat template (``evaluate/chat.py``, under ``edit.chat``)
+    when it is not ``bare`` or when ``chat_eval`` is set (bare-trained edits asked in chat).
     """
 
     model: str = "smollm2-135m"
@@ -82,6 +86,13 @@ class EvalConfig:
     dtype: Optional[str] = None  # the model's dtype (load_model's; None: float32)
     device_map: Optional[str] = None  # load_model's device_map: a device, "auto" or a JSON object
     checkpoint: bool = False
+    prompt_format: str = "bare"
+    chat_eval: bool = False
+
+    @property
+    def chat_metrics(self) -> bool:
+        """Whether the edit metrics are also measured through the chat template."""
+        return self.chat_eval or self.prompt_format != "bare"
 
     def resolved_split(self) -> Optional[str]:
         if self.split in (None, "all"):
@@ -116,6 +127,8 @@ class EvalConfig:
              "drift_window and fluency_tokens must be >= 2 and eval_batch_rows >= 1")
         need(self.layout in ("knowedit", "rome"), f"layout must be knowedit or rome, got {self.layout!r}")
         need(self.zsre_target in ("answers", "alt"), f"zsre_target must be answers or alt, got {self.zsre_target!r}")
+        need(self.prompt_format in PROMPT_FORMATS,
+             f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         for name, check in (("dtype", resolve_dtype), ("device_map", parse_device_map)):
             try:
                 check(getattr(self, name))
@@ -139,7 +152,7 @@ class EvalConfig:
 
 
 # settings fields added after results.json files were written; omitted from settings() at their default
-_ADDED_LATER = {"checkpoint": False, "dtype": None, "device_map": None}
+_ADDED_LATER = {"checkpoint": False, "dtype": None, "device_map": None, "prompt_format": "bare", "chat_eval": False}
 
 
 def _union(old: list, new) -> list:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..atomic import atomic_write_json
 from ..facts import Fact
+from .chat import chat_metrics
 from .counterfact import counterfact_metrics
 from .drift import DriftReference, drift_metrics, drift_reference
 from .general import general_metrics
@@ -66,9 +67,11 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def edit_summary(loaded, dataset: str, facts: Sequence[Fact], refs: References, batch_rows: int) -> dict[str, Any]:
+def edit_summary(loaded, dataset: str, facts: Sequence[Fact], refs: References, batch_rows: int,
+                 chat: bool = False) -> dict[str, Any]:
     """CounterFact or ZsRE metrics of ``facts`` (means, ``n_records``), timing and throughput. ``facts``
-    must be a prefix of the facts the references were computed for."""
+    must be a prefix of the facts the references were computed for. With ``chat``, ``"chat"`` holds the
+    same facts' metrics through the chat template (:mod:`seqedit.evaluate.chat`)."""
     t = time.perf_counter()
     if dataset == "counterfact":
         res = counterfact_metrics(loaded, facts, batch_rows).summary()
@@ -78,6 +81,9 @@ def edit_summary(loaded, dataset: str, facts: Sequence[Fact], refs: References, 
             k = len(facts)
             ref = ZsreReference(ref.neighbors[:k], ref.predictions[:k])
         res = zsre_metrics(loaded, facts, ref, batch_rows).summary()
+    if chat:
+        t_chat = time.perf_counter()
+        res["chat"] = {**chat_metrics(loaded, facts, batch_rows).summary(), "seconds": time.perf_counter() - t_chat}
     secs = time.perf_counter() - t
     return {**res, "seconds": secs, "records_per_second": len(facts) / secs if secs > 0 else None}
 

@@ -86,13 +86,15 @@ class _Run:
             templates = context_templates(self.lm, hp.n_context_templates, hp.context_template_len, hp.template_seed)
             self.say("target values on the unedited model")
             emit(self.progress, ProgressEvent(Phase.VALUES, total=len(self.facts), start=True))
-            self._targets = frozen_targets(self.lm, self.facts, templates, hp, progress=counter(self.progress, Phase.VALUES))
+            self._targets = frozen_targets(self.lm, self.facts, templates, hp, progress=counter(self.progress, Phase.VALUES),
+                                           prompt_format=self.cfg.prompt_format)
         return self._targets
 
     # ---------------------------------------------------------------- measurements
     def edit(self, facts: list[Fact]) -> dict[str, Any]:
         self.say(f"{self.cfg.dataset} metrics on {len(facts)} facts")
-        return edit_summary(self.lm, self.cfg.dataset, facts, self.refs, self.cfg.eval_batch_rows)
+        return edit_summary(self.lm, self.cfg.dataset, facts, self.refs, self.cfg.eval_batch_rows,
+                            chat=self.cfg.chat_metrics)
 
     def capability(self) -> dict[str, Any]:
         c = self.cfg
@@ -188,7 +190,7 @@ class _Run:
 
         t0 = time.perf_counter()
         editor = Editor(self.lm, method=method, mode=MODES[mode], alignment=alignment, hparams=self.hp,
-                        stats_corpus=c.stats_corpus, callbacks=[Measure()],
+                        stats_corpus=c.stats_corpus, callbacks=[Measure()], prompt_format=c.prompt_format,
                         **({"ledger": ledger, "kv_dtype": "float32"} if ledger is not None else {}))
         if ledger is not None:
             done = sum(1 for r in editor.ledger.steps() if r.kind == "apply")

@@ -153,24 +153,31 @@ def score_targets(
     """Score ``target`` after ``prompt`` for every ``(prompt, target)`` pair on the current model."""
     rows, spans = target_rows(loaded, pairs)
 
-    def score(i: int, logp: torch.Tensor) -> TargetScore:
-        want = torch.tensor(spans[i][1])
-        lp = logp[torch.arange(len(want)), want]
-        return TargetScore(float(-lp.mean()), float(lp.sum()), bool((logp.argmax(-1) == want).all()))
+    return map_target_log_probs(loaded, rows, spans, lambda i, logp: target_score(spans[i][1], logp), batch_rows)
 
-    return map_target_log_probs(loaded, rows, spans, score, batch_rows)
+
+def target_score(target: Sequence[int], logp: torch.Tensor) -> TargetScore:
+    """The :class:`TargetScore` of target ids ``target`` from their log-probs ``logp: [len(target), V]``."""
+    want = torch.tensor(list(target))
+    lp = logp[torch.arange(len(want)), want]
+    return TargetScore(float(-lp.mean()), float(lp.sum()), bool((logp.argmax(-1) == want).all()))
 
 
 @torch.no_grad()
-def greedy_completions(loaded, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy continuation of each prompt (decoded, special tokens skipped)."""
+def greedy_continuations(loaded, rows: Sequence[Sequence[int]], max_new_tokens: int = 8) -> list[str]:
+    """Greedy continuation of each row of token ids (decoded, special tokens skipped)."""
     tok, model = loaded.tokenizer, loaded.model
     device = input_device(model)
     outs = []
-    for prompt in prompts:
-        enc = tok(prompt, return_tensors="pt").to(device)
-        gen = model.generate(
-            **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok)
-        )
-        outs.append(tok.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    for row in rows:
+        ids = torch.tensor([list(row)], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
+        outs.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
     return outs
+
+
+def greedy_completions(loaded, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy continuation of each prompt (special tokens added as the tokenizer does)."""
+    tok = loaded.tokenizer
+    return greedy_continuations(loaded, [tok(p)["input_ids"] for p in prompts], max_new_tokens)

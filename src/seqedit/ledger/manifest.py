@@ -17,7 +17,7 @@ from ..version import __version__
 from .journal import LedgerError
 from .store import Ledger
 
-__all__ = ["KV_DTYPES", "build_manifest", "recorded_base", "check_base", "check_storage", "reconcile", "reconcile_settings",
+__all__ = ["KV_DTYPES", "build_manifest", "reconcile_prompt_format", "recorded_base", "check_base", "check_storage", "reconcile", "reconcile_settings",
            "requested_method", "stored_hparams", "w0_digest"]
 
 KV_DTYPES = ("float64", "float32")
@@ -57,9 +57,10 @@ def check_base(loaded: LoadedModel, path: Any) -> None:
 
 
 def build_manifest(loaded: LoadedModel, spec: MethodSpec, hp: EditHParams, stats_corpus: Any,
-                   kv_dtype: str, snapshot_every: int) -> dict[str, Any]:
+                   kv_dtype: str, snapshot_every: int, prompt_format: str = "bare") -> dict[str, Any]:
     """The manifest of a new ledger on ``loaded``'s base weights (read now: they must be unedited)."""
     return {
+        "prompt_format": prompt_format,
         "format": "seqedit-ledger",
         "seqedit_version": __version__,
         "created": time.time(),
@@ -78,6 +79,21 @@ def build_manifest(loaded: LoadedModel, spec: MethodSpec, hp: EditHParams, stats
         "kv_dtype": kv_dtype,
         "snapshot_every": snapshot_every,
     }
+
+
+def reconcile_prompt_format(man: dict, requested: str | None, mix: bool, path: Any) -> str:
+    """The prompt format to continue ledger ``man`` with: the recorded one (``"bare"`` for ledgers
+    written before formats were recorded) unless ``requested``; another one is refused unless ``mix``
+    (each step records its own format, ``StepRecord.info["prompt_format"]``)."""
+    stored = man.get("prompt_format", "bare")
+    if requested is None or requested == stored:
+        return stored
+    if not mix:
+        raise LedgerError(
+            f"ledger {path} edits with prompt format {stored!r}; refusing to mix in {requested!r} steps "
+            "(pass mix_prompt_formats=True, CLI --mix-prompt-formats, to allow it)"
+        )
+    return requested
 
 
 def stored_hparams(man: dict) -> EditHParams:

@@ -142,9 +142,14 @@ class LedgerSession:
         return self.bank.update(layer, Ks.double(), Vs.double(), Kr, Vr)
 
     def commit_apply(self, facts: list[Fact], plan: Plan, constraints: Constraints,
-                     update_norms: dict[int, float], hparams: dict[str, Any]) -> StepRecord:
+                     update_norms: dict[int, float], hparams: dict[str, Any],
+                     prompt_format: str | None = None) -> StepRecord:
+        """Commit an apply step; ``prompt_format`` is the format its keys and values were read in
+        (``None``: keys and values were given, ``Editor.apply_kv``)."""
         L = self.ledger
         info = {"update_norms": {str(k): v for k, v in update_norms.items()}, "hparams": hparams}
+        if prompt_format is not None:
+            info["prompt_format"] = prompt_format
         return L.commit("apply", add=facts, kv=constraints, remove=plan.remove, info=info,
                         snapshot=self._snapshot_if_due(L.last_step + 1))
 

@@ -103,7 +103,8 @@ class FrozenTargets:
         )
 
 
-def _cache_key(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams) -> str:
+def _cache_key(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams,
+               prompt_format: str = "bare") -> str:
     payload = {
         "format": FORMAT,
         "model": loaded.cache_key,
@@ -111,6 +112,8 @@ def _cache_key(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: Edit
         "templates": list(templates),
         "hparams": hp.to_dict(),
     }
+    if prompt_format != "bare":  # absent for bare rows, so earlier caches stay valid
+        payload["prompt_format"] = prompt_format
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -122,18 +125,20 @@ def frozen_targets(
     *,
     cache: bool = True,
     progress: Callable[[int], None] | None = None,
+    prompt_format: str = "bare",
 ) -> FrozenTargets:
     """Keys at ``hp.layers`` and optimised values for ``facts`` on the model as it is now (call it on
     the unedited model). Cached under ``$SEQEDIT_CACHE/frozen`` keyed by model, facts, templates and
-    hyperparameters, so every method and mode of a comparison reuses one value optimisation."""
+    hyperparameters (and the prompt format of the rows, ``locate/chat.py``), so every method and mode
+    of a comparison reuses one value optimisation."""
     if not facts:
         raise ValueError("frozen_targets needs at least one fact")
-    path = cache_dir("frozen") / f"{_cache_key(loaded, facts, templates, hp)}.safetensors"
+    path = cache_dir("frozen") / f"{_cache_key(loaded, facts, templates, hp, prompt_format)}.safetensors"
     if cache and path.exists():
         return FrozenTargets.load(path)
-    ctx = ContextRows.build(loaded.tokenizer, facts, templates)
+    ctx = ContextRows.build(loaded.tokenizer, facts, templates, prompt_format)
     keys = read_keys(loaded, ctx, hp.layers, batch_rows=hp.key_batch_rows).keys
-    values = compute_values(loaded, facts, templates, hp, progress=progress)
+    values = compute_values(loaded, facts, templates, hp, progress=progress, prompt_format=prompt_format)
     out = FrozenTargets(
         fact_ids=[f.id or f"#{i}" for i, f in enumerate(facts)],
         layers=tuple(hp.layers),

@@ -1,8 +1,9 @@
 """Keys: the FFN-out input at the subject's last token, averaged over context templates.
 
-``k_f = ½·k(bare prompt) + ½·mean_j k(prefix_j + prompt)`` (MEMIT's two template groups). One
+``k_f = ½·k(bare prompt) + ½·mean_j k(prefix_j + prompt)`` (MEMIT's two template groups), per prompt
+format (``locate/chat.py``); with ``prompt_format="both"`` the bare and the chat average weigh ½ each. One
 batched forward over all rows reads every requested layer's keys and the z-layer block output of
-the bare rows, and stops after the deepest layer needed: nothing above it is computed.
+the primary rows, and stops after the deepest layer needed: nothing above it is computed.
 """
 
 from __future__ import annotations
@@ -14,34 +15,46 @@ from typing import Sequence
 import torch
 
 from ..facts import Fact
-from .tokens import EncodedPrompt, encode_prompt, pad_id_of, pad_right
+from .chat import encode_row, formats
+from .tokens import EncodedPrompt, pad_id_of, pad_right
 from .trace import LowerBlocksReplay, block_hidden, capture_inputs, hooks, run_truncated, stop_after
 
 
 @dataclass(frozen=True)
 class ContextRows:
-    """The n·T encoded rows of n facts under T templates, fact-major (row = f·T + t)."""
+    """The n·F·T encoded rows of n facts in F row formats under T templates, fact-major
+    (row = (f·F + g)·T + t); a fact's first row (format ``formats[0]``, template 0) is its primary row."""
 
     rows: tuple[EncodedPrompt, ...]
     n_facts: int
     n_templates: int
+    n_formats: int = 1
 
     @classmethod
-    def build(cls, tokenizer, facts: Sequence[Fact], templates: Sequence[str]) -> "ContextRows":
-        rows = tuple(encode_prompt(tokenizer, t, f.prompt, f.subject) for f in facts for t in templates)
-        return cls(rows, len(facts), len(templates))
+    def build(cls, tokenizer, facts: Sequence[Fact], templates: Sequence[str],
+              prompt_format: str = "bare") -> "ContextRows":
+        fmts = formats(prompt_format)
+        rows = tuple(encode_row(tokenizer, g, t, f.prompt, f.subject) for f in facts for g in fmts for t in templates)
+        return cls(rows, len(facts), len(templates), len(fmts))
+
+    @property
+    def per_fact(self) -> int:
+        return self.n_formats * self.n_templates
 
     def template_weights(self) -> torch.Tensor:
-        """``[T]`` averaging weights: ½ for the bare template, ½ shared by the others."""
+        """``[F·T]`` averaging weights: per format ½ for the bare template, ½ shared by the others;
+        the formats weigh ``1/F`` each."""
         t = self.n_templates
         if t == 1:
-            return torch.ones(1, dtype=torch.float64)
-        return torch.tensor([0.5] + [0.5 / (t - 1)] * (t - 1), dtype=torch.float64)
+            one = torch.ones(1, dtype=torch.float64)
+        else:
+            one = torch.tensor([0.5] + [0.5 / (t - 1)] * (t - 1), dtype=torch.float64)
+        return one.repeat(self.n_formats) / self.n_formats
 
 
 @dataclass
 class KeyReadout:
-    """``keys[layer]: [d_in, n]`` (float64, template-averaged); ``z_hidden: [d_out, n]`` (bare rows)."""
+    """``keys[layer]: [d_in, n]`` (float64, template-averaged); ``z_hidden: [d_out, n]`` (primary rows)."""
 
     keys: dict[int, torch.Tensor]
     z_hidden: torch.Tensor | None
@@ -74,7 +87,7 @@ class KeyReader:
     def read(
         self, layers: Sequence[int], z_layer: int | None = None, frozen_below: int = 0
     ) -> KeyReadout:
-        """Keys at ``layers`` (``[d_in, n]`` each) and the z-layer block output on bare rows (``[d_out, n]``)."""
+        """Keys at ``layers`` (``[d_in, n]`` each) and the z-layer block output on primary rows (``[d_out, n]``)."""
         adapter, model, ctx = self.loaded.adapter, self.loaded.model, self.ctx
         device = self.loaded.input_device
         stop_layer = max([*layers, *([z_layer] if z_layer is not None else [])])
@@ -116,14 +129,14 @@ class KeyReader:
         inverse = torch.argsort(self.order)
         keys = {
             l: torch.einsum(
-                "ftd,t->df", torch.cat(per_row[l])[inverse].view(ctx.n_facts, ctx.n_templates, -1), w
+                "ftd,t->df", torch.cat(per_row[l])[inverse].view(ctx.n_facts, ctx.per_fact, -1), w
             )
             for l in layers
         }
         z_hidden = None
         if z_rows:
             z_all = torch.cat(z_rows)[inverse]
-            z_hidden = z_all.view(ctx.n_facts, ctx.n_templates, -1)[:, 0].T.contiguous()
+            z_hidden = z_all.view(ctx.n_facts, ctx.per_fact, -1)[:, 0].T.contiguous()
         return KeyReadout(keys, z_hidden)
 
 
@@ -144,5 +157,5 @@ def read_keys(
     z_layer: int | None = None,
     batch_rows: int = 256,
 ) -> KeyReadout:
-    """Read keys at ``layers`` (and the block output of ``z_layer`` on bare rows) on the current model."""
+    """Read keys at ``layers`` (and the block output of ``z_layer`` on primary rows) on the current model."""
     return KeyReader(loaded, ctx, batch_rows).read(layers, z_layer)

@@ -43,9 +43,15 @@ def encode_prompt(tokenizer, context: str, prompt: str, subject: str) -> Encoded
     text, start, end = fill_template(context, prompt, subject)
     if end <= start:
         raise LocateError(f"empty subject in prompt {prompt!r}")
+    return locate_subject(tokenizer, text, start, end)
+
+
+def locate_subject(tokenizer, text: str, start: int, end: int, *, add_special_tokens: bool = True) -> EncodedPrompt:
+    """Tokenise ``text`` and locate the last token of the subject ``text[start:end]`` by offsets."""
+    subject = text[start:end]
     if not getattr(tokenizer, "is_fast", False):
         raise LocateError("a fast tokenizer (with offset mapping) is required to locate subjects")
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
     last_char = end - 1
     idx = None
     for i, (a, b) in enumerate(enc["offset_mapping"]):
@@ -56,9 +62,10 @@ def encode_prompt(tokenizer, context: str, prompt: str, subject: str) -> Encoded
     return EncodedPrompt(tuple(enc["input_ids"]), idx, text)
 
 
-def target_ids(tokenizer, target: str) -> tuple[int, ...]:
-    """Ids of ``" " + target`` (leading space added if missing), without special tokens."""
-    text = target if target.startswith(" ") else " " + target
+def target_ids(tokenizer, target: str, *, lead_space: bool = True) -> tuple[int, ...]:
+    """Ids of ``" " + target`` (leading space added if missing; with ``lead_space=False`` the target
+    as written, leading spaces dropped: an answer that starts a turn), without special tokens."""
+    text = (target if target.startswith(" ") else " " + target) if lead_space else target.lstrip()
     ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids or not target.strip():
         raise LocateError(f"target {target!r} tokenises to nothing")

@@ -40,8 +40,9 @@ import torch
 
 from ..facts import Fact
 from ..models.presets import EditHParams
+from .chat import answer_ids, encode_row, formats
 from .keys import ContextRows, read_keys
-from .tokens import encode_prompt, pad_id_of, target_ids
+from .tokens import encode_prompt, pad_id_of
 from .trace import LowerBlocksReplay, block_hidden, hooks, replace_block_hidden
 
 KL_PROMPT = "{} is a"
@@ -92,21 +93,22 @@ class _Row:
     label_pos: list[int]  # suffix positions whose logits predict `labels`
     labels: list[int]
     kl: bool
-    bare: bool
+    bare: bool  # the fact's primary row (format formats[0], template 0): h0 is read there
 
 
-def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str]) -> list[_Row]:
+def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare") -> list[_Row]:
+    """Per fact: its rewriting rows (formats × templates, the primary row first), then its KL row."""
     rows: list[_Row] = []
     for fi, fact in enumerate(facts):
-        tgt = list(target_ids(tokenizer, fact.target))
-        for ti, tmpl in enumerate(templates):
-            enc = encode_prompt(tokenizer, tmpl, fact.prompt, fact.subject)
-            full = list(enc.ids) + tgt[:-1]
-            s = enc.subject_last
-            first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
-            rows.append(
-                _Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False, ti == 0)
-            )
+        for gi, fmt in enumerate(formats(prompt_format)):
+            tgt = list(answer_ids(tokenizer, fmt, fact.target))
+            for ti, tmpl in enumerate(templates):
+                enc = encode_row(tokenizer, fmt, tmpl, fact.prompt, fact.subject)
+                full = list(enc.ids) + tgt[:-1]
+                s = enc.subject_last
+                first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
+                rows.append(_Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
+                                 gi == 0 and ti == 0))
         enc = encode_prompt(tokenizer, "{}", KL_PROMPT, fact.subject)
         s = enc.subject_last
         rows.append(_Row(fi, list(enc.ids[:s]), [enc.ids[s]], [0], [], True, False))
@@ -265,19 +267,19 @@ def _reduced_precision(loaded, hp: EditHParams):
     return torch.autocast(device_type=weight.device.type, dtype=dtype)
 
 
-def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams):
+def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams, prompt_format: str):
     adapter = loaded.adapter
     device = adapter.device(hp.z_layer)  # δ lives where it is injected
     unembed = adapter.unembed
     autocast = _reduced_precision(loaded, hp)
     compute = autocast if autocast is not None else nullcontext()
-    rows = _build_rows(loaded.tokenizer, facts, templates)
+    rows = _build_rows(loaded.tokenizer, facts, templates, prompt_format)
     with compute:
         groups = [
             _RowGroup(loaded, [rows[i] for i in g], hp.z_layer)
             for g in _length_groups([len(r.suffix) for r in rows])
         ]
-    n, n_templates = len(facts), len(templates)
+    n, n_templates = len(facts), len(templates) * len(formats(prompt_format))  # rewriting rows per fact
     d = adapter.dims(hp.z_layer)[0]
     delta = torch.zeros((n, d), dtype=torch.float32, device=device)
     m_state, v_state = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -382,7 +384,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     if autocast is None:
         z, h0 = (h0 + delta).to(torch.float64).cpu(), h0.to(torch.float64).cpu()
     else:  # h0 in the model's precision (see the module docstring)
-        bare = ContextRows.build(loaded.tokenizer, facts, ["{}"])
+        bare = ContextRows.build(loaded.tokenizer, facts, ["{}"], formats(prompt_format)[0])
         h0 = read_keys(loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden.T
         z = h0 + delta.to(torch.float64).cpu()
     counts = {
@@ -411,10 +413,13 @@ def compute_values(
     templates: Sequence[str],
     hp: EditHParams,
     progress: Callable[[int], None] | None = None,
+    prompt_format: str = "bare",
 ) -> ValueResult:
-    """Optimise target values for ``facts`` on the current model, ``hp.v_batch_facts`` at a time.
+    """Optimise target values for ``facts`` on the current model, ``hp.v_batch_facts`` at a time, over
+    the rows of ``prompt_format`` (``locate/chat.py``; the NLL is the mean over all rewriting rows).
 
-    Returns ``z, h0: [d_out, n]`` in float64 (block output of the z-layer at the subject's last token).
+    Returns ``z, h0: [d_out, n]`` in float64 (block output of the z-layer at the subject's last token
+    of each fact's primary row: the bare one, or the chat one for ``prompt_format="chat"``).
     """
     t0 = time.perf_counter()
     zs, hs, steps, losses, nlls = [], [], [], [], []
@@ -423,7 +428,7 @@ def compute_values(
     for lo in range(0, len(facts), hp.v_batch_facts):
         chunk = facts[lo : lo + hp.v_batch_facts]
         with _frozen_parameters(loaded.model):
-            z, h0, st, lo_, nl, its, tk = _optimise_chunk(loaded, chunk, templates, hp)
+            z, h0, st, lo_, nl, its, tk = _optimise_chunk(loaded, chunk, templates, hp, prompt_format)
         zs.append(z)
         hs.append(h0)
         steps += st
