@@ -4,11 +4,9 @@ fields (older results folders stay resumable) and ``seqedit generate --chat``.""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from seqedit import Fact
 from seqedit.evaluate import chat as chat_eval
