@@ -99,7 +99,7 @@ def test_eval_config_prompt_format_fields() -> None:
         EvalConfig(prompt_format="chatml").validate()
 
 
-def test_cli_edit_in_chat_format_refuses_mixing_and_generate_chat(model_dir, facts_file, tmp_path) -> None:
+def test_cli_edit_in_chat_format_refuses_mixing_and_generate_chat(model_dir, facts_file, tmp_path) -> None:  # noqa: F811
     ledger = tmp_path / "L"
     data = invoke_json("edit", facts_file, "--model", model_dir, "--layers", "1,2", "--n", "2", "--lam", "10",
                        "--ledger", ledger, "--prompt-format", "chat", "--chat", "-p", "What is Rome?")
