@@ -7,9 +7,11 @@ the half-way point and at the end: efficacy / generalization / specificity of AL
 far, WikiText-2 test perplexity and top-1 agreement with the unedited model, plus the value
 optimisation's δ norms (how often the norm clamp binds).
 
-Every configuration is written to ``OUT/<name>.json`` when it finishes (atomically); a rerun skips
-finished ones, so a killed sweep resumes at the configuration it was in. ``OUT/sweep.md`` is
-re-rendered from those files after each configuration.
+Every configuration edits into a ledger (``OUT/ledgers/<name>``) and writes its measurements so far
+to ``OUT/<name>.partial.json`` after every step; a rerun of the same command skips finished
+configurations and continues an unfinished one from its last committed step (the ledger restores
+the edited weights exactly). ``OUT/<name>.json`` is written when a configuration finishes, and
+``OUT/sweep.md`` is re-rendered from those files.
 
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --only base,lam5k
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --list
@@ -56,17 +58,35 @@ def _metrics(lm, facts, refs) -> dict[str, Any]:
             "seconds": edit["seconds"] + drift["seconds"]}
 
 
-def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[int, torch.Tensor]) -> dict[str, Any]:
-    """One sequential run from the base weights (restored afterwards)."""
+def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[int, torch.Tensor],
+               ledger: Path, partial: Path) -> dict[str, Any]:
+    """One sequential run from the base weights (restored afterwards), journalled in ``ledger``.
+
+    After every step the measurements so far go to ``partial`` (atomically); a rerun reopens the
+    ledger (which restores the edited weights exactly) and continues after its last committed step.
+    """
     for layer, w in base_w.items():
         lm.adapter.set_weight(layer, w)
     touched = set(hp.layers)
     base_w.update({l: lm.adapter.weight(l).detach().clone() for l in touched - set(base_w)})
-    editor = seqedit.Editor(lm, hparams=hp)
-    steps, points = [], []
+    prior = json.loads(partial.read_text()) if partial.is_file() and ledger.exists() else {}
+    editor = seqedit.Editor(lm, hparams=hp, ledger=ledger, kv_dtype="float32")
+    committed = editor.ledger.last_step
+    steps, points = prior.get("steps", [])[:committed], [p for p in prior.get("points", [])
+                                                          if p["edits"] <= committed * batch_size]
+    spent = prior.get("seconds", 0.0)
+    if committed:
+        print(f"continuing after step {committed} (ledger {ledger})", flush=True)
     t_run = time.perf_counter()
+
+    def measure(done: int) -> None:
+        if (done == len(facts) // 2 or done == len(facts)) and not any(p["edits"] == done for p in points):
+            points.append(_metrics(lm, facts[:done], refs))
+            print(json.dumps(points[-1]), flush=True)
+
     try:
-        for lo in range(0, len(facts), batch_size):
+        measure(committed * batch_size)
+        for lo in range(committed * batch_size, len(facts), batch_size):
             batch = facts[lo:lo + batch_size]
             t = time.perf_counter()
             values = compute_values(lm, batch, editor.templates(), hp)  # on the current model: the real protocol
@@ -82,14 +102,14 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
                 "update_norm": sum(report.update_norms.values()),
             })
             print(json.dumps(steps[-1]), flush=True)
-            done = lo + len(batch)
-            if done == len(facts) // 2 or done == len(facts):
-                points.append(_metrics(lm, facts[:done], refs))
-                print(json.dumps(points[-1]), flush=True)
+            measure(lo + len(batch))
+            atomic_write_json(partial, {"steps": steps, "points": points,
+                                        "seconds": spent + time.perf_counter() - t_run})
     finally:
+        editor.close()
         for layer, w in base_w.items():
             lm.adapter.set_weight(layer, w)
-    return {"steps": steps, "points": points, "seconds": time.perf_counter() - t_run}
+    return {"steps": steps, "points": points, "seconds": spent + time.perf_counter() - t_run}
 
 
 def render(out: Path, args_line: str) -> None:
@@ -97,7 +117,7 @@ def render(out: Path, args_line: str) -> None:
     rows = []
     for name in [*CONFIGS, *sorted(p.stem for p in out.glob("*.json"))]:
         p = out / f"{name}.json"
-        if p.stem in ("baseline",) or not p.is_file() or any(r[0] == name for r in rows):
+        if p.stem == "baseline" or name.endswith(".partial") or not p.is_file() or any(r[0] == name for r in rows):
             continue
         rows.append((name, json.loads(p.read_text())))
     lines = [
@@ -174,7 +194,8 @@ def main() -> None:
         overrides = {**COMMON, **CONFIGS[name]}
         hp = preset.override(**overrides)
         print(f"== {name}: {overrides}", flush=True)
-        res = run_config(lm, hp, facts, refs, args.batch_size, base_w)
+        res = run_config(lm, hp, facts, refs, args.batch_size, base_w, args.out / "ledgers" / name,
+                         args.out / f"{name}.partial.json")
         atomic_write_json(path, {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                              for k, v in overrides.items()},
                                  "hparams": hp.to_dict(), **res})
