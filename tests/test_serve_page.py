@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs the system's chr
 
 
 def test_submit_see_applied_and_withdraw_in_a_browser(tmp_path: Path) -> None:
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    api = pytest.importorskip("playwright.sync_api")
+    sync_playwright, expect = api.sync_playwright, api.expect
     port = free_port()
     app = create_app(make_config(tmp_path, port=port, max_wait_s=0.05), load=lambda: tiny_model("llama"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -40,7 +41,8 @@ def test_submit_see_applied_and_withdraw_in_a_browser(tmp_path: Path) -> None:
             assert page.title().startswith("seqedit serve")
             page.fill("#token", WRITE_TOKEN)
             page.click("#token-form button")
-            page.wait_for_function("document.getElementById('status').textContent === 'connected'", timeout=20_000)
+            # locator assertions poll without evaluating a string in the page (its CSP rightly forbids eval)
+            expect(page.locator("#status")).to_have_text("connected", timeout=20_000)
             for i, fact_id in ((1, "tower"), (2, "river")):
                 f = fact(i)
                 page.fill("#subject", f["subject"])
@@ -57,7 +59,7 @@ def test_submit_see_applied_and_withdraw_in_a_browser(tmp_path: Path) -> None:
             page.wait_for_selector("#facts tr[data-fact-id=tower]", state="detached", timeout=20_000)
             assert page.locator("#facts tr[data-fact-id=river]").count() == 1
             assert "forgot tower" in page.locator("#msg").text_content()
-            page.wait_for_function("document.getElementById('laststep').textContent === '3'", timeout=10_000)
+            expect(page.locator("#laststep")).to_have_text("3", timeout=10_000)
             browser.close()
     finally:
         server.should_exit = True

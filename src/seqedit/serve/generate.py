@@ -51,7 +51,7 @@ def _generate(lm: LoadedModel, ids: list[int], max_tokens: int, temperature: flo
               **extra: Any) -> torch.Tensor:
     """``[n, len(ids) + new]`` token ids (``n`` must be 1 when greedy)."""
     tok = lm.tokenizer
-    input_ids = torch.tensor([ids], device=next(lm.model.parameters()).device)
+    input_ids = torch.tensor([ids], device=lm.input_device)
     sample = temperature >= GREEDY_BELOW
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     return lm.model.generate(
