@@ -199,6 +199,23 @@ def test_bf16_ledger_reopens_from_the_cli(tmp_path, cache) -> None:
     assert result.exit_code == 2 and "fingerprint" in result.output  # the dtype is part of the base
 
 
+def test_serve_loads_a_bf16_ledger_in_its_recorded_dtype(tmp_path, cache) -> None:
+    from seqedit.serve.app import default_loader
+    from seqedit.serve.config import ServeConfig
+
+    src = tiny_model("llama", dtype=torch.bfloat16)
+    model_dir = tmp_path / "bf16-model"
+    src.model.save_pretrained(model_dir)
+    src.tokenizer.save_pretrained(model_dir)
+    ledger = tmp_path / "L"
+    with Editor(load_model(str(model_dir), dtype="bfloat16", device_map="cpu"), ledger=ledger, **HP) as editor:
+        editor.apply(FACTS)
+    served = default_loader(ServeConfig(ledger=ledger))()  # the worker then reopens the ledger on it
+    assert served.model.dtype == torch.bfloat16
+    with Editor(served, ledger=ledger) as editor:  # the base fingerprint (dtype included) matches
+        assert editor.verify().ok
+
+
 # ----------------------------------------------------------------------------- loading and settings
 
 

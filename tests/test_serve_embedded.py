@@ -15,7 +15,7 @@ PROMPT = "The mother tongue of Danielle Darrieux is"
 
 
 def test_an_edit_over_http_changes_what_the_served_model_says(tmp_path):
-    lm = seqedit.load_model("smollm2-135m", device="cpu")
+    lm = seqedit.load_model("smollm2-135m", device_map="cpu")
     options = {"layers": None, "stats_tokens": None, "lam": None, "v_steps": None}  # the model's preset
     with serve_client(tmp_path, lm=lm, editor_options=options, model="smollm2-135m") as c:
         ask = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}

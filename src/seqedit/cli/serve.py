@@ -8,13 +8,15 @@ from typing import Optional
 
 import typer
 
-from .common import BaseOpt, LamOpt, LayersOpt, VStepsOpt, app, fail, parse_layers
+from .common import BaseOpt, DeviceMapOpt, DtypeOpt, LamOpt, LayersOpt, VStepsOpt, app, fail, parse_layers
 
 
 @app.command()
 def serve(
     ledger: Path = typer.Option(..., "--ledger", "-l", help="Ledger directory (created on the first edit)."),
     model: Optional[str] = BaseOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     method: Optional[str] = typer.Option(None, help="Editing method of a new ledger (default: memit, or the ledger's)."),
     alignment: Optional[str] = typer.Option(None, help="Method alignment (default: the method's first)."),
     layers: Optional[str] = LayersOpt,
@@ -50,12 +52,17 @@ def serve(
                "v_steps": v_steps, "stats_tokens": stats_tokens}
     try:
         tokens = read_token_file(token_file, os.environ.get(TOKEN_ENV))
-        config = ServeConfig(ledger=ledger, model=model, editor_options=options, host=host, port=port,
+        from ..models.load import parse_device_map, resolve_dtype
+
+        if dtype is not None:
+            resolve_dtype(dtype)  # a bad --dtype fails now, not on the worker after start
+        config = ServeConfig(ledger=ledger, model=model, dtype=dtype, device_map=parse_device_map(device_map),
+                             editor_options=options, host=host, port=port,
                              tokens=tokens, export_root=export_root, max_batch=max_batch, max_wait_s=max_wait_s,
                              max_tokens=max_tokens)
         configure_logging(log_level)
         application = create_app(config)
-    except (SeqEditError, OSError) as e:
+    except (SeqEditError, OSError, ValueError) as e:
         fail(str(e))
     uvicorn.run(application, host=host, port=port, log_config=None, access_log=False,
                 log_level=log_level, timeout_graceful_shutdown=30)

@@ -27,17 +27,17 @@ __all__ = ["create_app", "default_loader"]
 
 
 def default_loader(config: ServeConfig) -> Callable[[], LoadedModel]:
-    """Load ``config.model``, else the base model the ledger records (the ledger must exist then)."""
+    """Load ``config.model``, else the base model the ledger records (the ledger must exist then), in
+    ``config.dtype``, else the dtype the ledger records, placed by ``config.device_map``."""
 
     def load() -> LoadedModel:
         from ..ledger import Ledger
+        from ..ledger.manifest import recorded_base
         from ..models.load import load_model
 
-        name = config.model
-        if name is None:
-            with Ledger(config.ledger) as L:
-                name = L.manifest["base"]["name"]
-        return load_model(name)
+        base = recorded_base(config.ledger) if Ledger.exists(config.ledger) else {}
+        name = config.model or base["name"]
+        return load_model(name, dtype=config.dtype or base.get("dtype"), device_map=config.device_map)
 
     return load
 

@@ -74,6 +74,8 @@ class ServeConfig:
 
     ledger: Path
     model: str | None = None  # None: the base model the ledger records
+    dtype: str | None = None  # None: the dtype the ledger records (its base fingerprint includes it), else float32
+    device_map: str | dict | None = None  # load_model's; None: the first GPU, else the CPU
     editor_options: dict[str, Any] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8000
