@@ -25,6 +25,7 @@ from seqedit.evaluate.config import EvalConfig, EvalSettingsError
 from seqedit.locate import stats as stats_mod
 from seqedit.locate.stats import collect_stats, layer_stats, token_windows
 from seqedit.locate.trace import shadow_forward
+from seqedit.steps import StepReport
 from seqedit.models import load as load_mod
 from seqedit.models.load import as_loaded, load_model, parse_device_map
 from seqedit.models.placement import HOST
@@ -180,17 +181,23 @@ def test_float64_master_keeps_updates_smaller_than_the_models_resolution() -> No
     assert (dropped.double() - W0).mean().item() < 1e-3  # rounding them one by one loses most of them
 
 
-def test_bf16_ledger_reopens_from_the_cli(tmp_path, cache) -> None:
-    from seqedit.cli import app
-
+def _bf16_ledger(tmp_path) -> tuple[Path, Editor, StepReport]:
+    """A tiny bf16 llama saved as an HF directory, loaded from it in bf16, and one step journalled
+    into a ledger at ``tmp_path / "L"``; returns the ledger, its closed editor and the step's report."""
     src = tiny_model("llama", dtype=torch.bfloat16)
     model_dir = tmp_path / "bf16-model"
     src.model.save_pretrained(model_dir)
     src.tokenizer.save_pretrained(model_dir)
     ledger = tmp_path / "L"
-    lm = load_model(str(model_dir), dtype="bfloat16", device_map="cpu")
-    with Editor(lm, ledger=ledger, **HP) as editor:
+    with Editor(load_model(str(model_dir), dtype="bfloat16", device_map="cpu"), ledger=ledger, **HP) as editor:
         report = editor.apply(FACTS)
+    return ledger, editor, report
+
+
+def test_bf16_ledger_reopens_from_the_cli(tmp_path, cache) -> None:
+    from seqedit.cli import app
+
+    ledger, editor, report = _bf16_ledger(tmp_path)
     assert editor.steps[-1].constraints == {} and set(report.constraints) == set(LAYERS)  # K/V not kept
     result = CliRunner().invoke(app, ["verify", "--ledger", str(ledger), "--json"])
     assert result.exit_code == 0, result.output
@@ -203,13 +210,7 @@ def test_serve_loads_a_bf16_ledger_in_its_recorded_dtype(tmp_path, cache) -> Non
     from seqedit.serve.app import default_loader
     from seqedit.serve.config import ServeConfig
 
-    src = tiny_model("llama", dtype=torch.bfloat16)
-    model_dir = tmp_path / "bf16-model"
-    src.model.save_pretrained(model_dir)
-    src.tokenizer.save_pretrained(model_dir)
-    ledger = tmp_path / "L"
-    with Editor(load_model(str(model_dir), dtype="bfloat16", device_map="cpu"), ledger=ledger, **HP) as editor:
-        editor.apply(FACTS)
+    ledger, _, _ = _bf16_ledger(tmp_path)
     served = default_loader(ServeConfig(ledger=ledger))()  # the worker then reopens the ledger on it
     assert served.model.dtype == torch.bfloat16
     with Editor(served, ledger=ledger) as editor:  # the base fingerprint (dtype included) matches
