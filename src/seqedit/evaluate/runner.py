@@ -36,10 +36,9 @@ from .selection import Selection, select_facts
 
 __all__ = ["run_eval"]
 
-def _step_dict(report) -> dict[str, Any]:
-    d = report.to_dict()
-    d.pop("fact_ids", None)  # the selection's order already names them
-    return d
+def _step_dict(report: dict[str, Any]) -> dict[str, Any]:
+    """A step report as results.json keeps it (``StepReport.to_dict()``, or the copy a ledger journals)."""
+    return {k: v for k, v in report.items() if k != "fact_ids"}  # the selection's order already names them
 
 
 class _Offset:
@@ -182,7 +181,7 @@ class _Run:
         class Measure:  # between steps: the curves (the final model is scored below, after finalize)
             def on_step_end(_, editor: Editor, report: StepReport, at: RunPosition) -> None:
                 step, edited = done + at.step, done * c.batch_size + at.edited
-                steps.append(_step_dict(report))
+                steps.append(_step_dict(report.to_dict()))
                 if step < total_steps:
                     measure(step, edited)
                 if save is not None:
@@ -193,9 +192,10 @@ class _Run:
                         stats_corpus=c.stats_corpus, callbacks=[Measure()], prompt_format=c.prompt_format,
                         **({"ledger": ledger, "kv_dtype": "float32"} if ledger is not None else {}))
         if ledger is not None:
-            done = sum(1 for r in editor.ledger.steps() if r.kind == "apply")
-            for r in editor.ledger.steps()[len(steps):]:  # committed, but killed before results.json
-                steps.append({k: v for k, v in r.info.get("report", {}).items() if k != "fact_ids"})
+            applied = [r for r in editor.ledger.steps() if r.kind == "apply"]
+            done = len(applied)
+            # committed, but killed before results.json was written
+            steps += [_step_dict(r.info.get("report", {})) for r in applied[len(steps):]]
             if done:
                 self.say(f"resuming {label} after step {done} of {total_steps} (ledger {ledger})")
                 if done < total_steps:
