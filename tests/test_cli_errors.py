@@ -227,6 +227,24 @@ def test_a_changed_row_is_seen_by_verify_and_refused_by_edit(tmp_path: Path, mod
     assert digests(ledger) == before
 
 
+@pytest.mark.parametrize("table, column", [("facts", "fact"), ("steps", "info"), ("meta", "value")])
+def test_a_text_value_turned_blob_is_damage_not_an_internal_error(ledger: Path, no_model_load, table: str,
+                                                                  column: str) -> None:
+    """A zeroed record header can make SQLite read a text column as a blob (CI's corruption campaign found
+    one): verify, log and edit name the journal as damaged instead of failing to JSON-encode bytes."""
+    db = sqlite3.connect(ledger / "ledger.sqlite")
+    with db:
+        db.execute(f"UPDATE {table} SET {column} = CAST({column} AS BLOB) WHERE rowid = (SELECT MIN(rowid) FROM {table})")
+    db.close()
+    before = digests(ledger)
+    r = invoke("verify", "--ledger", ledger, "--json")
+    assert r.exit_code == 1 and "internal error" not in r.output and "Traceback" not in r.output, r.output
+    problems = json.loads(r.stdout)["problems"]
+    assert problems[0]["what"] == "ledger.sqlite" and "blob" in problems[0]["problem"], problems
+    assert_refused(invoke("log", "--ledger", ledger, "--json"), "blob")
+    assert digests(ledger) == before
+
+
 def test_verify_lists_every_bad_file_without_loading_the_model(ledger: Path, no_model_load) -> None:
     bad = sorted(p for p in ledger.rglob("*.safetensors"))[:3]
     for p in bad:

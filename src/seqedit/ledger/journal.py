@@ -135,11 +135,20 @@ class Journal:
     # ------------------------------------------------------------------ queries
     def rows(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self.errors():
-            return self.conn.execute(sql, tuple(params)).fetchall()
+            return [self._typed(r) for r in self.conn.execute(sql, tuple(params)).fetchall()]
 
     def one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         with self.errors():
-            return self.conn.execute(sql, tuple(params)).fetchone()
+            row = self.conn.execute(sql, tuple(params)).fetchone()
+        return None if row is None else self._typed(row)
+
+    def _typed(self, row: sqlite3.Row) -> sqlite3.Row:
+        """``row``, refused if it holds a blob: seqedit never writes one, but a damaged record header can
+        make SQLite read a text column as one, and every reader (the digest's JSON first) expects text."""
+        if any(isinstance(v, bytes) for v in row):
+            raise LedgerCorruptError(f"ledger {self.path}: its journal {DB_NAME} holds a blob where text was "
+                                     "written (a damaged record)")
+        return row
 
     def run(self, sql: str, params: Iterable[Any] = ()) -> int:
         """Execute a write; the number of rows it changed."""
