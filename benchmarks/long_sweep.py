@@ -45,6 +45,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "L4-11-lam5k": {"layers": (4, 5, 6, 7, 8, 9, 10, 11), "lam": 5000.0},
     "lam15k": {"lam": 15000.0},
     "steps8": {"v_steps": 8},
+    # spreading δ over more layers below the same z-layer (10): each layer's share of it shrinks
+    "L4-10-clamp0.4": {"layers": (4, 5, 6, 7, 8, 9, 10), "clamp_norm_factor": 0.4},
+    # Σ₀ from all of WikiText-2 valid (≈ 2.5x the preset's 100k tokens)
+    "clamp0.4-stats-all": {"clamp_norm_factor": 0.4, "stats_tokens": 10**9},
+    "L2-10-clamp0.4": {"layers": tuple(range(2, 11)), "clamp_norm_factor": 0.4},
 }
 # fixed for every configuration (none: the preset's float32 value optimisation, the fastest on a CPU)
 COMMON: dict[str, Any] = {}
