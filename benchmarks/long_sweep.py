@@ -152,7 +152,38 @@ def render(out: Path, args_line: str) -> None:
                 f"{sum(x['clamped'] for x in part) / len(part):.2f} | "
                 f"{sum(x['step_s'] for x in part) / len(part):.0f} |"
             )
+    if rows:
+        lines += ["", "![drift against efficacy at the end of each run](sweep.png)"]
+        plot(rows, base, out / "sweep.png")
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
+
+
+def plot(rows: list[tuple[str, dict]], base: dict, path: Path) -> Path:
+    """Perplexity increase against efficacy after the last edit of each configuration, its half-way point
+    joined by a line: the trade-off the preset is chosen on (lower right is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seqedit.report import save_png
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, r in rows:
+        pts = sorted(r["points"], key=lambda p: p["edits"])
+        xs = [100 * (p["ppl"] / base["ppl"] - 1) for p in pts]
+        ys = [100 * p["efficacy"] for p in pts]
+        (line,) = ax.plot(xs, ys, "-", alpha=0.35)
+        ax.plot(xs[-1:], ys[-1:], "o", color=line.get_color())
+        gs = 100 * (pts[-1]["generalization"] + pts[-1]["specificity"])
+        ax.annotate(f"{name} (G+S {gs:.0f})", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axhline(95, color="grey", lw=0.6, ls=":")
+    ax.axhline(97, color="grey", lw=0.6, ls="--")
+    ax.axvline(10, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("WikiText-2 perplexity increase (%)")
+    ax.set_ylabel("efficacy (%)")
+    ax.set_title(f"{base['n']} sequential edits, steps of {base['batch_size']} (faint: half-way)", fontsize=9)
+    return save_png(fig, path)
 
 
 def main() -> None:

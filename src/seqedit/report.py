@@ -209,7 +209,8 @@ def _series(points: list[dict], *path: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _save(fig, path: Path, tight: bool = True) -> Path:
+def save_png(fig, path: Path, tight: bool = True) -> Path:
+    """Write matplotlib ``fig`` to ``path`` atomically (72 dpi) and close it."""
     if tight:
         fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
@@ -265,7 +266,7 @@ def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], pa
         rows_of_legend = -(-len(labels) // 4)
         fig.tight_layout(rect=(0, 0.05 + 0.05 * rows_of_legend, 1, 1))
         fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
-    return _save(fig, path, tight=False)
+    return save_png(fig, path, tight=False)
 
 
 def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
@@ -285,7 +286,7 @@ def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.set_ylim(0, 100)
     axes.flat[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
