@@ -1,0 +1,77 @@
+"""Bare-vs-chat table of issue 16: one ``seqedit eval`` results folder per (dataset, editing format).
+
+Reads ``RUNS/<dataset>/<format>/results.json`` (formats ``bare``, ``chat``, ``both``; each run with
+``--chat-eval``) and prints one markdown row per run, plus the pre-edit row of each dataset: the edit
+metrics measured as bare completions and through the chat template, and WikiText-2 perplexity.
+Runs still in progress (``seqedit eval --checkpoint``) are shown with the edits done so far.
+
+    for fmt in bare chat both; do
+      seqedit eval --out runs/chat-500/counterfact/$fmt --dataset counterfact --split train --n 500 \\
+        --batch-size 100 --methods memit --alignment aligned --modes se --checkpoint \\
+        --general-n 0 --fluency-n 0 --prompt-format $fmt --chat-eval
+    done
+    python benchmarks/chat_table.py runs/chat-500 > docs/results/chat-500.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("bare", "chat", "both")
+COLUMNS = [("bare Eff.", ("efficacy",)), ("bare Gen.", ("generalization",)), ("bare Spe.", ("specificity",)),
+           ("chat Eff.", ("chat", "efficacy")), ("chat Gen.", ("chat", "generalization")),
+           ("chat Spe.", ("chat", "specificity")), ("chat answer (new)", ("chat", "answer_new"))]
+
+
+def _get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _row(label: str, edits: Any, point: dict | None) -> str:
+    cells = [f"{100 * v:.1f}" if isinstance(v := _get(point, "edit", *p), (int, float)) else "–" for _, p in COLUMNS]
+    ppl = _get(point, "drift", "ppl")
+    cells.append(f"{ppl:.2f}" if isinstance(ppl, (int, float)) else "–")
+    return f"| {label} | {edits} | " + " | ".join(cells) + " |"
+
+
+def table(runs: Path) -> str:
+    """The markdown table of every ``<dataset>/<format>/results.json`` under ``runs``."""
+    lines = ["| dataset / editing format | edits | " + " | ".join(c for c, _ in COLUMNS) + " | PPL |",
+             "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
+    for ds in sorted(p.name for p in runs.iterdir() if p.is_dir()):
+        pre_done = False
+        for fmt in FORMATS:
+            f = runs / ds / fmt / "results.json"
+            if not f.is_file():
+                continue
+            data = json.loads(f.read_text())
+            if not pre_done and data.get("baseline"):
+                lines.append(_row(f"{ds} / pre-edit", 0, data["baseline"]))
+                pre_done = True
+            for key, cfg in data["configs"].items():
+                if not key.endswith("/se"):
+                    continue
+                curve = cfg.get("curve") or []
+                edits = curve[-1]["edits"] if curve else "–"
+                if cfg.get("status") == "done":
+                    lines.append(_row(f"{ds} / `{fmt}`", edits, cfg.get("final")))
+                else:  # a checkpointed run still going: only its curve's drift is known
+                    lines.append(_row(f"{ds} / `{fmt}` (running)", edits, curve[-1] if curve else None))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, help="folder holding <dataset>/<format>/results.json")
+    print(table(ap.parse_args().runs), end="")
+
+
+if __name__ == "__main__":
+    main()
