@@ -50,6 +50,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Σ₀ from all of WikiText-2 valid (≈ 2.5x the preset's 100k tokens)
     "clamp0.4-stats-all": {"clamp_norm_factor": 0.4, "stats_tokens": 10**9},
     "L2-10-clamp0.4": {"layers": tuple(range(2, 11)), "clamp_norm_factor": 0.4},
+    "L1-10-clamp0.4": {"layers": tuple(range(1, 11)), "clamp_norm_factor": 0.4},
 }
 # fixed for every configuration (none: the preset's float32 value optimisation, the fastest on a CPU)
 COMMON: dict[str, Any] = {}
