@@ -138,6 +138,22 @@ def test_resume_after_interruption_skips_done_configs(tmp_path: Path) -> None:
     assert again["runs"][-1]["ran"] == [] and set(again["runs"][-1]["resumed"]) == MEMIT4
 
 
+def test_resume_refuses_a_folder_made_with_another_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The settings record only the overrides; if the model's preset changed between two runs (a new
+    seqedit), resuming would mix results of two hyperparameter sets under one header."""
+    import seqedit.models.presets as presets
+
+    lm = tiny_model("llama")
+    cfg = light(modes=("se",), alignments=("aligned",))
+    run_eval(cfg, tmp_path, loaded=lm)
+    real = presets.preset_for
+    monkeypatch.setattr(presets, "preset_for", lambda *a, **k: real(*a, **k).override(kl_factor=0.5))
+    before = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(EvalSettingsError, match=r"other hyperparameters \(kl_factor: 0.0625 there, 0.5 now\)"):
+        run_eval(cfg, tmp_path, loaded=lm)
+    assert (tmp_path / "results.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("kill_at", ["commit", "results"])
 def test_checkpointed_run_continues_from_the_ledger(tmp_path: Path, kill_at: str) -> None:
     """Killed after step 1 of 3 (just after the ledger commit, or after results.json too), the run

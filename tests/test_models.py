@@ -302,7 +302,7 @@ def test_paper_models_have_the_paper_and_the_public_json_presets() -> None:
         paper, public = preset_for(name, n_layers), preset_for(name, n_layers, "public-json")
         assert paper == preset_for(name, n_layers, "paper") and paper.lam == 3000.0  # the default: Appendix B.4
         assert public.lam == lam_json and paper.layers == public.layers == layers
-    with pytest.raises(ValueError, match="no preset variant 'paper'; it has tuned"):
+    with pytest.raises(ValueError, match="no preset variant 'paper'; it has long-run, one-step"):
         preset_for("smollm2-135m", 30, "paper")
     with pytest.raises(ValueError, match="no named presets"):
         preset_for("mistralai/Mistral-7B-v0.1", 32, "public-json")

@@ -277,6 +277,14 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
             f"{folder} holds results for another model or base weights ({data['model']} vs {model_info}); "
             "use another --out folder"
         )
+    if "hparams" in data and data["hparams"] != hp.to_dict():  # the preset changed under a resumed folder
+        diff = sorted(k for k in set(data["hparams"]) | set(hp.to_dict())
+                      if data["hparams"].get(k) != hp.to_dict().get(k))
+        shown = "; ".join(f"{k}: {data['hparams'].get(k)!r} there, {hp.to_dict().get(k)!r} now" for k in diff[:6])
+        raise EvalSettingsError(
+            f"{folder} holds results made with other hyperparameters ({shown}); use another --out folder, or "
+            "pass the old values with --set to continue it"
+        )
     runs, skipped = plan(config)
     data.update({
         "model": model_info, "hparams": hp.to_dict(), "selection": selection.to_dict(), "versions": _versions(),
