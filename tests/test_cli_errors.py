@@ -66,6 +66,14 @@ def test_empty_input_is_refused_before_the_model_and_creates_no_ledger(
     assert not (tmp_path / "new-ledger").exists()
 
 
+def test_unknown_preset_is_refused_before_the_model(tmp_path: Path, model_dir: Path, no_model_load) -> None:
+    facts = facts_file(tmp_path / "f.jsonl", GOOD)
+    assert_refused(invoke("edit", facts, "--model", model_dir, "--preset", "paper"), "--preset 'paper'",
+                   "no named presets")
+    # (bench of a plain facts file used to fail on its default --split train, which is CounterFact's)
+    assert_refused(invoke("bench", "--facts", facts, "--model", model_dir, "--preset", "paper"), "--preset")
+
+
 def test_exact_duplicate_facts_are_refused(tmp_path: Path, model_dir: Path, no_model_load) -> None:
     facts = facts_file(tmp_path / "dup.jsonl", [GOOD[0], GOOD[1], GOOD[0]])
     assert_refused(invoke("edit", facts, "--model", model_dir), "facts 1 and 3 are the same edit")

@@ -307,3 +307,26 @@ def test_paper_models_have_the_paper_and_the_public_json_presets() -> None:
     with pytest.raises(ValueError, match="no named presets"):
         preset_for("mistralai/Mistral-7B-v0.1", 32, "public-json")
     assert preset_for("mistralai/Mistral-7B-v0.1", 32).layers == (4, 5, 6, 7, 8)
+
+
+def test_editor_and_eval_take_a_named_preset(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``Editor(preset=)`` / ``EvalConfig.preset`` pick a named variant of the model's presets; an unknown
+    one is refused with the variants it has (the eval before any model loads)."""
+    import seqedit.models.presets as presets
+    from seqedit import Editor
+    from seqedit.evaluate.config import EvalConfig, EvalSettingsError
+    from seqedit.testing import tiny_model
+
+    monkeypatch.setattr(presets, "_PRESETS", [("tiny", {"wide": dict(layers=(1, 2, 3), lam=7.0),
+                                                        "narrow": dict(layers=(2,), lam=9.0)})] + presets._PRESETS)
+    lm = tiny_model("llama")
+    assert Editor(lm).hparams.layers == (1, 2, 3)
+    ed = Editor(lm, preset="narrow", v_steps=3)
+    assert (ed.hparams.layers, ed.hparams.lam, ed.hparams.v_steps) == ((2,), 9.0, 3)
+    with pytest.raises(ValueError, match="no preset variant 'paper'; it has wide, narrow"):
+        Editor(lm, preset="paper")
+    with pytest.raises(ValueError, match="not both"):
+        Editor(lm, preset="narrow", hparams=presets.preset_for(lm.name, 4))
+    with pytest.raises(EvalSettingsError, match="--preset 'paper': smollm2-135m has the presets long-run, one-step"):
+        EvalConfig(preset="paper").validate()
+    EvalConfig(preset="one-step").validate()

@@ -61,7 +61,9 @@ class Editor:
 
     ``Editor(model, tokenizer=None, method="memit", mode="sequential")`` with ``model`` a
     :class:`LoadedModel`, a name for :func:`~seqedit.load_model`, or a Hugging Face causal LM (then
-    ``tokenizer`` is required). ``hparams`` defaults to the model's preset; keyword ``overrides`` replace
+    ``tokenizer`` is required). ``hparams`` defaults to the model's preset, or to its named variant
+    ``preset`` (:func:`~seqedit.models.presets.preset_variants`: ``"public-json"``, ``"one-step"``, ...);
+    keyword ``overrides`` replace
     single fields (``layers=(3, 4)``, ``lam=1e4``, ...) or set options of the method form
     (``ridge=0.5``; or ``method_options={...}``). ``stats_corpus`` is the text file Σ₀ is estimated on
     (default: WikiText-2 valid from the shared data). ``callbacks``: objects with ``on_step_end(editor,
@@ -98,6 +100,7 @@ class Editor:
         alignment: str | None = None,
         method_options: dict | None = None,
         hparams: EditHParams | None = None,
+        preset: str | None = None,
         stats_corpus: str | None = None,
         ledger: str | os.PathLike | None = None,
         kv_dtype: str = "float64",
@@ -113,6 +116,10 @@ class Editor:
         if prompt_format is not None:
             check_prompt_format(prompt_format)
         self.loaded = as_loaded(model, tokenizer)
+        if preset is not None:  # a named preset variant is a way to spell ``hparams``
+            if hparams is not None:
+                raise ValueError("give hparams= or preset=, not both")
+            hparams = preset_for(self.loaded.name, self.loaded.adapter.n_layers, preset)
         hp_fields = set(EditHParams.__dataclass_fields__)
         options = {**(method_options or {}), **{k: v for k, v in overrides.items() if k not in hp_fields and v is not None}}
         overrides = {k: v for k, v in overrides.items() if k in hp_fields}

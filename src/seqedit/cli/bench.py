@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, load, out, parse_layers,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, PresetOpt, SetOpt, VStepsOpt, app, load, out, parse_layers,
     parse_sets, progress_bars, read_facts,
 )
 from .preflight import check_edit
@@ -51,10 +51,11 @@ def bench(
     facts: Optional[str] = typer.Option(None, help="Facts file (default: CounterFact from the shared data)."),
     n: int = typer.Option(200, "--n", min=1, help="Number of facts."),
     batch_size: int = typer.Option(100, "--batch-size", "-b", min=1),
-    split: str = typer.Option("train", help="CounterFact split."),
+    split: Optional[str] = typer.Option(None, help="CounterFact split (default: train of the shared CounterFact)."),
     layers: Optional[str] = LayersOpt,
     lam: Optional[float] = LamOpt,
     v_steps: Optional[int] = VStepsOpt,
+    preset: Optional[str] = PresetOpt,
     sets: Optional[list[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -65,13 +66,14 @@ def bench(
     from ..shared_data import counterfact_path
 
     overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps}
-    fs = read_facts(facts or str(counterfact_path()), n, split, "auto")
-    check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None)
+    # a split applies to CounterFact files only: the default one is the shared CounterFact's train split
+    fs = read_facts(facts or str(counterfact_path()), n, split or (None if facts else "train"), "auto")
+    check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None, preset=preset)
     lm, load_s = load(model, dtype, device_map)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
     eval_s = time.perf_counter() - t
-    editor = Editor(lm, **{k: v for k, v in overrides.items() if v is not None})
+    editor = Editor(lm, preset=preset, **{k: v for k, v in overrides.items() if v is not None})
     with progress_bars(not as_json) as cb:
         reports = editor.run(fs, batch_size=batch_size, progress=cb)
     after = _efficacy(lm, fs)

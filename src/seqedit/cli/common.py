@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..models.load import LoadedModel
 
 __all__ = [
-    "BaseOpt", "DeviceMapOpt", "DtypeOpt", "JsonOpt", "LamOpt", "LayersOpt", "LedgerOpt", "ModelOpt", "SetOpt",
+    "BaseOpt", "DeviceMapOpt", "DtypeOpt", "JsonOpt", "LamOpt", "LayersOpt", "LedgerOpt", "ModelOpt", "PresetOpt", "SetOpt",
     "VStepsOpt", "EXIT_CHECK_FAILED", "EXIT_INTERNAL", "EXIT_USAGE",
     "app", "console", "out", "fail", "load", "one_line", "parse_csv", "parse_layers", "parse_sets", "progress_bars",
     "read_facts",
@@ -124,6 +124,7 @@ JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON on std
 LayersOpt = typer.Option(None, "--layers", help="Edited layers, comma separated (default: model preset).")
 LamOpt = typer.Option(None, "--lam", help="Preservation weight λ of λ·Σ₀ (default: model preset).")
 VStepsOpt = typer.Option(None, "--v-steps", help="Value-optimisation step budget (default: model preset).")
+PresetOpt = typer.Option(None, "--preset", help="A named preset of the model instead of its default: paper | public-json (the paper's models), long-run | one-step (the embedded model).")
 SetOpt = typer.Option(None, "--set", help="Override any hyperparameter, NAME=VALUE (repeatable), e.g. "
                       "--set v_compute_dtype=bfloat16 --set clamp_norm_factor=0.5.")
 LedgerOpt = typer.Option(..., "--ledger", "-l", help="Ledger directory.")

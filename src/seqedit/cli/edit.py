@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..progress import Phase, ProgressEvent, counter, emit
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, VStepsOpt, app, fail, load, out,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, PresetOpt, VStepsOpt, app, fail, load, out,
     parse_layers, progress_bars, read_facts,
 )
 from .preflight import check_edit, check_ledger, check_prompt_tokens, check_prompts
@@ -49,6 +49,7 @@ def edit(
     mix_prompt_formats: bool = typer.Option(
         False, "--mix-prompt-formats", help="Allow steps in another prompt format than the ledger's."),
     chat: bool = typer.Option(False, "--chat", help="Ask the --prompt(s) through the chat template."),
+    preset: Optional[str] = PresetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Edit FACTS into a model, step by step, and report each step."""
@@ -60,7 +61,7 @@ def edit(
     edited_layers = parse_layers(layers)
     check_prompts(prompt)
     check_edit(model, method, alignment, mode, edited_layers, lam, v_steps, ledger, save, prompt_format,
-               mix_prompt_formats)
+               mix_prompt_formats, preset=preset)
     check_prompt_tokens(model, [(f"fact {f.id or i}", f"{f.text} {f.target}") for i, f in enumerate(fs, 1)],
                         max_prompt_tokens)
     check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, 12)
@@ -72,7 +73,7 @@ def edit(
     try:
         editor = Editor(
             lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
-            ledger=ledger, prompt_format=prompt_format, mix_prompt_formats=mix_prompt_formats,
+            ledger=ledger, prompt_format=prompt_format, mix_prompt_formats=mix_prompt_formats, preset=preset,
         )
         with editor, progress_bars(not as_json) as cb:
             reports = editor.run(fs, batch_size=batch_size, progress=cb)

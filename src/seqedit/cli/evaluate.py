@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..progress import Phase
 from .common import (
-    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, SetOpt, VStepsOpt, app, fail, load, out, parse_csv,
+    DeviceMapOpt, DtypeOpt, JsonOpt, LamOpt, LayersOpt, ModelOpt, PresetOpt, SetOpt, VStepsOpt, app, fail, load, out, parse_csv,
     parse_layers, parse_sets, progress_bars,
 )
 
@@ -63,6 +63,7 @@ def eval_(
         "also measured through the chat template)."),
     chat_eval: bool = typer.Option(
         False, "--chat-eval", help="Also measure the edit metrics through the chat template (any --prompt-format)."),
+    preset: Optional[str] = PresetOpt,
     sets: Optional[list[str]] = SetOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -85,7 +86,7 @@ def eval_(
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
         facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
         eval_batch_rows=eval_batch_rows, dtype=dtype, device_map=device_map, checkpoint=checkpoint,
-        prompt_format=prompt_format, chat_eval=chat_eval,
+        prompt_format=prompt_format, chat_eval=chat_eval, preset=preset,
     )
     try:
         t = time.perf_counter()

@@ -44,7 +44,8 @@ def _n_layers(model: str) -> tuple[str, Optional[int]]:
 
 def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode: str, layers: Optional[tuple[int, ...]],
                lam: Optional[float], v_steps: Optional[int], ledger: Optional[Path], save: Optional[Path],
-               prompt_format: Optional[str] = None, mix_prompt_formats: bool = False) -> None:
+               prompt_format: Optional[str] = None, mix_prompt_formats: bool = False,
+               preset: Optional[str] = None) -> None:
     """What ``seqedit edit`` would refuse after loading the model, refused before."""
     from ..editor import DEFAULT_METHOD, MODES
     from ..ledger import Ledger
@@ -53,7 +54,7 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     from ..ledger.session import check_journalable
     from ..locate.chat import check_prompt_format
     from ..methods import parse_method
-    from ..models.presets import preset_for
+    from ..models.presets import preset_for, preset_variants
 
     for flag, value in (("--method", method), ("--alignment", alignment)):
         if value is not None and not value.strip():
@@ -67,18 +68,22 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     overrides: dict[str, Any] = {k: v for k, v in {"layers": layers, "lam": lam, "v_steps": v_steps}.items()
                                  if v is not None}
     name, n_layers = _n_layers(model)
+    if preset is not None and preset not in (variants := preset_variants(name)):
+        raise InputError(f"--preset {preset!r}: {name} has " + (f"the presets {', '.join(variants)}" if variants
+                                                                  else "no named presets, only its default"))
     if ledger is not None:
         check_writable(ledger)
     if ledger is not None and Ledger.exists(ledger):
         with Ledger(ledger) as L:
             spec = requested_method(L.manifest, method, alignment, {})
-            _, hp = reconcile_settings(L.manifest, spec, None, overrides, ledger)
+            wanted = preset_for(name, n_layers, preset) if preset is not None and n_layers else None
+            _, hp = reconcile_settings(L.manifest, spec, wanted, overrides, ledger)
             reconcile_prompt_format(L.manifest, prompt_format, mix_prompt_formats, ledger)
     else:
         spec = parse_method(method or DEFAULT_METHOD, alignment)
         if ledger is not None:
             check_journalable(spec)
-        hp = preset_for(name, n_layers).override(**overrides) if n_layers else None
+        hp = preset_for(name, n_layers, preset).override(**overrides) if n_layers else None
     if hp is not None and n_layers is not None:
         if bad := [l for l in hp.layers if not 0 <= l < n_layers]:
             raise InputError(f"--layers {','.join(map(str, bad))}: {name} has {n_layers} layers (0–{n_layers - 1})")

@@ -17,6 +17,7 @@ from ..errors import SeqEditError
 from ..locate.chat import PROMPT_FORMATS
 from ..methods import METHODS, method_info
 from ..models.load import parse_device_map, resolve_dtype
+from ..models.presets import preset_variants
 from .general import TASKS
 from .selection import DATASETS
 
@@ -88,6 +89,7 @@ class EvalConfig:
     checkpoint: bool = False
     prompt_format: str = "bare"
     chat_eval: bool = False
+    preset: Optional[str] = None  # a named preset variant of the model (None: its default)
 
     @property
     def chat_metrics(self) -> bool:
@@ -112,6 +114,8 @@ class EvalConfig:
         need(bool(self.modes) and set(self.modes) <= set(MODES),
              f"modes must be a non-empty subset of {', '.join(MODES)}, got {list(self.modes)}")
         need(bool(self.methods) and bool(self.alignments), "at least one method and one alignment are needed")
+        if self.preset is not None and (variants := preset_variants(self.model)):
+            need(self.preset in variants, f"--preset {self.preset!r}: {self.model} has the presets {', '.join(variants)}")
         for m in self.methods:
             need(m in METHODS, f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
         known = {a for m in self.methods for a in METHODS[m]}
@@ -152,7 +156,8 @@ class EvalConfig:
 
 
 # settings fields added after results.json files were written; omitted from settings() at their default
-_ADDED_LATER = {"checkpoint": False, "dtype": None, "device_map": None, "prompt_format": "bare", "chat_eval": False}
+_ADDED_LATER = {"checkpoint": False, "dtype": None, "device_map": None, "prompt_format": "bare", "chat_eval": False,
+                "preset": None}
 
 
 def _union(old: list, new) -> list:

@@ -266,9 +266,9 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     )
     lm = _load_model(config, loaded)
     try:
-        hp = preset_for(lm.name, lm.adapter.n_layers).override(**config.overrides)
+        hp = preset_for(lm.name, lm.adapter.n_layers, config.preset).override(**config.overrides)
     except (TypeError, ValueError) as e:
-        raise EvalSettingsError(f"bad hyperparameter override: {e}") from None
+        raise EvalSettingsError(f"bad preset or hyperparameter override: {e}") from None
     run = _Run(config, lm, hp, selection, folder, progress)
     model_info = {"name": lm.name, "cache_key": lm.cache_key, "edited_layers_sha256": _weights_sha(run.base)}
     data = store.data
