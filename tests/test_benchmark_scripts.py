@@ -1,0 +1,60 @@
+"""The benchmark scripts' renderers on the results committed under docs/results (no model, no editing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chat_table_reproduces_the_documented_chat_20_table(tmp_path: Path) -> None:
+    chat_table = _script("chat_table")
+    shutil.copytree(ROOT / "docs" / "results" / "chat-20", tmp_path / "counterfact")
+    rows = chat_table.table(tmp_path).splitlines()
+    documented = (ROOT / "docs" / "chat.md").read_text()
+    # the same numbers as the hand-made table of docs/chat.md (which has no edits column)
+    assert rows[2] == "| counterfact / pre-edit | 0 | 30.0 | 30.0 | 75.0 | 30.0 | 30.0 | 65.0 | 0.0 | 38.40 |"
+    assert rows[5] == "| counterfact / `both` | 20 | 95.0 | 95.0 | 70.0 | 100.0 | 100.0 | 65.0 | 85.0 | 38.39 |"
+    assert "| `both` | 95.0 | 95.0 | 70.0 | 100.0 | 100.0 | 65.0 | 85.0 | 0.0 | 38.39 |" in documented
+    assert [r.split(" | ")[0] for r in rows[3:]] == ["| counterfact / `bare`", "| counterfact / `chat`",
+                                                    "| counterfact / `both`"]
+
+
+def test_chat_table_marks_a_checkpointed_run_in_progress(tmp_path: Path) -> None:
+    import json
+
+    chat_table = _script("chat_table")
+    src = json.loads((ROOT / "docs" / "results" / "chat-20" / "bare" / "results.json").read_text())
+    cfg = src["configs"]["memit/aligned/se"]
+    cfg["status"] = "running"
+    (tmp_path / "zsre" / "bare").mkdir(parents=True)
+    (tmp_path / "zsre" / "bare" / "results.json").write_text(json.dumps(src))
+    row = chat_table.table(tmp_path).splitlines()[-1]
+    # only the drift of its last curve point is known while it runs
+    assert row.startswith("| zsre / `bare` (running) | 20 | – |") and row.endswith(f"| {cfg['curve'][-1]['drift']['ppl']:.2f} |")
+
+
+def test_long_sweep_renders_its_table_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    long_sweep = _script("long_sweep")
+    out = shutil.copytree(ROOT / "docs" / "results" / "sweep-1000", tmp_path / "sweep")
+    (out / "sweep.md").unlink()
+    (out / "sweep.png").unlink()
+    long_sweep.render(out, "cmd")
+    text = (out / "sweep.md").read_text()
+    assert "| L4-10-clamp0.4 | layers=[4, 5, 6, 7, 8, 9, 10], clamp_norm_factor=0.4 | 1000 | 94.7 | 80.3 | 65.8 |" in text
+    assert "`L4-10-clamp0.4-lr0.5`" in text and "was stopped after step 1" in text
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
