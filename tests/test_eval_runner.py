@@ -259,7 +259,7 @@ def test_invalid_settings_are_named(tmp_path: Path, change: dict, match: str) ->
 
 
 def test_bad_override_is_a_settings_error(tmp_path: Path) -> None:
-    with pytest.raises(EvalSettingsError, match="bad hyperparameter override"):
+    with pytest.raises(EvalSettingsError, match="bad preset or hyperparameter override: .*layerz"):
         run_eval(light(overrides={"layerz": (1,)}), tmp_path, loaded=tiny_model("llama"))
 
 
