@@ -62,6 +62,12 @@ def _scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, d
     return out
 
 
+def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    """The keys whose values differ, as ``"k: OLD there, NEW now; ..."`` (first ``limit``); ``""`` if none."""
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:limit])
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -78,10 +84,8 @@ class ResultsStore:
                 raise EvalSettingsError(f"{self.path} is not valid JSON ({e}); move it away to start afresh") from None
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise EvalSettingsError(f"{self.path} is not a {FORMAT} results file; use another output folder")
-            old = data.get("settings", {})
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if diff:
-                shown = "; ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:6])
+            shown = differences(data.get("settings", {}), settings)
+            if shown:
                 raise EvalSettingsError(
                     f"{folder} holds results of other settings ({shown}); use another --out folder "
                     "(results of different settings are never mixed)"

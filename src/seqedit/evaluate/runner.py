@@ -31,7 +31,7 @@ from ..steps import RunPosition, StepReport
 from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
 from .measure import References, drift_summary, edit_summary, general_summary
-from .results import ResultsStore, _now, _scored_finals, _versions, _weights_sha
+from .results import ResultsStore, _now, differences, _scored_finals, _versions, _weights_sha
 from .selection import Selection, select_facts
 
 __all__ = ["run_eval"]
@@ -277,10 +277,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
             f"{folder} holds results for another model or base weights ({data['model']} vs {model_info}); "
             "use another --out folder"
         )
-    if "hparams" in data and data["hparams"] != hp.to_dict():  # the preset changed under a resumed folder
-        diff = sorted(k for k in set(data["hparams"]) | set(hp.to_dict())
-                      if data["hparams"].get(k) != hp.to_dict().get(k))
-        shown = "; ".join(f"{k}: {data['hparams'].get(k)!r} there, {hp.to_dict().get(k)!r} now" for k in diff[:6])
+    # the settings record only the overrides: a preset changed under a resumed folder shows here
+    if "hparams" in data and (shown := differences(data["hparams"], hp.to_dict())):
         raise EvalSettingsError(
             f"{folder} holds results made with other hyperparameters ({shown}); use another --out folder, or "
             "pass the old values with --set to continue it"
