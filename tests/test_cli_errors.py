@@ -68,8 +68,8 @@ def test_empty_input_is_refused_before_the_model_and_creates_no_ledger(
 
 def test_unknown_preset_is_refused_before_the_model(tmp_path: Path, model_dir: Path, no_model_load) -> None:
     facts = facts_file(tmp_path / "f.jsonl", GOOD)
-    assert_refused(invoke("edit", facts, "--model", model_dir, "--preset", "paper"), "--preset 'paper'",
-                   "no named presets")
+    assert_refused(invoke("edit", facts, "--model", model_dir, "--preset", "paper"), "--preset: ",
+                   "has no named presets (variant 'paper')")
     # (bench of a plain facts file used to fail on its default --split train, which is CounterFact's)
     assert_refused(invoke("bench", "--facts", facts, "--model", model_dir, "--preset", "paper"), "--preset")
 

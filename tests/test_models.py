@@ -327,6 +327,6 @@ def test_editor_and_eval_take_a_named_preset(monkeypatch: pytest.MonkeyPatch, tm
         Editor(lm, preset="paper")
     with pytest.raises(ValueError, match="not both"):
         Editor(lm, preset="narrow", hparams=presets.preset_for(lm.name, 4))
-    with pytest.raises(EvalSettingsError, match="--preset 'paper': smollm2-135m has the presets long-run, one-step"):
+    with pytest.raises(EvalSettingsError, match="--preset: smollm2-135m has no preset variant 'paper'; it has long-run, one-step"):
         EvalConfig(preset="paper").validate()
     EvalConfig(preset="one-step").validate()

@@ -54,7 +54,7 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     from ..ledger.session import check_journalable
     from ..locate.chat import check_prompt_format
     from ..methods import parse_method
-    from ..models.presets import preset_for, preset_variants
+    from ..models.presets import check_variant, preset_for
 
     for flag, value in (("--method", method), ("--alignment", alignment)):
         if value is not None and not value.strip():
@@ -68,9 +68,10 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     overrides: dict[str, Any] = {k: v for k, v in {"layers": layers, "lam": lam, "v_steps": v_steps}.items()
                                  if v is not None}
     name, n_layers = _n_layers(model)
-    if preset is not None and preset not in (variants := preset_variants(name)):
-        raise InputError(f"--preset {preset!r}: {name} has " + (f"the presets {', '.join(variants)}" if variants
-                                                                  else "no named presets, only its default"))
+    try:
+        check_variant(name, preset)
+    except ValueError as e:
+        raise InputError(f"--preset: {e}") from None
     if ledger is not None:
         check_writable(ledger)
     if ledger is not None and Ledger.exists(ledger):

@@ -17,7 +17,7 @@ from ..errors import SeqEditError
 from ..locate.chat import PROMPT_FORMATS
 from ..methods import METHODS, method_info
 from ..models.load import parse_device_map, resolve_dtype
-from ..models.presets import preset_variants
+from ..models.presets import check_variant, preset_variants
 from .general import TASKS
 from .selection import DATASETS
 
@@ -114,8 +114,11 @@ class EvalConfig:
         need(bool(self.modes) and set(self.modes) <= set(MODES),
              f"modes must be a non-empty subset of {', '.join(MODES)}, got {list(self.modes)}")
         need(bool(self.methods) and bool(self.alignments), "at least one method and one alignment are needed")
-        if self.preset is not None and (variants := preset_variants(self.model)):
-            need(self.preset in variants, f"--preset {self.preset!r}: {self.model} has the presets {', '.join(variants)}")
+        if preset_variants(self.model):  # else the loaded model's own name decides (a path may not say)
+            try:
+                check_variant(self.model, self.preset)
+            except ValueError as e:
+                raise EvalSettingsError(f"--preset: {e}") from None
         for m in self.methods:
             need(m in METHODS, f"unknown method {m!r}; expected some of {', '.join(METHODS)}")
         known = {a for m in self.methods for a in METHODS[m]}

@@ -149,6 +149,17 @@ def preset_variants(name: str) -> tuple[str, ...]:
     return next((tuple(v) for pattern, v in _PRESETS if pattern in key), ())
 
 
+def check_variant(name: str, variant: str | None) -> None:
+    """``ValueError`` naming the variants model ``name`` has, unless ``variant`` is ``None`` or one of them."""
+    if variant is None:
+        return
+    variants = preset_variants(name)
+    if not variants:
+        raise ValueError(f"{name} has no named presets (variant {variant!r}); its preset is the generic default")
+    if variant not in variants:
+        raise ValueError(f"{name} has no preset variant {variant!r}; it has {', '.join(variants)}")
+
+
 def default_layers(n_layers: int) -> tuple[int, ...]:
     """Five consecutive early-middle layers, the MEMIT heuristic scaled to depth (4–8 of 32)."""
     if n_layers <= 5:
@@ -163,18 +174,17 @@ def preset_for(name: str, n_layers: int, variant: str | None = None) -> EditHPar
     ``variant`` picks a named preset of that model (:func:`preset_variants`; default: its first, which
     for the paper's models is ``"paper"``); asking a variant the model does not have is a ``ValueError``.
     """
+    check_variant(name, variant)
     key = name.lower()
     for pattern, variants in _PRESETS:
         if pattern in key:
-            if variant is not None and variant not in variants:
-                raise ValueError(f"{name} has no preset variant {variant!r}; it has {', '.join(variants)}")
             hp = EditHParams(**variants[variant or next(iter(variants))])
             if hp.layers[-1] < n_layers:
                 return hp
             break
-    if variant is not None:
+    if variant is not None:  # the named presets do not fit a model this shallow
         raise ValueError(f"{name} has no named presets (variant {variant!r}); its preset is the generic default")
     return EditHParams(layers=default_layers(n_layers))
 
 
-__all__ = ["EditHParams", "preset_for", "preset_variants", "default_layers"]
+__all__ = ["EditHParams", "check_variant", "preset_for", "preset_variants", "default_layers"]
