@@ -251,6 +251,7 @@ def main() -> None:
         atomic_write_json(path, {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                              for k, v in overrides.items()},
                                  "hparams": hp.to_dict(), **res})
+        (args.out / f"{name}.partial.json").unlink(missing_ok=True)  # the final record supersedes it
         render(args.out, args_line)
     render(args.out, args_line)
 
