@@ -149,3 +149,16 @@ def test_unknown_model_directory_is_a_clean_error(tmp_path: Path, kind: str) -> 
     if kind == "empty":
         where.mkdir()
     assert_clean_failure(invoke("generate", "Hello", "--model", where), where)
+
+
+def test_demo_asks_every_edited_fact_through_the_chat_template(model_dir: Path) -> None:
+    """The demo's chat answers cover all the facts it edits, not a pick (it showed only the first)."""
+    from seqedit.locate.chat import question_template
+
+    result = invoke("demo", "--model", model_dir, "--n", "2")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert flat("(prompt format: both)") in flat(result.stdout)
+    assert flat("the same facts asked through the chat template") in flat(result.stdout)
+    for f in load_facts(counterfact_path(), split="train", limit=2):
+        assert flat(f"user: {question_template(f.text)}") in flat(result.stdout)
+        assert flat(f"the new target '{f.target}')") in flat(result.stdout)

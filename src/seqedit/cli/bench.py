@@ -144,7 +144,7 @@ def demo(
 ) -> None:
     """Edit a few real CounterFact facts and show the model's answers before and after."""
     from ..editor import Editor
-    from ..evaluate.chat import chat_replies
+    from ..evaluate.chat import chat_replies, names_target
     from ..evaluate.scoring import greedy_completions, score_targets
     from ..locate.chat import check_prompt_format, question_template
     from ..shared_data import counterfact_path
@@ -164,10 +164,11 @@ def demo(
 
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     prompt_format = prompt_format or ("both" if chat else "bare")
-    question = question_template(fs[0].text)
+    # every edited fact is asked, so the chat answers shown are not a pick of the ones that carried over
+    questions = [question_template(f.text) for f in fs]
     t = time.perf_counter()
     before = snapshot()
-    reply_before = chat_replies(lm, [question], 16)[0] if chat else None
+    replies_before = chat_replies(lm, questions, 16) if chat else []
     before_s = time.perf_counter() - t
     editor = Editor(lm, prompt_format=prompt_format)
     with progress_bars() as cb:
@@ -183,9 +184,12 @@ def demo(
         )
     out.print(table)
     if chat:
-        reply_after = chat_replies(lm, [question], 16)[0]
-        out.print(f"asked through the chat template — user: {question}\n  assistant before: {reply_before.strip()}\n"
-                  f"  assistant after:  [bold]{reply_after.strip()}[/]", highlight=False)
+        replies_after = chat_replies(lm, questions, 16)
+        out.print("the same facts asked through the chat template (greedy, 16 tokens):")
+        for f, q, b, a in zip(fs, questions, replies_before, replies_after):
+            verdict = "names" if names_target(a, f.target) else "does not name"
+            out.print(f"  user: {q}\n    assistant before: {b.strip()}\n    assistant after:  [bold]{a.strip()}[/]"
+                      f"\n    ({verdict} the new target '{f.target}')", highlight=False)
     s = report.seconds
     out.print(
         f"time: load {load_s:.1f} s · scoring {before_s:.1f} s · Σ₀ {editor.setup_seconds['stats']:.1f} s "

@@ -28,7 +28,7 @@ from ..locate.chat import answer_ids, chat_ids, question_template
 from .counterfact import _mean, _Summarised
 from .scoring import greedy_continuations, map_target_log_probs, target_score
 
-__all__ = ["ChatRecord", "ChatResult", "chat_metrics", "chat_replies", "first_sentence"]
+__all__ = ["ChatRecord", "ChatResult", "chat_metrics", "chat_replies", "first_sentence", "names_target"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
 
@@ -63,8 +63,9 @@ def first_sentence(reply: str) -> str:
     return _SENTENCE_END.split(reply.strip(), maxsplit=1)[0]
 
 
-def _contains(text: str, target: str) -> bool:
-    return target.casefold() in text.casefold()
+def names_target(reply: str, target: str) -> bool:
+    """The answer check: the reply's first sentence contains ``target`` (case-insensitive)."""
+    return target.casefold() in first_sentence(reply).casefold()
 
 
 def chat_replies(loaded, questions: Sequence[str], max_new_tokens: int = 24) -> list[str]:
@@ -108,14 +109,13 @@ def chat_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64, max_new_to
     replies = chat_replies(loaded, [question_template(f.text) for f in facts], max_new_tokens)
     records = []
     for (f, new, true, paras, neigh), reply in zip(plans, replies):
-        first = first_sentence(reply)
         records.append(ChatRecord(
             fact_id=f.id,
             efficacy=float(s[new] < s[true]) if true else None,
             generalization=_mean([float(s[a] < s[b]) for a, b in paras]),
             specificity=_mean([float(s[b] < s[a]) for a, b in neigh]),
-            answer_new=float(_contains(first, f.target)),
-            answer_true=float(_contains(first, f.true_target)) if f.true_target is not None else None,
+            answer_new=float(names_target(reply, f.target)),
+            answer_true=float(names_target(reply, f.true_target)) if f.true_target is not None else None,
             reply=reply,
         ))
     return ChatResult(
