@@ -32,6 +32,28 @@ def test_chat_scores_equal_a_direct_computation() -> None:
         assert abs(s - float(want)) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "qwen2"])
+def test_batched_greedy_replies_equal_one_at_a_time(family: str) -> None:
+    """Left-padded, length-sorted batches give each row the reply it gets alone (the same tokens)."""
+    from seqedit.evaluate.scoring import greedy_continuations
+
+    lm = tiny_model(family)
+    tok = lm.tokenizer
+    texts = ["Hi", "Where is the Eiffel Tower located, and who built it?", "The capital of France is",
+             "What?", "A much longer question about the mother tongue of Danielle Darrieux and her films?"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    alone = []
+    for r in rows:
+        ids = torch.tensor([r])
+        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        alone.append(tok.decode(out[0, len(r):], skip_special_tokens=True))
+    assert greedy_continuations(lm, rows, 12, batch_rows=3) == alone
+    assert greedy_continuations(lm, rows[::-1], 12, batch_rows=5) == alone[::-1]  # input order kept
+    with pytest.raises(ValueError, match="empty"):
+        greedy_continuations(lm, [rows[0], []], 4)
+
+
 def test_first_sentence() -> None:
     assert first_sentence("  English. It is spoken in Paris.") == "English."
     assert first_sentence("Dr. Who?\nNo") == "Dr."  # a plain rule: the first '. ' ends the sentence

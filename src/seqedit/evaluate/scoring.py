@@ -164,16 +164,42 @@ def target_score(target: Sequence[int], logp: torch.Tensor) -> TargetScore:
 
 
 @torch.no_grad()
-def greedy_continuations(loaded, rows: Sequence[Sequence[int]], max_new_tokens: int = 8) -> list[str]:
-    """Greedy continuation of each row of token ids (decoded, special tokens skipped)."""
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+@torch.no_grad()
+def greedy_continuations(loaded, rows: Sequence[Sequence[int]], max_new_tokens: int = 8,
+                         batch_rows: int = 32) -> list[str]:
+    """Greedy continuation of each row of token ids (decoded, special tokens skipped), in input order.
+
+    Rows run in length-sorted batches of ``batch_rows``, left-padded (``generate`` derives positions
+    from the attention mask); a row's tokens after its first end-of-sequence token are dropped, so
+    each result is what generating that row alone gives (up to float round-off of the padded batch).
+    One row at a time was ~20x slower: it made the chat evaluation's greedy answers dominate a run.
+    """
     tok, model = loaded.tokenizer, loaded.model
     device = input_device(model)
-    outs = []
-    for row in rows:
-        ids = torch.tensor([list(row)], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
-        outs.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    pad, eos = pad_id_of(tok), _eos_ids(model, tok)
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("greedy_continuations: a row is empty (there is nothing to continue)")
+    outs: list[str] = [""] * len(rows)
+    for batch in length_batches([len(r) for r in rows], batch_rows, tokens_per_row=10**9):
+        width = max(len(rows[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, i in enumerate(batch):
+            ids[b, width - len(rows[i]):] = torch.as_tensor(list(rows[i]))
+            mask[b, width - len(rows[i]):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for b, i in enumerate(batch):
+            new = gen[b, width:].tolist()
+            cut = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
+            outs[i] = tok.decode(new[:cut], skip_special_tokens=True)
     return outs
 
 
