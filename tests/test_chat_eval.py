@@ -174,3 +174,31 @@ def test_eval_run_edits_in_its_prompt_format_and_scores_in_chat(tmp_path) -> Non
             assert {k: v for k, v in final.items() if k != "seconds"} == chat_metrics(lm, sel.facts, 16).summary()
         for l, w in base_w.items():
             lm.adapter.set_weight(l, w)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "qwen2"])
+def test_scores_with_a_shared_head_equal_full_rows(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chat rows share their template's head; running it once (KV cache) changes no score."""
+    from seqedit.evaluate import scoring
+
+    lm = tiny_model(family)
+    head = "System: you are a helpful assistant who answers in one short sentence.\nUser: "
+    pairs = [(head + q, t) for q, t in [("Where is Rome?", "Italy"), ("Who wrote Hamlet, the play?", "Shakespeare"),
+                                        ("What?", "No"), ("The mother tongue of Danielle Darrieux is", "French")]]
+    rows, _ = scoring.target_rows(lm, pairs)
+    assert scoring.shared_head(rows, 10**6) >= 8  # the path under test is taken
+    fast = scoring.score_targets(lm, pairs, batch_rows=3)
+    monkeypatch.setattr(scoring, "shared_head", lambda rows, limit, min_len=8: 0)
+    full = scoring.score_targets(lm, pairs, batch_rows=3)
+    for a, b in zip(fast, full):
+        assert a.mean_nll == pytest.approx(b.mean_nll, abs=1e-5) and a.exact == b.exact
+
+
+def test_shared_head_length() -> None:
+    from seqedit.evaluate.scoring import shared_head
+
+    rows = [list(range(20)), list(range(12)) + [99, 98], list(range(15))]
+    assert shared_head(rows, 100) == 12
+    assert shared_head(rows, 10) == 10  # capped: the first scored position must stay in the tail
+    assert shared_head(rows, 100, min_len=13) == 0
+    assert shared_head([[1, 2, 3]], 2, min_len=1) == 2

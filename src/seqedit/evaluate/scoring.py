@@ -107,6 +107,32 @@ def length_batches(lengths: Sequence[int], batch_rows: int, tokens_per_row: int 
     return batches
 
 
+def shared_head(rows: Sequence[Sequence[int]], limit: int, min_len: int = 8) -> int:
+    """Length of the token prefix common to all ``rows``, at most ``limit``; 0 if shorter than ``min_len``
+    (a few shared tokens are not worth a separate cached pass)."""
+    if not rows or limit <= 0:
+        return 0
+    first, n = rows[0], min(limit, *(len(r) for r in rows))
+    for r in rows[1:]:
+        n = next((j for j in range(n) if r[j] != first[j]), n)
+    return n if n >= min_len else 0
+
+
+def _forward_after_head(base, head: Sequence[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``[B, S, d]`` of rows ``head + ids[b]`` (``ids``/``mask``: the right-padded
+    tails), with ``head`` run once and its KV cache shared by the batch."""
+    from transformers import DynamicCache
+
+    dev, c, (B, S) = ids.device, len(head), ids.shape
+    cache = base(input_ids=torch.tensor([list(head)], device=dev), use_cache=True).past_key_values
+    shared = DynamicCache(ddp_cache_data=[(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
+                                          for layer in cache.layers])
+    full_mask = torch.cat([torch.ones((B, c), dtype=mask.dtype, device=dev), mask], 1)
+    pos = (c + torch.arange(S, device=dev)).expand(B, S)
+    return base(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=shared,
+                use_cache=True).last_hidden_state
+
+
 @torch.no_grad()
 def map_target_log_probs(
     loaded,
@@ -123,7 +149,9 @@ def map_target_log_probs(
     With an architecture adapter the vocabulary head runs only at those positions (final hidden states
     of ``model.base_model``, then ``adapter.unembed``, as the value optimisation does): for prompts of
     ~30 tokens and 1–3 target tokens that is ~10× less head work and memory than full logits. Models
-    without an adapter (hand-built test models) form full logits.
+    without an adapter (hand-built test models) form full logits. With an adapter, the token prefix
+    that all rows of a batch share (:func:`shared_head`: a chat template's system prompt and turn
+    markers, ~30 of the embedded model's ~45-token chat rows) runs once and its KV cache serves the batch.
     """
     model = loaded.model
     device = input_device(model)
@@ -132,12 +160,17 @@ def map_target_log_probs(
     out: list[Any] = [None] * len(rows)
     for batch in length_batches([len(r) for r in rows], batch_rows):
         chunk = [spans[i] for i in batch]
-        ids, mask = pad_right([list(rows[i]) for i in batch], pad)
+        # rows through a chat template share a long head (system prompt, turn markers): run it once
+        shared = 0 if adapter is None else shared_head([rows[i] for i in batch], min(s for s, _ in chunk) - 1)
+        ids, mask = pad_right([list(rows[i])[shared:] for i in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
         r_idx = [r for r, (_, t) in enumerate(chunk) for _ in t]
-        p_idx = [s - 1 + j for s, t in chunk for j in range(len(t))]
+        p_idx = [s - 1 + j - shared for s, t in chunk for j in range(len(t))]
         if adapter is None:
             picked = model(input_ids=ids, attention_mask=mask).logits[r_idx, p_idx]
+        elif shared:
+            hidden = _forward_after_head(model.base_model, rows[batch[0]][:shared], ids, mask)
+            picked = adapter.unembed(hidden[r_idx, p_idx])
         else:
             picked = adapter.unembed(model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[r_idx, p_idx])
         logp = torch.log_softmax(picked.float(), -1).cpu()
