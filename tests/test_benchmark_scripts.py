@@ -33,6 +33,17 @@ def test_chat_table_reproduces_the_documented_chat_20_table(tmp_path: Path) -> N
                                                     "| counterfact / `both`"]
 
 
+def test_the_documented_chat_500_table_is_the_rendering_of_its_results() -> None:
+    """docs/chat.md's issue-16 table is chat_table's output for docs/results/chat-500, row for row (with
+    ZsRE's bare specificity read from ``specificity_vs_pre_edit``)."""
+    chat_table = _script("chat_table")
+    rows = chat_table.table(ROOT / "docs" / "results" / "chat-500").splitlines()
+    documented = (ROOT / "docs" / "chat.md").read_text().splitlines()
+    assert len(rows) >= 6 and all(r in documented for r in rows)
+    zsre_bare = next(r for r in rows if r.startswith("| zsre / `bare`"))
+    assert zsre_bare.split(" | ")[4] != "–"
+
+
 def test_chat_table_marks_a_checkpointed_run_in_progress(tmp_path: Path) -> None:
     import json
 
