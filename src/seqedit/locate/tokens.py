@@ -83,6 +83,18 @@ def pad_right(seqs: list[tuple[int, ...]] | list[list[int]], pad_id: int) -> tup
     return ids, mask
 
 
+def pad_left(seqs: list[tuple[int, ...]] | list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad ``seqs`` → ``(ids [B, T] long, mask [B, T] long)`` (an empty sequence is all padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+    return ids, mask
+
+
 def pad_id_of(tokenizer) -> int:
     pid = tokenizer.pad_token_id
     if pid is None:

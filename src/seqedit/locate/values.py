@@ -42,7 +42,7 @@ from ..facts import Fact
 from ..models.presets import EditHParams
 from .chat import answer_ids, encode_row, formats
 from .keys import ContextRows, read_keys
-from .tokens import encode_prompt, pad_id_of
+from .tokens import encode_prompt, pad_id_of, pad_left
 from .trace import LowerBlocksReplay, block_hidden, hooks, replace_block_hidden
 
 KL_PROMPT = "{} is a"
@@ -133,13 +133,7 @@ class _PrefixCache:
             width = max(len(rows[i].prefix) for i in sub)
             if width == 0:
                 continue
-            ids = torch.full((len(sub), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(sub), width), dtype=torch.long)
-            for j, i in enumerate(sub):
-                n = len(rows[i].prefix)
-                if n:
-                    ids[j, width - n :] = torch.tensor(rows[i].prefix)
-                    mask[j, width - n :] = 1
+            ids, mask = pad_left([rows[i].prefix for i in sub], pad)
             with torch.no_grad():
                 cache = base(
                     input_ids=ids.to(device),
