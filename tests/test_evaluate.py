@@ -181,6 +181,50 @@ def test_scores_keep_input_order_across_length_sorted_batches(family):
     assert len({round(s.mean_nll, 3) for s in together}) > 1
 
 
+def test_shared_rows_by_hand():
+    from seqedit.evaluate.scoring import shared_rows
+
+    rows = [[1, 2, 3, 9], [1, 2, 3, 7, 8], [1, 2, 3, 7, 5], [4, 2, 3, 9], [1, 2, 3, 9]]
+    spans = [(3, (9,)), (3, (7, 8)), (3, (7, 5)), (3, (9,)), (3, (9,))]
+    hosts, host_of = shared_rows(rows, spans)
+    # rows 1 and 2 both need [1, 2, 3, 7]: one host; rows 0 and 4 need only the prompt: served by it too;
+    # row 3 has another prompt
+    assert sorted(map(tuple, hosts)) == [(1, 2, 3, 7), (4, 2, 3)]
+    assert host_of[0] == host_of[1] == host_of[2] == host_of[4] != host_of[3]
+    # a row never serves one with a different prompt, even when its tokens would fit
+    hosts, _ = shared_rows([[1, 2, 3], [1, 2, 3, 4]], [(3, (3,)), (2, (3, 4))])
+    assert len(hosts) == 2
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        shared_rows([[5]], [(0, (5,))])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_rows_served_by_another_row_score_as_if_run_alone(family):
+    # new/true targets of one and several tokens after the same prompts (CounterFact's layout)
+    from seqedit.evaluate.scoring import target_rows
+
+    loaded = tiny_model(family)
+    if family == "gpt2":
+        loaded = SimpleNamespace(model=loaded.model, tokenizer=loaded.tokenizer)  # no adapter: full-logits path
+    prompts = ["The mother tongue of Danielle Darrieux is", "Rome is the capital of", "A"]
+    targets = ["French", "English", "Italy", "the Roman Empire", "the Roman Republic", "B"]
+    pairs = [(p, t) for p in prompts for t in targets]
+    seen = []
+    hook = loaded.model.base_model.register_forward_hook(
+        lambda m, a, kw, out: seen.append((kw.get("input_ids") if a == () else a[0]).shape[0]), with_kwargs=True)
+    try:
+        together = score_targets(loaded, pairs, batch_rows=64)
+    finally:
+        hook.remove()
+    alone = [score_targets(loaded, [p], batch_rows=1)[0] for p in pairs]
+    for a, b in zip(together, alone):
+        assert a.mean_nll == pytest.approx(b.mean_nll, abs=1e-5) and a.exact == b.exact
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    rows, spans = target_rows(loaded, pairs)
+    distinct = {tuple(r[: s + len(t) - 1]) for r, (s, t) in zip(rows, spans) if len(t) > 1}
+    assert sum(seen) < len(pairs) and sum(seen) <= len(distinct) + len(prompts)
+
+
 # ------------------------------------------------------------------------------------------- ZsRE
 
 

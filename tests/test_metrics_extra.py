@@ -227,9 +227,9 @@ def test_single_token_options_cost_one_prompt_forward_per_example():
         got = choose_options(lm, examples, batch_rows=64)
     finally:
         hook.remove()
-    # three single-token examples in one batch of 3 rows; the other one row per option, its shared prompt
-    # run once first (scoring.shared_head: one row), then the two options' tails
-    assert seen == [3, 1, 2]
+    # the three single-token examples read every option off their prompt's row; the other one reads
+    # "No" off the long option's row (scoring.shared_rows): four rows, one forward
+    assert seen == [4]
     for ex, k in zip(examples, got):
         nll = [s.mean_nll for s in score_targets(lm, [(ex.prompt, o) for o in ex.options])]
         assert k == min(range(len(nll)), key=lambda j: nll[j])

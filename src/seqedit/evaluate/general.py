@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..shared_data import shared_data_dir
-from ..locate.tokens import target_ids
-from .scoring import map_target_log_probs, score_targets
+from .scoring import score_targets
 
 __all__ = [
     "TASKS",
@@ -143,23 +142,11 @@ def choose_options(loaded, examples: Sequence[GeneralExample], batch_rows: int =
 
     An example whose options are all single tokens (``" " + option``; the usual case: Yes/No,
     True/False, A–D) costs ONE prompt forward: every option is read off the log-probs at the prompt's
-    last position. Examples with a multi-token option get one row per (prompt, option) pair.
+    last position (:func:`~seqedit.evaluate.scoring.shared_rows`).
     """
-    tok = loaded.tokenizer
     prompts = [ex.prompt.rstrip() for ex in examples]
-    option_ids = [[target_ids(tok, o) for o in ex.options] for ex in examples]
-    single = [all(len(t) == 1 for t in ids) for ids in option_ids]
-    nll: dict[tuple[str, str], float] = {}
-    heads = list(dict.fromkeys(p for p, one in zip(prompts, single) if one))
-    rows = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in heads]
-    last = map_target_log_probs(loaded, rows, [(len(r), (0,)) for r in rows], lambda _, lp: lp[0], batch_rows)
-    # ^ log-probs [V] after each prompt
-    at = dict(zip(heads, last))
-    for ex, p, ids, one in zip(examples, prompts, option_ids, single):
-        if one:
-            nll.update({(p, o): -float(at[p][t[0]]) for o, t in zip(ex.options, ids)})
-    pairs = list(dict.fromkeys((p, o) for ex, p, one in zip(examples, prompts, single) if not one for o in ex.options))
-    nll.update({pair: sc.mean_nll for pair, sc in zip(pairs, score_targets(loaded, pairs, batch_rows=batch_rows))})
+    pairs = list(dict.fromkeys((p, o) for ex, p in zip(examples, prompts) for o in ex.options))
+    nll = {pair: sc.mean_nll for pair, sc in zip(pairs, score_targets(loaded, pairs, batch_rows=batch_rows))}
     # min() keeps the first option on ties, so ties resolve deterministically.
     return [min(range(len(ex.options)), key=lambda k: nll[(p, ex.options[k])]) for ex, p in zip(examples, prompts)]
 
