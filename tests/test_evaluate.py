@@ -59,6 +59,15 @@ class BigramLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, **_):
         return SimpleNamespace(logits=self.table[input_ids])
 
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, do_sample=False, **_):
+        """Greedy ``generate``: a bigram's next token depends on the last one only, so padding is moot."""
+        assert not do_sample
+        out = input_ids
+        for _ in range(max_new_tokens):
+            out = torch.cat([out, self.table[out[:, -1]].argmax(-1, keepdim=True)], 1)
+        return out
+
 
 @pytest.fixture(scope="module")
 def tok():

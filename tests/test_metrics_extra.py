@@ -13,7 +13,8 @@ from seqedit.errors import SeqEditError
 from seqedit.evaluate.cf_fluency import counterfact_fluency, generation_prompts_for, rome_generation_prompts
 from seqedit.evaluate.fluency import CONSISTENCY_UNAVAILABLE, generate_texts, text_entropy_score
 from seqedit.evaluate.general import GeneralExample, load_general_task, task_result
-from seqedit.evaluate.general_gen import general_metrics_generation, greedy_new_tokens, parse_answer
+from seqedit.evaluate.general_gen import general_metrics_generation, parse_answer
+from seqedit.evaluate.scoring import greedy_completions
 from seqedit.evaluate.selection import select_facts
 from seqedit.datasets import load_facts
 from seqedit.facts import Fact
@@ -69,19 +70,19 @@ def test_task_result_counts_unparseable_against_recall():
     assert task_result([], []).n == 0 and task_result([], []).accuracy == 0.0
 
 
-def test_greedy_new_tokens_follows_the_argmax_chain(tok):
+def test_greedy_completions_follow_the_argmax_chain(tok):
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(5))
     loaded = bigram(table, tok)
     prompts = ["The capital of France is", "Hello", "A much longer prompt than the others, to pad"]
-    got = greedy_new_tokens(loaded, prompts, max_new_tokens=4, batch_rows=2)
+    got = greedy_completions(loaded, prompts, max_new_tokens=4, batch_rows=2)
     for prompt, text in zip(prompts, got):
         chain = ids(tok, prompt)
         for _ in range(4):
             chain.append(int(table[chain[-1]].argmax()))
         assert text == tok.decode(chain[len(ids(tok, prompt)):])
-    assert got == greedy_new_tokens(loaded, prompts, max_new_tokens=4, batch_rows=64)
+    assert got == greedy_completions(loaded, prompts, max_new_tokens=4, batch_rows=64)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        greedy_new_tokens(loaded, prompts, max_new_tokens=0)
+        greedy_completions(loaded, prompts, max_new_tokens=0)
 
 
 def test_generation_scoring_by_hand(tok):
@@ -193,7 +194,6 @@ def test_head_at_target_positions_equals_full_logits(family):
     assert teacher_forced_argmax(lm, pairs, 2) == teacher_forced_argmax(full, pairs, 3)
     prompts = ["The capital of France is", "Hello there"]
     assert generate_texts(lm, prompts, 14, seed=2, batch_rows=2) == generate_texts(full, prompts, 14, seed=2, batch_rows=2)
-    assert greedy_new_tokens(lm, prompts, 3) == greedy_new_tokens(full, prompts, 3)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "qwen3"])

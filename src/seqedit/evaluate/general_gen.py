@@ -12,9 +12,8 @@ in weighted F1, as in the official ``f1``). Parsing, and where it deviates from 
   break (``"B"``, ``"(B)"``, ``"B."``, ``"B\n"``; not the article in ``"a cat"``);
   the official code searches for ``"a\\n"`` … ``"d\\n"``, which misses an answer followed by end of text.
 
-Greedy decoding is batched without a KV cache (right padding; each row is read at its own last
-position, and only there through the vocabulary head), so the prompt forward is repeated per new
-token: fine for 5 tokens.
+Greedy decoding is :func:`~seqedit.evaluate.scoring.greedy_completions` (batched, KV-cached, cut after
+the end-of-sequence token as ``generate`` in the official code stops there).
 """
 
 from __future__ import annotations
@@ -22,34 +21,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import torch
-
-from ..locate.tokens import pad_id_of, pad_right
-from .scoring import last_logits
+from .scoring import greedy_completions
 from .general import TASKS, GeneralExample, TaskResult, load_general_task, task_result
 
-__all__ = ["general_metrics_generation", "greedy_new_tokens", "parse_answer"]
+__all__ = ["general_metrics_generation", "parse_answer"]
 
 _LETTER = re.compile(r"^\s*\(?([abcd])(?:[).:,\n]|\s*$)")
-
-
-@torch.no_grad()
-def greedy_new_tokens(loaded, prompts: Sequence[str], max_new_tokens: int = 5, batch_rows: int = 32) -> list[str]:
-    """Greedy continuation (decoded new tokens only, special tokens skipped) of every prompt, batched."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    tok = loaded.tokenizer
-    pad = pad_id_of(tok)
-    rows = [list(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
-    starts = [len(r) for r in rows]
-    for lo in range(0, len(rows), batch_rows):
-        chunk = rows[lo : lo + batch_rows]
-        for _ in range(max_new_tokens):
-            ids, mask = pad_right(chunk, pad)
-            nxt = last_logits(loaded, ids, mask, [len(r) - 1 for r in chunk]).argmax(-1).tolist()
-            for r, t in zip(chunk, nxt):
-                r.append(int(t))  # the lists in ``rows``: extended in place
-    return [tok.decode(r[s:], skip_special_tokens=True) for r, s in zip(rows, starts)]
 
 
 def parse_answer(example: GeneralExample, continuation: str) -> int:
@@ -77,6 +54,6 @@ def general_metrics_generation(
     the likelihood scorer, un-stripped as the official code feeds them)."""
     data = {t: load_general_task(t, start, stop, official_rte_inversion=official_rte_inversion) for t in tasks}
     flat = [ex for t in tasks for ex in data[t]]
-    texts = iter(greedy_new_tokens(loaded, [ex.prompt for ex in flat], max_new_tokens, batch_rows))
+    texts = iter(greedy_completions(loaded, [ex.prompt for ex in flat], max_new_tokens, batch_rows))
     return {t: task_result([parse_answer(ex, next(texts)) for ex in data[t]], [ex.label for ex in data[t]])
             for t in tasks}

@@ -65,25 +65,6 @@ def forward_log_probs(
         yield lo, torch.log_softmax(logits.float(), -1)
 
 
-@torch.no_grad()
-def last_logits(loaded, ids: torch.Tensor, mask: torch.Tensor, last: Sequence[int]) -> torch.Tensor:
-    """Logits ``[B, V]`` (float32, CPU) at position ``last[b]`` of each right-padded row ``ids [B, T]``.
-
-    With an architecture adapter only those positions go through the vocabulary head (see
-    :func:`map_target_log_probs`); otherwise the full logits are formed and indexed.
-    """
-    model = loaded.model
-    device = input_device(model)
-    rows = torch.arange(ids.shape[0])
-    pos = torch.as_tensor(list(last))
-    adapter = getattr(loaded, "adapter", None)
-    if adapter is None:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        return logits[rows.to(logits.device), pos.to(logits.device)].float().cpu()
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    return adapter.unembed(hidden[rows.to(hidden.device), pos.to(hidden.device)]).float().cpu()
-
-
 def length_batches(lengths: Sequence[int], batch_rows: int, tokens_per_row: int = 64) -> list[list[int]]:
     """Row indices grouped into batches of similar length, longest first.
 
@@ -256,6 +237,8 @@ def greedy_continuations(loaded, rows: Sequence[Sequence[int]], max_new_tokens: 
     tok, model = loaded.tokenizer, loaded.model
     device = input_device(model)
     pad, eos = pad_id_of(tok), _eos_ids(model, tok)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if any(len(r) == 0 for r in rows):
         raise ValueError("greedy_continuations: a row is empty (there is nothing to continue)")
     outs: list[str] = [""] * len(rows)
@@ -271,7 +254,7 @@ def greedy_continuations(loaded, rows: Sequence[Sequence[int]], max_new_tokens: 
     return outs
 
 
-def greedy_completions(loaded, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+def greedy_completions(loaded, prompts: Sequence[str], max_new_tokens: int = 8, batch_rows: int = 32) -> list[str]:
     """Greedy continuation of each prompt (special tokens added as the tokenizer does)."""
     tok = loaded.tokenizer
-    return greedy_continuations(loaded, [tok(p)["input_ids"] for p in prompts], max_new_tokens)
+    return greedy_continuations(loaded, [tok(p)["input_ids"] for p in prompts], max_new_tokens, batch_rows)
