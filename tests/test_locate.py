@@ -16,7 +16,7 @@ from seqedit.locate.chat import formats, question_template
 from seqedit.locate.keys import ContextRows, KeyReader, read_keys
 from seqedit.locate.tokens import encode_prompt, fill_template, target_ids
 from seqedit.locate.trace import block_hidden, replace_block_hidden
-from seqedit.locate.values import KL_PROMPT, compute_values
+from seqedit.locate.values import KL_PROMPT, compute_values, delta_budget
 from seqedit.models.presets import EditHParams
 from seqedit.testing import tiny_model, tiny_tokenizer
 
@@ -150,7 +150,7 @@ def _reference_z(lm, fact: Fact, templates, hp: EditHParams, prompt_format: str 
             opt.step()
             updates += 1
             with torch.no_grad():
-                max_norm = hp.clamp_norm_factor * state["h0"].norm()
+                max_norm = hp.clamp_norm_factor * len(formats(prompt_format)) ** 0.5 * state["h0"].norm()
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
     finally:
@@ -168,6 +168,17 @@ def test_values_match_reference_compute_z(family: str, prompt_format: str) -> No
         ref, updates = _reference_z(lm, fact, TEMPLATES, hp, prompt_format)
         assert got.steps[f] == updates == hp.v_steps - 1
         torch.testing.assert_close(got.z[:, f], ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt_format,factor", [("bare", 1.0), ("chat", 1.0), ("both", 2 ** 0.5)])
+def test_delta_budget_grows_with_the_square_root_of_the_formats(prompt_format: str, factor: float) -> None:
+    # a budget small enough to bind for every fact: ‖δ‖ ends exactly on it
+    lm = tiny_model("llama", hidden=64, intermediate=128)
+    hp = EditHParams(layers=(1, 2), v_lr=0.5, v_steps=4, early_stop_loss=-1.0, clamp_norm_factor=0.01)
+    assert delta_budget(hp, prompt_format) == pytest.approx(0.01 * factor)
+    got = compute_values(lm, FACTS, TEMPLATES, hp, prompt_format=prompt_format)
+    ratio = (got.z - got.h0).norm(dim=0) / got.h0.norm(dim=0)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 0.01 * factor), rtol=1e-4, atol=0)
 
 
 def test_batched_values_equal_per_fact_values_with_early_stopping() -> None:

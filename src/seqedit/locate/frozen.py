@@ -28,7 +28,7 @@ from ..facts import Fact
 from ..models.presets import EditHParams
 from ..paths import cache_dir
 from .keys import ContextRows, read_keys
-from .values import ValueResult, compute_values
+from .values import ValueResult, compute_values, delta_budget
 
 FORMAT = 1
 
@@ -114,6 +114,8 @@ def _cache_key(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: Edit
     }
     if prompt_format != "bare":  # absent for bare rows, so earlier caches stay valid
         payload["prompt_format"] = prompt_format
+        # δ's budget with several formats grew by √F (values.delta_budget): older targets are not these
+        payload["delta_budget"] = delta_budget(hp, prompt_format)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

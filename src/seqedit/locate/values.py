@@ -7,8 +7,10 @@ and one KL row ``"{subject} is a"``). The loss of fact f is
     L_f(δ) = mean_rows NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
 
 with p at the subject's last token of the KL row, optimised by Adam with per-fact early stopping
-(loss < ``early_stop_loss``, checked before the step), norm clamp ‖δ‖ ≤ c·‖h0‖ after each step, and
-at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``.
+(loss < ``early_stop_loss``, checked before the step), norm clamp ‖δ‖ ≤ c·√F·‖h0‖ after each step, and
+at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
+the rows are written in (``prompt_format="both"``: 2): one δ then has to move the answer in two quite
+different contexts, whose demands add roughly orthogonally, so the budget of one format (c) grows by √F.
 
 What is computed, and why it is exact: with causal attention nothing before the subject's last
 token depends on δ, in any layer. Each row is therefore split there: the *prefix* runs once per
@@ -261,6 +263,11 @@ def _reduced_precision(loaded, hp: EditHParams):
     return torch.autocast(device_type=weight.device.type, dtype=dtype)
 
 
+def delta_budget(hp: EditHParams, prompt_format: str) -> float:
+    """The clamp factor of ‖δ‖/‖h0‖: ``clamp_norm_factor·√F`` for the F formats of ``prompt_format``."""
+    return hp.clamp_norm_factor * math.sqrt(len(formats(prompt_format)))
+
+
 def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams, prompt_format: str):
     adapter = loaded.adapter
     device = adapter.device(hp.z_layer)  # δ lives where it is injected
@@ -274,6 +281,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             for g in _length_groups([len(r.suffix) for r in rows])
         ]
     n, n_templates = len(facts), len(templates) * len(formats(prompt_format))  # rewriting rows per fact
+    budget = delta_budget(hp, prompt_format)
     d = adapter.dims(hp.z_layer)[0]
     delta = torch.zeros((n, d), dtype=torch.float32, device=device)
     m_state, v_state = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -363,7 +371,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
         upd = act_idx[keep]
         p, m_, v_ = delta[upd], m_state[upd], v_state[upd]
         _adam_step(p, grad[keep], m_, v_, it + 1, hp.v_lr)
-        max_norm = hp.clamp_norm_factor * h0[upd].norm(dim=-1, keepdim=True)
+        max_norm = budget * h0[upd].norm(dim=-1, keepdim=True)
         p = p * torch.clamp(max_norm / p.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
         delta[upd], m_state[upd], v_state[upd] = p, m_, v_
         for f in upd.tolist():
@@ -445,4 +453,4 @@ def compute_values(
     )
 
 
-__all__ = ["ValueResult", "compute_values", "KL_PROMPT"]
+__all__ = ["ValueResult", "compute_values", "delta_budget", "KL_PROMPT"]
