@@ -289,6 +289,31 @@ def test_zsre_with_current_values(tmp_path: Path) -> None:
     assert set(entry["final"]["edit"]) >= {"efficacy", "generalization", "specificity_vs_gold", "specificity_vs_pre_edit"}
 
 
+def test_a_folder_adopts_the_baseline_of_another_measured_alike(tmp_path: Path, monkeypatch) -> None:
+    from seqedit.evaluate import measure
+
+    lm = tiny_model("llama")
+    zsre = dict(dataset="zsre", general_n=1, general_tasks=("sst2",), drift_windows=1, modes=("se",),
+                alignments=("aligned",))
+    first = run_eval(light(**zsre), tmp_path / "a", loaded=lm)
+    # another editing setup (batch size, values protocol, λ): the same unedited model, facts and metrics
+    other = light(**zsre, batch_size=4, values="current", overrides=dict(OVERRIDES, lam=20.0))
+    monkeypatch.setattr(measure.References, "compute", lambda *a, **k: pytest.fail("the baseline was measured again"))
+    data = run_eval(other, tmp_path / "b", loaded=lm, baseline_from=tmp_path / "a")
+    assert data["baseline"].pop("adopted_from") == str(tmp_path / "a")
+    assert data["baseline"] == first["baseline"]
+    for name in ("reference_zsre.json", "reference_drift.npz"):
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    assert data["configs"]["memit/aligned/se"]["final"]["edit"]["specificity_vs_pre_edit"] is not None
+    # what would measure the baseline differently is refused, by name
+    for change, match in [(dict(drift_windows=2), "drift_windows"), (dict(n=2), "n: 4 there, 2 now"),
+                          (dict(chat_eval=True), "chat_metrics"), (dict(seed=1), "seed")]:
+        with pytest.raises(EvalSettingsError, match=match):
+            run_eval(light(**(zsre | change)), tmp_path / f"c{len(match)}", loaded=lm, baseline_from=tmp_path / "a")
+    with pytest.raises(EvalSettingsError, match="cannot read"):
+        run_eval(light(**zsre), tmp_path / "d", loaded=lm, baseline_from=tmp_path / "nowhere")
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

@@ -65,6 +65,9 @@ def eval_(
         False, "--chat-eval", help="Also measure the edit metrics through the chat template (any --prompt-format)."),
     preset: Optional[str] = PresetOpt,
     sets: Optional[list[str]] = SetOpt,
+    baseline_from: Optional[Path] = typer.Option(
+        None, "--baseline-from", help="Adopt the pre-edit baseline of another results folder measured on the same "
+        "model, facts and metrics (editing settings may differ) instead of measuring it again."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Evaluate methods × alignments × SE/OTE on CounterFact or ZsRE: results.json, report.md and plots in --out."""
@@ -93,7 +96,7 @@ def eval_(
         check_out_dir(config, out_dir)  # bad settings or a clash with earlier results fail before loading
         lm, _ = load(model, dtype, device_map)
         with progress_bars(not as_json, _LABELS) as cb:
-            data = run_eval(config, out_dir, cb, loaded=lm)
+            data = run_eval(config, out_dir, cb, loaded=lm, baseline_from=baseline_from)
         last = data["runs"][-1]
         # nothing new since the last render: keep the files (plots cost ~1 s each)
         paths = (None if last["ran"] or last["reused"] else rendered(out_dir)) or render(out_dir)

@@ -21,7 +21,7 @@ from ..models.presets import check_variant, preset_variants
 from .general import TASKS
 from .selection import DATASETS
 
-__all__ = ["EvalConfig", "EvalSettingsError", "MODES", "SCORINGS", "VALUES", "VALUES_PROTOCOL", "plan"]
+__all__ = ["EvalConfig", "EvalSettingsError", "MODES", "SCORINGS", "VALUES", "VALUES_PROTOCOL", "baseline_settings", "plan"]
 
 MODES = {"se": "sequential", "ote": "one_time"}
 VALUES = ("original", "current")
@@ -156,6 +156,21 @@ class EvalConfig:
         d["overrides"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(self.overrides.items())
                           if v is not None}
         return d
+
+
+# settings that change how facts are edited, not the unedited model's numbers (see baseline_settings)
+_EDITING_ONLY = ("batch_size", "values", "general_every", "retention_every", "overrides", "stats_corpus", "checkpoint",
+                 "prompt_format", "chat_eval", "preset")
+
+
+def baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The part of a folder's ``settings()`` that fixes its baseline (the pre-edit metrics and references):
+    the facts, the metrics and the model, not how the facts are edited. Whether the edit metrics are also
+    measured through the chat template stays (``chat_metrics``)."""
+    full = {**_ADDED_LATER, **settings}
+    out = {k: v for k, v in full.items() if k not in _EDITING_ONLY}
+    out["chat_metrics"] = bool(full["chat_eval"]) or full["prompt_format"] != "bare"
+    return out
 
 
 # settings fields added after results.json files were written; omitted from settings() at their default

@@ -21,6 +21,7 @@ This module owns the run (``_Run``, :func:`run_eval`); the settings and the plan
 from __future__ import annotations
 
 import gc
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from ..facts import Fact
 from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from ..steps import RunPosition, StepReport
-from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
+from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, baseline_settings, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
 from .measure import References, drift_summary, edit_summary, general_summary
 from .results import ResultsStore, _now, differences, _scored_finals, _versions, _weights_sha
@@ -244,10 +245,40 @@ def _load_model(config: EvalConfig, loaded):
     return load_model(config.model, dtype=config.dtype, device_map=parse_device_map(config.device_map))
 
 
+def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: dict[str, Any],
+                   selection: Selection) -> dict[str, Any]:
+    """The baseline of results folder ``source``, with its references copied into ``folder``, when it
+    was measured on the same model, facts and metrics as ``config`` would measure it (the editing
+    settings may differ: format, method, batch size, hyperparameters). Raises
+    :class:`EvalSettingsError` naming what differs otherwise."""
+    path = Path(source) / "results.json"
+    try:
+        other = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvalSettingsError(f"--baseline-from {source}: cannot read {path} ({e})") from None
+    if "baseline" not in other:
+        raise EvalSettingsError(f"--baseline-from {source}: it has no baseline yet")
+    mine = {k: model_info[k] for k in ("name", "cache_key")}
+    theirs = {k: other.get("model", {}).get(k) for k in ("name", "cache_key")}
+    if mine != theirs:
+        raise EvalSettingsError(f"--baseline-from {source}: another model ({theirs} vs {mine})")
+    if shown := differences(baseline_settings(other.get("settings", {})), baseline_settings(config.settings())):
+        raise EvalSettingsError(f"--baseline-from {source}: its baseline was measured differently ({shown})")
+    if other.get("selection", {}).get("fact_ids") != selection.to_dict().get("fact_ids"):
+        raise EvalSettingsError(f"--baseline-from {source}: other facts were selected")
+    refs = References.load(Path(source), config.dataset, config.drift_windows)
+    if refs is None:
+        raise EvalSettingsError(f"--baseline-from {source}: its pre-edit reference files are missing")
+    refs.save(folder)
+    return {**other["baseline"], "adopted_from": str(source)}
+
+
 def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback | None = None, *,
-             loaded=None) -> dict[str, Any]:
+             loaded=None, baseline_from: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) the evaluation ``config`` into ``out_dir``; returns the results dict.
 
+    ``baseline_from``: another results folder whose baseline (pre-edit metrics and references) this
+    folder adopts instead of measuring it again (:func:`adopt_baseline` checks that it would be the same).
     ``loaded`` is an already loaded model to use instead of loading ``config.model`` (its name and
     base-weight fingerprint are recorded and checked on resume). ``progress`` receives
     :class:`~seqedit.progress.ProgressEvent` s: the editor's phases plus ``CONFIGS``, ``STEPS`` and
@@ -312,6 +343,9 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     try:
         if "baseline" in data and (refs := References.load(folder, config.dataset, config.drift_windows)):
             run.refs = refs
+        elif baseline_from is not None:
+            data["baseline"] = adopt_baseline(Path(baseline_from), folder, config, model_info, selection)
+            run.refs = References.load(folder, config.dataset, config.drift_windows)
         else:
             data["baseline"] = run.baseline()
         store.write()
