@@ -246,8 +246,8 @@ def _load_model(config: EvalConfig, loaded):
 
 
 def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: dict[str, Any],
-                   selection: Selection) -> dict[str, Any]:
-    """The baseline of results folder ``source``, with its references copied into ``folder``, when it
+                   selection: Selection) -> tuple[dict[str, Any], References]:
+    """The baseline of results folder ``source`` and its references (copied into ``folder``), when it
     was measured on the same model, facts and metrics as ``config`` would measure it (the editing
     settings may differ: format, method, batch size, hyperparameters). Raises
     :class:`EvalSettingsError` naming what differs otherwise."""
@@ -270,7 +270,7 @@ def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: d
     if refs is None:
         raise EvalSettingsError(f"--baseline-from {source}: its pre-edit reference files are missing")
     refs.save(folder)
-    return {**other["baseline"], "adopted_from": str(source)}
+    return {**other["baseline"], "adopted_from": str(source)}, refs
 
 
 def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback | None = None, *,
@@ -344,8 +344,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
         if "baseline" in data and (refs := References.load(folder, config.dataset, config.drift_windows)):
             run.refs = refs
         elif baseline_from is not None:
-            data["baseline"] = adopt_baseline(Path(baseline_from), folder, config, model_info, selection)
-            run.refs = References.load(folder, config.dataset, config.drift_windows)
+            data["baseline"], run.refs = adopt_baseline(Path(baseline_from), folder, config, model_info, selection)
         else:
             data["baseline"] = run.baseline()
         store.write()
