@@ -14,8 +14,10 @@ from seqedit import Editor, Fact, LedgerError
 from seqedit.errors import LocateError
 from seqedit.ledger import Ledger
 from seqedit.locate.chat import answer_ids, chat_prompt, encode_chat, formats, question_template
+from seqedit.locate.frozen import frozen_targets
 from seqedit.locate.keys import ContextRows, read_keys
 from seqedit.locate.templates import context_templates
+from seqedit.pipeline import column_targets
 from seqedit.testing import tiny_model, tiny_tokenizer
 
 TEMPLATES = ["{}", "The weather was fine. {}", "Because of it. {}"]
@@ -146,3 +148,85 @@ def test_a_chat_ledger_on_a_tokenizer_without_template_is_refused_and_released(t
     # while the refusal (and the half-built editor in its traceback) is alive, the ledger is free
     make_editor(tmp_path / "L").close()
     assert refused.value is not None
+
+
+def test_split_rows_give_each_format_its_own_key_column() -> None:
+    lm = tiny_model("qwen2")
+    tok = lm.tokenizer
+    bare = read_keys(lm, ContextRows.build(tok, FACTS, TEMPLATES, "bare"), [1, 2], z_layer=2)
+    chat = read_keys(lm, ContextRows.build(tok, FACTS, TEMPLATES, "chat"), [1, 2], z_layer=2)
+    ctx = ContextRows.build(tok, FACTS, TEMPLATES, "both", split=True)
+    assert ctx.columns == 2 and ctx.primary_rows() == [0, len(TEMPLATES)]
+    split = read_keys(lm, ctx, [1, 2], z_layer=2, batch_rows=3)
+    for layer in (1, 2):  # fact-major: fact f's bare column is 2f, its chat column 2f + 1
+        assert split.keys[layer].shape == (64, 2 * len(FACTS))
+        torch.testing.assert_close(split.keys[layer][:, 0::2], bare.keys[layer])
+        torch.testing.assert_close(split.keys[layer][:, 1::2], chat.keys[layer])
+    torch.testing.assert_close(split.z_hidden[:, 0::2], bare.z_hidden)
+    torch.testing.assert_close(split.z_hidden[:, 1::2], chat.z_hidden)
+    # one format has one column, split or not
+    assert ContextRows.build(tok, FACTS, TEMPLATES, "chat", split=True).columns == 1
+
+
+def test_column_targets_add_the_facts_delta_in_each_columns_context() -> None:
+    z = torch.tensor([[1.0, 10.0], [2.0, 20.0]], dtype=torch.float64)  # [d=2, n=2]
+    H = torch.tensor([[0.5, 3.0, 9.0, -1.0], [1.0, 4.0, 18.0, 0.0]], dtype=torch.float64)  # [2, n·2]
+    # fact 0: δ = z₀ − H[:, 0] = (0.5, 1); fact 1: δ = (1, 2)
+    want = torch.tensor([[1.0, 3.5, 10.0, 0.0], [2.0, 5.0, 20.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(column_targets(z, H, 2), want)
+    assert column_targets(z, H[:, :2], 1) is z
+
+
+def test_format_columns_edit_two_columns_per_fact_and_the_ledger_keeps_them(tmp_path: Path) -> None:
+    fresh = tiny_model("llama")
+    ed = make_editor(tmp_path / "L", prompt_format="both", format_columns=True)
+    report = ed.apply(FACTS)
+    templates = context_templates(fresh, ed.hparams.n_context_templates, ed.hparams.context_template_len,
+                                  ed.hparams.template_seed)
+    want = read_keys(fresh, ContextRows.build(fresh.tokenizer, report.facts, templates, "both", split=True), [1]).keys[1]
+    K1, V1 = report.constraints[1]
+    assert K1.shape[1] == V1.shape[1] == 2 * len(FACTS)
+    torch.testing.assert_close(K1, want.to(K1.dtype))
+    assert ed.ledger.step(1).info["kv_width"] == 2
+    rows = ed.ledger.in_force()
+    stored = ed.ledger.kv(rows[1:], [1])[1]  # the second fact alone: its two columns
+    torch.testing.assert_close(stored[0], K1[:, 2:4].double())
+    torch.testing.assert_close(stored[1], V1[:, 2:4].double())
+    assert ed.verify().ok
+    after = {l: ed.master[l].clone() for l in (1, 2)}
+    ed.forget([report.facts[0].id])
+    assert ed.verify().ok
+    ed.undo(ed.ledger.last_step)
+    assert ed.verify().ok
+    for l in (1, 2):
+        torch.testing.assert_close(ed.master[l], after[l], rtol=0, atol=1e-10)
+    ed.close()
+    reopened = make_editor(tmp_path / "L", prompt_format="both", format_columns=True)
+    reopened.prepare()
+    for l in (1, 2):
+        torch.testing.assert_close(reopened.master[l], after[l], rtol=0, atol=1e-10)
+    reopened.close()
+
+
+def test_format_columns_meet_each_formats_target_where_one_averaged_key_cannot(tmp_path: Path) -> None:
+    """Nearly unregularised (λ → 0) and with no context template but the prompt itself (a column's key is then read on its
+    primary row), the edit meets every column's target ``h0_g + δ``; one key averaged over the two
+    contexts leaves the chat rows short of theirs. The same frozen values serve both."""
+    fresh = tiny_model("llama")
+    probe = make_editor(tmp_path / "probe", lm=fresh, lam=1e-3, v_steps=5, n_context_templates=0)
+    hp = probe.hparams
+    probe.close()
+    templates = context_templates(fresh, hp.n_context_templates, hp.context_template_len, hp.template_seed)
+    values = frozen_targets(fresh, FACTS, templates, hp, cache=False, prompt_format="both")
+    prim = ContextRows.build(fresh.tokenizer, FACTS, ["{}"], "both", split=True)
+    H0 = read_keys(fresh, prim, [], z_layer=hp.z_layer).z_hidden
+    Z = column_targets(values.z, H0, 2)
+    left = {}
+    for split in (False, True):
+        ed = make_editor(tmp_path / f"L{split}", prompt_format="both", format_columns=split, lam=1e-3, v_steps=5,
+                         n_context_templates=0)
+        ed.run(FACTS, batch_size=len(FACTS), values=values)
+        H = read_keys(ed.loaded, prim, [], z_layer=hp.z_layer).z_hidden
+        left[split] = float((Z - H)[:, 1::2].norm() / (Z - H0)[:, 1::2].norm())  # the chat columns
+        ed.close()
+    assert left[True] < 1e-4 < 0.03 < left[False]  # float32 storage of (K, V) bounds the first

@@ -488,3 +488,25 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     r = run(cli.app, ["verify", "--ledger", str(path)])  # a failed check (1), reported, not an error (2)
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "steps/step-000001.safetensors" in r.output and "checksum mismatch" in r.output
+
+
+def test_a_step_whose_columns_are_not_a_whole_number_per_fact_is_refused(tmp_path) -> None:
+    ed = make_editor(tmp_path / "L")
+    ed.prepare()
+    K, V = columns(["a", "b", "c"], ed.w0)
+    with pytest.raises(LedgerError, match="whole number of key columns per fact"):
+        ed.ledger.commit("apply", add=[fact(1), fact(2)], kv={l: (K[l], V[l]) for l in LAYERS})
+    assert ed.ledger.last_step == 0 and not list((tmp_path / "L" / "steps").glob("*"))
+    ed.close()
+
+
+def test_a_recorded_kv_width_that_makes_no_sense_is_corruption(tmp_path) -> None:
+    ed = make_editor(tmp_path / "L")
+    apply_facts(ed, [fact(1), fact(2)])
+    ed.ledger.annotate(1, {"kv_width": 3})  # the file holds 2 columns: one per fact
+    with pytest.raises(LedgerCorruptError, match="past the end of step 1"):
+        ed.ledger.kv(ed.ledger.in_force(), LAYERS)
+    ed.ledger.annotate(1, {"kv_width": "two"})
+    with pytest.raises(LedgerCorruptError, match="kv_width='two'"):
+        ed.ledger.kv(ed.ledger.in_force(), LAYERS)
+    ed.close()

@@ -232,9 +232,14 @@ def test_compute_dtype_is_validated_and_parsed() -> None:
         EditHParams(layers=(1,), v_compute_dtype="int8")
     got = EditHParams.parse_assignments(["layers=3,4", "lam=2e3", "v_steps=9", "v_compute_dtype=bfloat16"])
     assert got == {"layers": (3, 4), "lam": 2000.0, "v_steps": 9, "v_compute_dtype": "bfloat16"}
-    for bad, msg in (["nope=1"], "unknown hyperparameter"), (["v_steps=x"], "takes a int"), (["lam"], "NAME=VALUE"):
+    for bad, msg in (["nope=1"], "unknown hyperparameter"), (["v_steps=x"], "takes a int"), (["lam"], "NAME=VALUE"),\
+                    (["format_columns=maybe"], "takes a bool"):
         with pytest.raises(ValueError, match=msg):
             EditHParams.parse_assignments(bad)
+    assert EditHParams.parse_assignments(["format_columns=true"]) == {"format_columns": True}
+    assert EditHParams.parse_assignments(["format_columns=0"]) == {"format_columns": False}
+    with pytest.raises(ValueError, match="format_columns must be true or false"):
+        EditHParams(layers=(1,), format_columns="yes")
 
 
 def test_subject_not_in_tokens_raises() -> None:
@@ -261,3 +266,11 @@ def test_key_reader_replays_frozen_blocks_exactly() -> None:
     fresh = read_keys(lm, ctx, [3], z_layer=3)
     torch.testing.assert_close(third.keys[3], fresh.keys[3], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(third.z_hidden, fresh.z_hidden, rtol=1e-6, atol=1e-7)
+
+
+def test_a_field_added_later_is_absent_at_its_default_so_stored_settings_still_match() -> None:
+    hp = EditHParams(layers=(1, 2))
+    assert "format_columns" not in hp.to_dict()  # as in every results folder and ledger written before it
+    assert EditHParams.from_dict(hp.to_dict()) == hp
+    on = hp.override(format_columns=True)
+    assert on.to_dict()["format_columns"] is True and EditHParams.from_dict(on.to_dict()) == on

@@ -26,7 +26,7 @@ from .models.presets import EditHParams
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .steps import StepReport
 
-__all__ = ["edit_step", "layer_delta"]
+__all__ = ["column_targets", "edit_step", "layer_delta"]
 
 
 def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: torch.Tensor, *,
@@ -44,21 +44,36 @@ def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: t
     return session.solve_layer(layer, K, V, removed, {} if constraints is None else constraints)
 
 
+def column_targets(z: torch.Tensor, H: torch.Tensor, columns: int) -> torch.Tensor:
+    """Targets ``[d_out, n·c]`` of c key columns per fact from the facts' values ``z: [d_out, n]`` (read on
+    each fact's first column) and the z-layer states ``H: [d_out, n·c]`` of every column's primary row
+    before the step: column g of fact f aims at ``H[:, f·c+g] + (z_f − H[:, f·c])``, the fact's one δ
+    added in that column's own context (as the value optimisation added it)."""
+    if columns == 1:
+        return z
+    n = z.shape[1]
+    Hc = H.view(H.shape[0], n, columns)
+    return (Hc + (z - Hc[:, :, 0])[:, :, None]).reshape(H.shape[0], n * columns)
+
+
 def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | None, hp: EditHParams,
               facts: Sequence[Fact], get_templates: Callable[[], list[str]], values: ValueResult | None,
               plan: Plan | None, next_id: int, progress: ProgressCallback | None,
               prompt_format: str = "bare") -> tuple[StepReport, StepRecord | None]:
     """Edit ``facts`` (ids assigned, ``plan`` made when ``session`` journals the bank) into ``bank``'s
     layers; ``values`` are precomputed targets or ``None`` to optimise them now. Keys and values
-    average over the rows of ``prompt_format`` (``locate/chat.py``); the residual is taken on each
-    fact's primary row. Returns the report (``id`` = the committed record's, else ``next_id``) and
+    average over the rows of ``prompt_format`` (``locate/chat.py``) into one key column per fact, or
+    with ``hp.format_columns`` one per format (:func:`column_targets`); the residual is taken on each
+    column's primary row. Returns the report (``id`` = the committed record's, else ``next_id``) and
     the journal record (its info records the prompt format)."""
     tok = loaded.tokenizer
     sec: dict[str, float] = {}
     t = time.perf_counter()
     templates = get_templates()
-    ctx = ContextRows.build(tok, facts, templates, prompt_format)  # validates every subject before any work
-    bare = ContextRows.build(tok, facts, ["{}"], formats(prompt_format)[0])  # the primary rows
+    split = hp.format_columns and len(formats(prompt_format)) > 1
+    ctx = ContextRows.build(tok, facts, templates, prompt_format, split)  # validates every subject before any work
+    # each key column's primary row
+    primary = ContextRows.build(tok, facts, ["{}"], prompt_format if split else formats(prompt_format)[0], split)
     sec["templates"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -84,7 +99,7 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
     n_layers = len(hp.layers)
     # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
     ctx_reader = KeyReader(loaded, ctx, hp.key_batch_rows)
-    bare_reader = KeyReader(loaded, bare, hp.key_batch_rows)
+    primary_reader = KeyReader(loaded, primary, hp.key_batch_rows)
     removed = session.removed_kv(plan) if plan is not None else None
     constraints: Constraints = {}
     record: StepRecord | None = None
@@ -93,9 +108,11 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
         for i, layer in enumerate(hp.layers):
             t = time.perf_counter()
             K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
-            H = bare_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
+            H = primary_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
             sec["keys"] += time.perf_counter() - t
-            resid = values.z - H
+            if i == 0:
+                Z = column_targets(values.z, H, ctx.columns)
+            resid = Z - H
             residual_norms[layer] = float(resid.norm())
             t = time.perf_counter()
             R = resid / (n_layers - i)
@@ -112,8 +129,8 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
                                           prompt_format=prompt_format)
             sec["commit"] = time.perf_counter() - t
     t = time.perf_counter()
-    H = bare_reader.read([], z_layer=hp.z_layer).z_hidden
-    final = float((values.z - H).norm())
+    H = primary_reader.read([], z_layer=hp.z_layer).z_hidden
+    final = float((Z - H).norm())
     sec["keys"] += time.perf_counter() - t
     sec["total"] = sum(sec.values())
     report = StepReport(

@@ -52,8 +52,9 @@ _SNAP_FILE = re.compile(r"^snap-(\d+)-L(\d+)\.safetensors$")
 class FactRow:
     """One fact's life in force: added at step ``added``, removed at ``removed`` (``None``: in force).
 
-    Its per-layer (k, v) are column ``kv_col`` of step ``kv_step``'s file (an undo that brings a fact
-    back makes a new row pointing at the same column).
+    Its per-layer (k, v) are columns ``kv_col·w … kv_col·w + w − 1`` of step ``kv_step``'s file, where
+    w is that step's ``kv_width`` (key columns per fact, 1 unless recorded in the step's info); an undo
+    that brings a fact back makes a new row pointing at the same columns.
     """
 
     row: int
@@ -331,15 +332,30 @@ class Ledger:
         for r in rows:
             if r.kv_step not in files:
                 files[r.kv_step] = self.read(_step_name(r.kv_step))
+        widths = {s: self.kv_width(s) for s in files}
         out = {}
         for l in layers:
-            Ks = [files[r.kv_step][f"K.{l}"][:, r.kv_col] for r in rows]
-            Vs = [files[r.kv_step][f"V.{l}"][:, r.kv_col] for r in rows]
+            Ks, Vs = [], []
+            for r in rows:
+                w = widths[r.kv_step]
+                K, V = files[r.kv_step][f"K.{l}"], files[r.kv_step][f"V.{l}"]
+                if (r.kv_col + 1) * w > min(K.shape[1], V.shape[1]):
+                    raise LedgerCorruptError(f"ledger {self.path}: fact {r.fact.id!r} points at columns past the end "
+                                             f"of step {r.kv_step}'s constraints")
+                Ks.append(K[:, r.kv_col * w : (r.kv_col + 1) * w])
+                Vs.append(V[:, r.kv_col * w : (r.kv_col + 1) * w])
             out[l] = (
-                torch.stack(Ks, 1).to(torch.float64) if Ks else None,
-                torch.stack(Vs, 1).to(torch.float64) if Vs else None,
+                torch.cat(Ks, 1).to(torch.float64) if Ks else None,
+                torch.cat(Vs, 1).to(torch.float64) if Vs else None,
             )
         return out  # type: ignore[return-value]
+
+    def kv_width(self, step: int) -> int:
+        """Key columns per fact in ``step``'s constraints file (1 for ledgers older than the option)."""
+        w = self.step(step).info.get("kv_width", 1)
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise LedgerCorruptError(f"ledger {self.path}: step {step} records kv_width={w!r}")
+        return w
 
     # ------------------------------------------------------------------ Σ₀ and snapshots
     def sigma0(self, layers: Iterable[int]) -> dict[int, Tensor] | None:
@@ -378,13 +394,17 @@ class Ledger:
         snapshot: dict[int, dict] | None = None,
     ) -> StepRecord:
         """Record one step atomically (module docstring): new facts ``add`` with their per-layer
-        ``kv`` (column i = ``add[i]``), rows brought back (``readd``) or removed (``remove``), and an
+        ``kv`` (w columns per fact, fact-major: columns ``i·w … i·w + w − 1`` are ``add[i]``'s), rows brought back (``readd``) or removed (``remove``), and an
         optional ``snapshot`` of every layer's state after the step. Returns the committed record."""
         step = self.last_step + 1
         written: list[tuple[str, str, int, int | None]] = []
+        if add:
+            assert kv is not None
+            width = _kv_width(kv, len(add))
+            if width != 1:
+                info = {**(info or {}), "kv_width": width}
         try:
             if add:
-                assert kv is not None
                 tensors = {f"{w}.{l}": t.contiguous() for l, (K, V) in kv.items() for w, t in (("K", K), ("V", V))}
                 self._write_file(_step_name(step), tensors, step, written)
             if snapshot is not None:
@@ -442,6 +462,15 @@ class Ledger:
                     c.run("UPDATE steps SET snapshot = 0 WHERE id = ?", (s,))
                     dropped += names
         return dropped
+
+
+def _kv_width(kv: dict[int, tuple[Tensor, Tensor]], n_facts: int) -> int:
+    """Key columns per fact of a step's constraints; every layer's K and V must hold the same ``w·n_facts``."""
+    cols = {int(t.shape[1]) for K, V in kv.values() for t in (K, V)}
+    if len(cols) != 1 or next(iter(cols)) % n_facts or next(iter(cols)) == 0:
+        raise LedgerError(f"a step of {n_facts} facts needs the same whole number of key columns per fact in every "
+                          f"layer's K and V, got {sorted(cols)} columns")
+    return next(iter(cols)) // n_facts
 
 
 def _step_name(step: int) -> str:

@@ -37,7 +37,9 @@ FORMAT = 1
 class FrozenTargets:
     """Targets of ``n`` facts on the unedited model (all float64).
 
-    ``keys[ℓ]: [d_in, n]`` (context-averaged FFN-out inputs), ``z, h0: [d_model, n]`` (optimised and
+    ``keys[ℓ]: [d_in, n]`` (context-averaged FFN-out inputs, one column per fact: with
+    ``hp.format_columns`` an edit reads one key per prompt format instead, see ``pipeline.column_targets``;
+    these keys serve the equivalence check, which edits bare rows), ``z, h0: [d_model, n]`` (optimised and
     original z-layer states), ``steps``/``nll``: per-fact value-optimisation diagnostics.
     """
 

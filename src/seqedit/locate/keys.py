@@ -1,9 +1,10 @@
 """Keys: the FFN-out input at the subject's last token, averaged over context templates.
 
 ``k_f = ½·k(bare prompt) + ½·mean_j k(prefix_j + prompt)`` (MEMIT's two template groups), per prompt
-format (``locate/chat.py``); with ``prompt_format="both"`` the bare and the chat average weigh ½ each. One
-batched forward over all rows reads every requested layer's keys and the z-layer block output of
-the primary rows, and stops after the deepest layer needed: nothing above it is computed.
+format (``locate/chat.py``). With ``prompt_format="both"`` a fact has either one key, the bare and the
+chat average weighing ½ each, or (``split=True``) one key column per format. One batched forward over
+all rows reads every requested layer's keys and the z-layer block output of the primary rows, and
+stops after the deepest layer needed: nothing above it is computed.
 """
 
 from __future__ import annotations
@@ -23,38 +24,53 @@ from .trace import LowerBlocksReplay, block_hidden, capture_inputs, hooks, run_t
 @dataclass(frozen=True)
 class ContextRows:
     """The n·F·T encoded rows of n facts in F row formats under T templates, fact-major
-    (row = (f·F + g)·T + t); a fact's first row (format ``formats[0]``, template 0) is its primary row."""
+    (row = (f·F + g)·T + t). Each fact has ``columns`` key columns: one averaged over its formats, or
+    (``split``) one per format, column ``f·F + g``. A column's primary row is the row of its first
+    format under template 0: where ``h0`` and the z-layer state ``H`` are read."""
 
     rows: tuple[EncodedPrompt, ...]
     n_facts: int
     n_templates: int
     n_formats: int = 1
+    split: bool = False
 
     @classmethod
     def build(cls, tokenizer, facts: Sequence[Fact], templates: Sequence[str],
-              prompt_format: str = "bare") -> "ContextRows":
+              prompt_format: str = "bare", split: bool = False) -> "ContextRows":
         fmts = formats(prompt_format)
         rows = tuple(encode_row(tokenizer, g, t, f.prompt, f.subject) for f in facts for g in fmts for t in templates)
-        return cls(rows, len(facts), len(templates), len(fmts))
+        return cls(rows, len(facts), len(templates), len(fmts), split)
 
     @property
     def per_fact(self) -> int:
         return self.n_formats * self.n_templates
 
+    @property
+    def columns(self) -> int:
+        """Key columns per fact."""
+        return self.n_formats if self.split else 1
+
     def template_weights(self) -> torch.Tensor:
-        """``[F·T]`` averaging weights: per format ½ for the bare template, ½ shared by the others;
-        the formats weigh ``1/F`` each."""
+        """``[F·T, columns]`` averaging weights of a fact's rows into its columns: per format ½ for the
+        bare template and ½ shared by the others; averaged, the formats weigh ``1/F`` each."""
         t = self.n_templates
         if t == 1:
             one = torch.ones(1, dtype=torch.float64)
         else:
             one = torch.tensor([0.5] + [0.5 / (t - 1)] * (t - 1), dtype=torch.float64)
-        return one.repeat(self.n_formats) / self.n_formats
+        if self.split:
+            return torch.block_diag(*[one[:, None]] * self.n_formats)
+        return (one.repeat(self.n_formats) / self.n_formats)[:, None]
+
+    def primary_rows(self) -> list[int]:
+        """Index within a fact's rows of each column's primary row."""
+        return [g * self.n_templates for g in range(self.columns)]
 
 
 @dataclass
 class KeyReadout:
-    """``keys[layer]: [d_in, n]`` (float64, template-averaged); ``z_hidden: [d_out, n]`` (primary rows)."""
+    """``keys[layer]: [d_in, n·c]`` (float64, template-averaged; c = ``ContextRows.columns``, fact-major);
+    ``z_hidden: [d_out, n·c]`` (each column's primary row)."""
 
     keys: dict[int, torch.Tensor]
     z_hidden: torch.Tensor | None
@@ -87,7 +103,8 @@ class KeyReader:
     def read(
         self, layers: Sequence[int], z_layer: int | None = None, frozen_below: int = 0
     ) -> KeyReadout:
-        """Keys at ``layers`` (``[d_in, n]`` each) and the z-layer block output on primary rows (``[d_out, n]``)."""
+        """Keys at ``layers`` (``[d_in, n·c]`` each) and the z-layer block output on the columns' primary
+        rows (``[d_out, n·c]``); c key columns per fact (``ContextRows.columns``)."""
         adapter, model, ctx = self.loaded.adapter, self.loaded.model, self.ctx
         device = self.loaded.input_device
         stop_layer = max([*layers, *([z_layer] if z_layer is not None else [])])
@@ -129,14 +146,14 @@ class KeyReader:
         inverse = torch.argsort(self.order)
         keys = {
             l: torch.einsum(
-                "ftd,t->df", torch.cat(per_row[l])[inverse].view(ctx.n_facts, ctx.per_fact, -1), w
-            )
+                "ftd,tc->dfc", torch.cat(per_row[l])[inverse].view(ctx.n_facts, ctx.per_fact, -1), w
+            ).reshape(-1, ctx.n_facts * ctx.columns)
             for l in layers
         }
         z_hidden = None
         if z_rows:
-            z_all = torch.cat(z_rows)[inverse]
-            z_hidden = z_all.view(ctx.n_facts, ctx.per_fact, -1)[:, 0].T.contiguous()
+            z_all = torch.cat(z_rows)[inverse].view(ctx.n_facts, ctx.per_fact, -1)
+            z_hidden = z_all[:, ctx.primary_rows()].reshape(ctx.n_facts * ctx.columns, -1).T.contiguous()
         return KeyReadout(keys, z_hidden)
 
 

@@ -43,6 +43,9 @@ class EditHParams:
     n_context_templates: int = 5
     context_template_len: int = 10  # total tokens per generated template, prompt word included
     template_seed: int = 0
+    # with several prompt formats ("both"): one key column per format, each with its own target
+    # (h0 of that format's row + the fact's δ), instead of one key averaged over the formats
+    format_columns: bool = False
     # Σ₀ statistics
     stats_tokens: int = 100_000
     stats_seq_len: int = 256
@@ -60,6 +63,8 @@ class EditHParams:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.v_compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"v_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.v_compute_dtype!r}")
+        if not isinstance(self.format_columns, bool):
+            raise ValueError(f"format_columns must be true or false, got {self.format_columns!r}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
 
@@ -95,6 +100,8 @@ class EditHParams:
             try:
                 if name == "layers":
                     out[name] = tuple(int(x) for x in raw.split(","))
+                elif kind is bool:
+                    out[name] = _as_bool(raw)
                 elif kind is int:
                     out[name] = int(raw)
                 elif kind is float:
@@ -106,8 +113,13 @@ class EditHParams:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values; a field added after others were stored is left out at its default, so
+        that results folders, ledgers and caches written before it still compare equal."""
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        for name, default in _ADDED_LATER.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -117,6 +129,18 @@ class EditHParams:
         if unknown:
             raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+_ADDED_LATER = {"format_columns": False}  # field -> the default that older stored dicts imply
+
+
+def _as_bool(raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 _REFERENCE = EditHParams(layers=(0,))  # field types for parse_assignments
