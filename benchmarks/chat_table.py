@@ -1,9 +1,10 @@
 """Bare-vs-chat table of issue 16: one ``seqedit eval`` results folder per (dataset, editing format).
 
-Reads ``RUNS/<dataset>/<format>/results.json`` (formats ``bare``, ``chat``, ``both``; each run with
-``--chat-eval``) and prints one markdown row per run, plus the pre-edit row of each dataset: the edit
-metrics measured as bare completions and through the chat template, and WikiText-2 perplexity.
-Runs still in progress (``seqedit eval --checkpoint``) are shown with the edits done so far.
+Reads ``RUNS/<dataset>/<format>[-<variant>]/results.json`` (formats ``bare``, ``chat``, ``both``; each
+run with ``--chat-eval``; a variant is the same format edited with other settings, e.g. ``both-columns``
+for ``--set format_columns=true``) and prints one markdown row per run, plus the pre-edit row of each
+dataset: the edit metrics measured as bare completions and through the chat template, and WikiText-2
+perplexity. Runs still in progress (``seqedit eval --checkpoint``) are shown with the edits done so far.
 
     for fmt in bare chat both; do
       seqedit eval --out runs/chat-500/counterfact/$fmt --dataset counterfact --split train --n 500 \\
@@ -45,14 +46,24 @@ def _row(label: str, edits: Any, point: dict | None) -> str:
     return f"| {label} | {edits} | " + " | ".join(cells) + " |"
 
 
+def _run_folders(dataset: Path) -> list[tuple[Path, str]]:
+    """``(folder, label)`` of a dataset's runs: each format, then its variants in name order."""
+    out = []
+    for fmt in FORMATS:
+        out.append((dataset / fmt, f"`{fmt}`"))
+        variants = sorted(p for p in dataset.glob(f"{fmt}-*") if p.is_dir())
+        out += [(p, f"`{fmt}`, {p.name[len(fmt) + 1:]}") for p in variants]
+    return out
+
+
 def table(runs: Path) -> str:
     """The markdown table of every ``<dataset>/<format>/results.json`` under ``runs``."""
     lines = ["| dataset / editing format | edits | " + " | ".join(c for c, _ in COLUMNS) + " | PPL |",
              "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
     for ds in sorted(p.name for p in runs.iterdir() if p.is_dir()):
         pre_done = False
-        for fmt in FORMATS:
-            f = runs / ds / fmt / "results.json"
+        for folder, name in _run_folders(runs / ds):
+            f = folder / "results.json"
             if not f.is_file():
                 continue
             data = json.loads(f.read_text())
@@ -65,9 +76,9 @@ def table(runs: Path) -> str:
                 curve = cfg.get("curve") or []
                 edits = curve[-1]["edits"] if curve else "–"
                 if cfg.get("status") == "done":
-                    lines.append(_row(f"{ds} / `{fmt}`", edits, cfg.get("final")))
+                    lines.append(_row(f"{ds} / {name}", edits, cfg.get("final")))
                 else:  # a checkpointed run still going: only its curve's drift is known
-                    lines.append(_row(f"{ds} / `{fmt}` (running)", edits, curve[-1] if curve else None))
+                    lines.append(_row(f"{ds} / {name} (running)", edits, curve[-1] if curve else None))
     return "\n".join(lines) + "\n"
 
 

@@ -69,3 +69,12 @@ def test_long_sweep_renders_its_table_and_plot(tmp_path: Path) -> None:
     assert "| L4-10-clamp0.4 | layers=[4, 5, 6, 7, 8, 9, 10], clamp_norm_factor=0.4 | 1000 | 94.7 | 80.3 | 65.8 |" in text
     assert "`L4-10-clamp0.4-lr0.5`" in text and "was stopped after step 1" in text
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_table_renders_a_formats_variants_after_it(tmp_path: Path) -> None:
+    chat_table = _script("chat_table")
+    for name in ("both-columns", "bare", "both", "both-budget0.4", "chat"):
+        shutil.copytree(ROOT / "docs" / "results" / "chat-20" / name.split("-")[0], tmp_path / "counterfact" / name)
+    labels = [r.split(" | ")[0] for r in chat_table.table(tmp_path).splitlines()[3:]]
+    assert labels == ["| counterfact / `bare`", "| counterfact / `chat`", "| counterfact / `both`",
+                      "| counterfact / `both`, budget0.4", "| counterfact / `both`, columns"]
