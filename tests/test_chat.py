@@ -193,6 +193,8 @@ def test_format_columns_edit_two_columns_per_fact_and_the_ledger_keeps_them(tmp_
     torch.testing.assert_close(stored[0], K1[:, 2:4].double())
     torch.testing.assert_close(stored[1], V1[:, 2:4].double())
     assert ed.verify().ok
+    fit = ed.constraint_fit()
+    assert fit.n_facts == 2 and fit.layers[1]["columns"] == 4 and fit.layers[1]["by_step"][0]["facts"] == 2
     after = {l: ed.master[l].clone() for l in (1, 2)}
     ed.forget([report.facts[0].id])
     assert ed.verify().ok

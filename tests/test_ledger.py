@@ -477,6 +477,12 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     assert json.loads(r.output)["ok"] is True
     r = run(cli.app, ["verify", "--ledger", str(path)])
     assert r.exit_code == 0 and "OK" in r.output
+    r = run(cli.app, ["constraint-fit", "--ledger", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(r.output)
+    assert fit["n_facts"] == 2 and [g["facts"] for g in fit["layers"]["1"]["by_step"]] == [2]
+    r = run(cli.app, ["constraint-fit", "--ledger", str(path)])
+    assert r.exit_code == 0 and "key columns / d_in" in r.output and "2 / 64" in r.output
     r = run(cli.app, ["export", str(tmp_path / "out"), "--ledger", str(path), "--delta", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["delta"] is True
 
@@ -509,4 +515,27 @@ def test_a_recorded_kv_width_that_makes_no_sense_is_corruption(tmp_path) -> None
     ed.ledger.annotate(1, {"kv_width": "two"})
     with pytest.raises(LedgerCorruptError, match="kv_width='two'"):
         ed.ledger.kv(ed.ledger.in_force(), LAYERS)
+    ed.close()
+
+
+def test_constraint_fit_sees_a_full_layer_and_no_forgetting(tmp_path) -> None:
+    """Below the key dimension (64) and with λ ≈ 0 every constraint is met, old or new; with more facts
+    than key dimensions none can be, and the unmet share is the same for early and late facts (aligned
+    steps are the one-time solution: nothing is forgotten by age)."""
+    ed = make_editor(tmp_path / "few", lam=1e-9)
+    for s in range(3):
+        apply_facts(ed, [fact(10 * s + i) for i in range(10)])
+    rep = ed.constraint_fit(groups=3)
+    for e in rep.layers.values():
+        assert e["columns"] == 30 and e["d_in"] == 64 and e["median"] < 1e-5
+    ed.close()
+    ed = make_editor(tmp_path / "many", lam=1e-9)
+    for s in range(6):
+        apply_facts(ed, [fact(100 + 20 * s + i) for i in range(20)])
+    rep = ed.constraint_fit(groups=2)
+    assert rep.n_facts == 120 and rep.steps == 6
+    for e in rep.layers.values():
+        early, late = (g["median"] for g in e["by_step"])
+        assert [g["steps"] for g in e["by_step"]] == [[1, 3], [4, 6]] and [g["facts"] for g in e["by_step"]] == [60, 60]
+        assert e["median"] > 0.2 and abs(early - late) < 0.5 * e["median"]
     ed.close()

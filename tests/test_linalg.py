@@ -391,3 +391,33 @@ def test_woodbury_update_and_downdate_match_direct_inverse(A: torch.Tensor, n: i
     k = 2 * K[:, :1] / K[:, :1].norm()  # ‖k‖² = 4 > 2 ≥ λ_max(A): kᵀ(A − k kᵀ)k < 0
     with pytest.raises(IllConditionedError, match="capacitance"):
         woodbury_downdate(C, k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_unmet_share_is_the_undone_part_of_the_asked_change(d_out: int, d_in: int, n: int, seed: int, t: float) -> None:
+    from seqedit.linalg.fit import unmet_share
+
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    K = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    R = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    V = W0 @ K + R
+    # weights that deliver the fraction t of every asked change along the keys
+    W = W0 + t * R @ torch.linalg.pinv(K)
+    share = unmet_share(W, W0, K, V)
+    if n <= d_in:  # the keys are independent (almost surely): W k_i − v_i = −(1 − t) r_i exactly
+        torch.testing.assert_close(share, torch.full((n,), 1 - t, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(unmet_share(W0, W0, K, V), torch.ones(n, dtype=torch.float64))
+    assert bool((share >= 0).all())
+
+
+def test_unmet_share_of_a_column_asking_nothing_and_bad_shapes() -> None:
+    from seqedit.linalg.fit import unmet_share
+
+    W0 = torch.eye(2, dtype=torch.float64)
+    K = torch.eye(2, dtype=torch.float64)
+    assert unmet_share(W0, W0, K, K).tolist() == [0.0, 0.0]
+    assert unmet_share(2 * W0, W0, K, K).tolist() == [float("inf")] * 2
+    with pytest.raises(ValueError, match="do not fit"):
+        unmet_share(W0, W0, K, torch.zeros(3, 2))

@@ -31,6 +31,7 @@ from .ledger.manifest import (build_manifest, check_base, check_storage, recorde
                               reconcile_prompt_format, requested_method)
 from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
+from .ledger.fit import FitReport, constraint_fit
 from .ledger.verify import VerifyReport
 from .locate.chat import check_chat_template, check_prompt_format
 from .locate.stats import layer_stats
@@ -408,6 +409,13 @@ class Editor:
         session = self._need_session("verify")
         self.prepare()
         return session.verify(tol)
+
+    def constraint_fit(self, groups: int = 10) -> FitReport:
+        """How much of each stored constraint of the facts in force the live weights leave unmet, per layer
+        and by the step that wrote it (:func:`~seqedit.ledger.fit.constraint_fit`)."""
+        session = self._need_session("constraint_fit")
+        self.prepare()
+        return constraint_fit(self.bank, session.open(), groups)
 
     def export(self, path: str | os.PathLike, *, delta: bool = False, delta_dtype: str = "float32") -> Path:
         """Write the edited model as a plain HF directory, or with ``delta=True`` only the edited

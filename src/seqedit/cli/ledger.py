@@ -1,4 +1,4 @@
-"""Ledger commands of the ``seqedit`` CLI: forget, undo, log, verify, export (``docs/ledger.md``).
+"""Ledger commands of the ``seqedit`` CLI: forget, undo, log, verify, constraint-fit, export (``docs/ledger.md``).
 
 Each takes ``--ledger DIR``; those that need the model load the ledger's base model (its recorded
 name) unless ``--model`` says otherwise, and every one has ``--json``.
@@ -172,6 +172,46 @@ def verify(
     _print_verify(ledger, rep, as_json)
     if not rep.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command("constraint-fit")
+def constraint_fit(
+    ledger: Path = LedgerOpt,
+    model: Optional[str] = BaseOpt,
+    groups: int = typer.Option(10, min=1, help="Group the writing steps into at most this many rows."),
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """How much of each stored constraint of the facts in force the restored weights leave undone
+    (‖W k − v‖ / ‖v − W₀ k‖: 0 met, 1 not at all), per layer and by the steps that wrote the facts; with
+    the key columns in force against the layer's key dimension. A share that grows evenly across ages
+    says the layer is full; one that grows with age says early edits fade."""
+    from ..ledger import Ledger
+
+    if not Ledger.exists(ledger):
+        fail(f"{ledger} is not a seqedit ledger (no ledger.sqlite)")
+    with reopened(ledger, model, dtype=dtype, device_map=device_map) as editor:
+        rep = editor.constraint_fit(groups)
+    if as_json:
+        out.print_json(data=rep.to_dict())
+        return
+    if not rep.layers:
+        out.print(f"fit {ledger}: no facts in force")
+        return
+    first = next(iter(rep.layers.values()))
+    t = Table(title=f"fit {ledger}: unmet share of the constraints in force ({rep.n_facts} facts, {rep.steps} steps), "
+                    "median per layer")
+    t.add_column("written in steps")
+    t.add_column("facts", justify="right")
+    for l, e in rep.layers.items():
+        t.add_column(f"layer {l}", justify="right")
+    for i, g in enumerate(first["by_step"]):
+        t.add_row(f"{g['steps'][0]}–{g['steps'][1]}", str(g["facts"]),
+                  *(f"{e['by_step'][i]['median']:.3f}" for e in rep.layers.values()))
+    t.add_row("all", str(rep.n_facts), *(f"{e['median']:.3f}" for e in rep.layers.values()), style="bold")
+    t.add_row("key columns / d_in", "", *(f"{e['columns']} / {e['d_in']}" for e in rep.layers.values()))
+    out.print(t)
 
 
 def _print_verify(ledger: Path, rep: VerifyReport, as_json: bool) -> None:
