@@ -479,10 +479,12 @@ def test_cli_ledger_commands(tmp_path: Path, monkeypatch) -> None:
     assert r.exit_code == 0 and "OK" in r.output
     r = run(cli.app, ["constraint-fit", "--ledger", str(path), "--json"])
     assert r.exit_code == 0, r.output
-    fit = json.loads(r.output)
+    (fit,) = json.loads(r.output)
     assert fit["n_facts"] == 2 and [g["facts"] for g in fit["layers"]["1"]["by_step"]] == [2]
+    r = run(cli.app, ["constraint-fit", "--ledger", str(path), "--at-step", "9"])
+    assert r.exit_code == 2 and "no step 9" in r.output
     r = run(cli.app, ["constraint-fit", "--ledger", str(path)])
-    assert r.exit_code == 0 and "key columns / d_in" in r.output and "2 / 64" in r.output
+    assert r.exit_code == 0 and "keys/d_in" in r.output and "2/64" in r.output
     r = run(cli.app, ["export", str(tmp_path / "out"), "--ledger", str(path), "--delta", "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["delta"] is True
 
@@ -534,8 +536,23 @@ def test_constraint_fit_sees_a_full_layer_and_no_forgetting(tmp_path) -> None:
         apply_facts(ed, [fact(100 + 20 * s + i) for i in range(20)])
     rep = ed.constraint_fit(groups=2)
     assert rep.n_facts == 120 and rep.steps == 6
+    # after step 3 (60 facts, under 64 key dimensions) the weights of that moment met them all
+    then = ed.constraint_fit(at_step=3)
+    assert then.n_facts == 60 and then.steps == 3 and all(e["median"] < 1e-4 for e in then.layers.values())
+    ed.forget(["f100-0"])
+    assert ed.constraint_fit(at_step=6).n_facts == 120 and ed.constraint_fit().n_facts == 119
     for e in rep.layers.values():
         early, late = (g["median"] for g in e["by_step"])
         assert [g["steps"] for g in e["by_step"]] == [[1, 3], [4, 6]] and [g["facts"] for g in e["by_step"]] == [60, 60]
         assert e["median"] > 0.2 and abs(early - late) < 0.5 * e["median"]
+    ed.close()
+
+
+def test_constraint_fit_in_the_past_needs_an_exact_form(tmp_path) -> None:
+    ed = make_editor(tmp_path / "L", alignment="naive")
+    apply_facts(ed, [fact(1)])
+    apply_facts(ed, [fact(2)])
+    assert ed.constraint_fit().n_facts == 2  # the live weights can always be measured
+    with pytest.raises(LedgerError, match="cannot be re-solved"):
+        ed.constraint_fit(at_step=1)
     ed.close()

@@ -410,12 +410,13 @@ class Editor:
         self.prepare()
         return session.verify(tol)
 
-    def constraint_fit(self, groups: int = 10) -> FitReport:
-        """How much of each stored constraint of the facts in force the live weights leave unmet, per layer
-        and by the step that wrote it (:func:`~seqedit.ledger.fit.constraint_fit`)."""
+    def constraint_fit(self, groups: int = 10, at_step: int | None = None) -> FitReport:
+        """How much of each stored constraint of the facts in force the live weights (or, ``at_step``, the
+        weights after that step) leave unmet, per layer and by the step that wrote it
+        (:func:`~seqedit.ledger.fit.constraint_fit`)."""
         session = self._need_session("constraint_fit")
         self.prepare()
-        return constraint_fit(self.bank, session.open(), groups)
+        return constraint_fit(self.bank, session.open(), groups, at_step)
 
     def export(self, path: str | os.PathLike, *, delta: bool = False, delta_dtype: str = "float32") -> Path:
         """Write the edited model as a plain HF directory, or with ``delta=True`` only the edited

@@ -22,6 +22,7 @@ from .preflight import check_new_dir
 if TYPE_CHECKING:
     from ..editor import Editor
     from ..ledger import Ledger, StepRecord, VerifyReport
+    from ..ledger.fit import FitReport
 
 
 @contextmanager
@@ -179,6 +180,8 @@ def constraint_fit(
     ledger: Path = LedgerOpt,
     model: Optional[str] = BaseOpt,
     groups: int = typer.Option(10, min=1, help="Group the writing steps into at most this many rows."),
+    at_step: Optional[list[int]] = typer.Option(None, "--at-step", min=1, help="Measure the facts in force after "
+                                                "this step, under the weights of that moment (exact methods; repeatable)."),
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
@@ -187,22 +190,35 @@ def constraint_fit(
     (‖W k − v‖ / ‖v − W₀ k‖: 0 met, 1 not at all), per layer and by the steps that wrote the facts; with
     the key columns in force against the layer's key dimension. A share that grows evenly across ages
     says the layer is full; one that grows with age says early edits fade."""
-    from ..ledger import Ledger
+    from ..ledger import Ledger, LedgerError
 
     if not Ledger.exists(ledger):
         fail(f"{ledger} is not a seqedit ledger (no ledger.sqlite)")
-    with reopened(ledger, model, dtype=dtype, device_map=device_map) as editor:
-        rep = editor.constraint_fit(groups)
-    if as_json:
-        out.print_json(data=rep.to_dict())
+
+    def check(L: Ledger) -> None:  # before the model loads
+        if bad := [s for s in at_step or [] if s > L.last_step]:
+            raise LedgerError(f"ledger {ledger} has steps 1..{L.last_step}; no step {bad[0]} to measure the fit after")
+
+    with reopened(ledger, model, check, dtype=dtype, device_map=device_map) as editor:
+        try:
+            reps = [editor.constraint_fit(groups, s) for s in (at_step or [None])]
+        except LedgerError as e:
+            fail(str(e))
+    if as_json:  # one report per measured moment, in the order asked (the last step when none is)
+        out.print_json(data=[r.to_dict() for r in reps])
         return
+    for rep in reps:
+        _print_fit(ledger, rep)
+
+
+def _print_fit(ledger: Path, rep: FitReport) -> None:
     if not rep.layers:
         out.print(f"fit {ledger}: no facts in force")
         return
     first = next(iter(rep.layers.values()))
-    t = Table(title=f"fit {ledger}: unmet share of the constraints in force ({rep.n_facts} facts, {rep.steps} steps), "
-                    "median per layer")
-    t.add_column("written in steps")
+    t = Table(title=f"fit {ledger}: median unmet share of the constraints in force after step {rep.steps}, "
+                    f"by the steps that wrote them ({rep.n_facts} facts)")
+    t.add_column("steps")
     t.add_column("facts", justify="right")
     for l, e in rep.layers.items():
         t.add_column(f"layer {l}", justify="right")
@@ -210,7 +226,7 @@ def constraint_fit(
         t.add_row(f"{g['steps'][0]}–{g['steps'][1]}", str(g["facts"]),
                   *(f"{e['by_step'][i]['median']:.3f}" for e in rep.layers.values()))
     t.add_row("all", str(rep.n_facts), *(f"{e['median']:.3f}" for e in rep.layers.values()), style="bold")
-    t.add_row("key columns / d_in", "", *(f"{e['columns']} / {e['d_in']}" for e in rep.layers.values()))
+    t.add_row("keys/d_in", "", *(f"{e['columns']}/{e['d_in']}" for e in rep.layers.values()))
     out.print(t)
 
 

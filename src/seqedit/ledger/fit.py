@@ -19,7 +19,7 @@ import torch
 
 from ..bank import LayerBank
 from ..linalg.fit import unmet_share
-from .store import Ledger
+from .store import Ledger, LedgerError
 
 __all__ = ["FitReport", "constraint_fit"]
 
@@ -40,13 +40,23 @@ class FitReport:
         return d
 
 
-def constraint_fit(bank: LayerBank, ledger: Ledger, groups: int = 10) -> FitReport:
+def constraint_fit(bank: LayerBank, ledger: Ledger, groups: int = 10, at_step: int | None = None) -> FitReport:
     """Unmet shares of the facts in force under ``bank``'s live masters, in at most ``groups`` groups of
-    the steps that wrote them (each fact's columns counted with it)."""
+    the steps that wrote them (each fact's columns counted with it). With ``at_step`` (exact forms
+    only), the facts in force right after that step under the weights the ledger had then: their
+    one-time solution, which is what the sequential steps produced."""
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
-    rows = ledger.in_force()
-    rep = FitReport(len(rows), ledger.last_step)
+    last = ledger.last_step
+    if at_step is not None and not 1 <= at_step <= last:
+        raise LedgerError(f"ledger {ledger.path} has steps 1..{last}; no step {at_step} to measure the fit after")
+    past = at_step is not None and at_step < last
+    if past and not bank.capabilities.exact:
+        raise LedgerError(f"{bank.spec.label} does not keep the one-time solution of the facts in force, so the "
+                          f"weights after step {at_step} cannot be re-solved from the ledger; measure the fit "
+                          "after the last step")
+    rows = ledger.in_force_after(at_step) if past else ledger.in_force()
+    rep = FitReport(len(rows), at_step if past else last)
     if not rows:
         return rep
     kv = ledger.kv(rows, bank.layers)
@@ -57,7 +67,8 @@ def constraint_fit(bank: LayerBank, ledger: Ledger, groups: int = 10) -> FitRepo
     bins = [written[i : i + per] for i in range(0, len(written), per)]
     for l in bank.layers:
         K, V = kv[l]
-        share = unmet_share(bank.master[l].cpu(), bank.w0[l].cpu(), K, V)
+        W = bank.one_time(l, K, V)[1] if past else bank.master[l]
+        share = unmet_share(W.cpu(), bank.w0[l].cpu(), K, V)
         entry: dict[str, Any] = {"d_in": int(K.shape[0]), "columns": int(K.shape[1]), **_summary(share), "by_step": []}
         for b in bins:
             mask = (step_of_col >= b[0]) & (step_of_col <= b[-1])
