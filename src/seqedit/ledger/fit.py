@@ -60,8 +60,8 @@ def constraint_fit(bank: LayerBank, ledger: Ledger, groups: int = 10, at_step: i
     if not rows:
         return rep
     kv = ledger.kv(rows, bank.layers)
-    width = [ledger.kv_width(r.kv_step) for r in rows]
-    step_of_col = torch.tensor([r.kv_step for r, w in zip(rows, width) for _ in range(w)])
+    width = {s: ledger.kv_width(s) for s in {r.kv_step for r in rows}}
+    step_of_col = torch.tensor([r.kv_step for r in rows for _ in range(width[r.kv_step])])
     written = sorted(set(step_of_col.tolist()))
     per = -(-len(written) // groups)
     bins = [written[i : i + per] for i in range(0, len(written), per)]
