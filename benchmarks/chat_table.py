@@ -1,8 +1,9 @@
 """Bare-vs-chat table of issue 16: one ``seqedit eval`` results folder per (dataset, editing format).
 
 Reads ``RUNS/<dataset>/<format>[-<variant>]/results.json`` (formats ``bare``, ``chat``, ``both``; each
-run with ``--chat-eval``; a variant is the same format edited with other settings, e.g. ``both-columns``
-for ``--set format_columns=true``) and prints one markdown row per run, plus the pre-edit row of each
+run with ``--chat-eval``; a variant is the same format edited with other settings, e.g. ``both-averaged``
+for ``--set format_columns=false``, shown as "`both`, averaged"; dashes in a variant's name read as commas)
+and prints one markdown row per run, plus the pre-edit row of each
 dataset: the edit metrics measured as bare completions and through the chat template, and WikiText-2
 perplexity. Runs still in progress (``seqedit eval --checkpoint``) are shown with the edits done so far.
 
@@ -52,7 +53,7 @@ def _run_folders(dataset: Path) -> list[tuple[Path, str]]:
     for fmt in FORMATS:
         out.append((dataset / fmt, f"`{fmt}`"))
         variants = sorted(p for p in dataset.glob(f"{fmt}-*") if p.is_dir())
-        out += [(p, f"`{fmt}`, {p.name[len(fmt) + 1:]}") for p in variants]
+        out += [(p, f"`{fmt}`, " + p.name[len(fmt) + 1:].replace("-", ", ")) for p in variants]
     return out
 
 

@@ -73,8 +73,8 @@ def test_long_sweep_renders_its_table_and_plot(tmp_path: Path) -> None:
 
 def test_chat_table_renders_a_formats_variants_after_it(tmp_path: Path) -> None:
     chat_table = _script("chat_table")
-    for name in ("both-columns", "bare", "both", "both-budget0.4", "chat"):
+    for name in ("both-averaged", "bare", "both", "both-averaged-budget0.4", "chat"):
         shutil.copytree(ROOT / "docs" / "results" / "chat-20" / name.split("-")[0], tmp_path / "counterfact" / name)
     labels = [r.split(" | ")[0] for r in chat_table.table(tmp_path).splitlines()[3:]]
     assert labels == ["| counterfact / `bare`", "| counterfact / `chat`", "| counterfact / `both`",
-                      "| counterfact / `both`, budget0.4", "| counterfact / `both`, columns"]
+                      "| counterfact / `both`, averaged", "| counterfact / `both`, averaged, budget0.4"]

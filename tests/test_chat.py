@@ -104,10 +104,14 @@ def test_editor_reads_keys_in_its_prompt_format(tmp_path: Path, prompt_format: s
     templates = context_templates(fresh, ed.hparams.n_context_templates, ed.hparams.context_template_len,
                                   ed.hparams.template_seed)
     # layer 1 is read before anything is written: its keys are those of the unedited model
-    want = read_keys(fresh, ContextRows.build(fresh.tokenizer, report.facts, templates, prompt_format), [1]).keys[1]
+    # with one format, format_columns is settled off (and left out of the ledger, as before it existed)
+    assert ed.hparams.format_columns is (prompt_format == "both")
+    assert ("format_columns" in ed.ledger.manifest["hparams"]) is (prompt_format == "both")
+    rows = ContextRows.build(fresh.tokenizer, report.facts, templates, prompt_format, split=ed.hparams.format_columns)
+    want = read_keys(fresh, rows, [1]).keys[1]
     torch.testing.assert_close(report.constraints[1][0], want)
     other = read_keys(fresh, ContextRows.build(fresh.tokenizer, report.facts, templates, "bare"), [1]).keys[1]
-    assert not torch.allclose(report.constraints[1][0], other)
+    assert report.constraints[1][0].shape != other.shape or not torch.allclose(report.constraints[1][0], other)
     assert ed.ledger.manifest["prompt_format"] == prompt_format
     assert ed.ledger.step(1).info["prompt_format"] == prompt_format
     ed.close()
@@ -179,7 +183,8 @@ def test_column_targets_add_the_facts_delta_in_each_columns_context() -> None:
 
 def test_format_columns_edit_two_columns_per_fact_and_the_ledger_keeps_them(tmp_path: Path) -> None:
     fresh = tiny_model("llama")
-    ed = make_editor(tmp_path / "L", prompt_format="both", format_columns=True)
+    ed = make_editor(tmp_path / "L", prompt_format="both")  # columns are the default with both
+    assert ed.hparams.format_columns and ed.ledger.manifest["hparams"]["format_columns"] is True
     report = ed.apply(FACTS)
     templates = context_templates(fresh, ed.hparams.n_context_templates, ed.hparams.context_template_len,
                                   ed.hparams.template_seed)
@@ -203,10 +208,22 @@ def test_format_columns_edit_two_columns_per_fact_and_the_ledger_keeps_them(tmp_
     for l in (1, 2):
         torch.testing.assert_close(ed.master[l], after[l], rtol=0, atol=1e-10)
     ed.close()
-    reopened = make_editor(tmp_path / "L", prompt_format="both", format_columns=True)
+    reopened = make_editor(tmp_path / "L", prompt_format="both")
     reopened.prepare()
     for l in (1, 2):
         torch.testing.assert_close(reopened.master[l], after[l], rtol=0, atol=1e-10)
+    reopened.close()
+
+
+def test_a_both_ledger_written_before_columns_continues_with_averaged_keys(tmp_path: Path) -> None:
+    ed = make_editor(tmp_path / "L", prompt_format="both", format_columns=False)
+    ed.apply(FACTS[:1])
+    assert "format_columns" not in ed.ledger.manifest["hparams"]  # as every ledger written before the field
+    ed.close()
+    reopened = make_editor(tmp_path / "L")  # the ledger's hyperparameters, not today's default
+    assert reopened.prompt_format == "both" and reopened.hparams.format_columns is False
+    report = reopened.apply(FACTS[1:])
+    assert report.constraints[1][0].shape[1] == len(FACTS) - 1 and reopened.ledger.step(2).info.get("kv_width", 1) == 1
     reopened.close()
 
 

@@ -268,9 +268,21 @@ def test_key_reader_replays_frozen_blocks_exactly() -> None:
     torch.testing.assert_close(third.z_hidden, fresh.z_hidden, rtol=1e-6, atol=1e-7)
 
 
-def test_a_field_added_later_is_absent_at_its_default_so_stored_settings_still_match() -> None:
+def test_a_field_added_later_reads_as_older_dicts_imply_and_round_trips() -> None:
     hp = EditHParams(layers=(1, 2))
-    assert "format_columns" not in hp.to_dict()  # as in every results folder and ledger written before it
-    assert EditHParams.from_dict(hp.to_dict()) == hp
-    on = hp.override(format_columns=True)
-    assert on.to_dict()["format_columns"] is True and EditHParams.from_dict(on.to_dict()) == on
+    assert hp.format_columns is True  # the default since columns were measured better (docs/chat.md)
+    assert hp.to_dict()["format_columns"] is True and EditHParams.from_dict(hp.to_dict()) == hp
+    legacy = {k: v for k, v in hp.to_dict().items() if k != "format_columns"}  # as written before the field
+    assert EditHParams.from_dict(legacy).format_columns is False  # those ledgers averaged their formats
+    off = hp.override(format_columns=False)
+    assert "format_columns" not in off.to_dict() and EditHParams.from_dict(off.to_dict()) == off
+
+
+def test_one_prompt_format_settles_format_columns_so_older_settings_still_match() -> None:
+    hp = EditHParams(layers=(1, 2))
+    assert hp.for_formats(2) is hp
+    one = hp.for_formats(1)
+    assert one.format_columns is False and "format_columns" not in one.to_dict()
+    assert one == hp.override(format_columns=False)
+    with pytest.raises(ValueError, match="at least one prompt format"):
+        hp.for_formats(0)

@@ -33,7 +33,7 @@ from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
 from .ledger.fit import FitReport, constraint_fit
 from .ledger.verify import VerifyReport
-from .locate.chat import check_chat_template, check_prompt_format
+from .locate.chat import check_chat_template, check_prompt_format, formats
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult
@@ -82,7 +82,8 @@ class Editor:
 
     ``prompt_format`` (``"bare"``, ``"chat"`` or ``"both"``, ``locate/chat.py``) is how each fact is
     written for its keys and values: as a bare completion, as a question through the tokenizer's chat
-    template with the answer starting the assistant's turn, or both averaged. A ledger records it and
+    template with the answer starting the assistant's turn, or both (one key column per format, or one
+    averaged key with ``format_columns=False``; ``docs/chat.md``). A ledger records it and
     every step's; continuing a ledger in another format is refused unless ``mix_prompt_formats=True``.
     Default: the ledger's, else ``"bare"``.
 
@@ -143,6 +144,7 @@ class Editor:
             check_chat_template(self.loaded.tokenizer, prompt_format or "bare")
         self.method, self.mode = self.spec.name, mode
         self.prompt_format: str = prompt_format or "bare"
+        self.hparams = self.hparams.for_formats(len(formats(self.prompt_format)))
         n_layers = self.loaded.adapter.n_layers
         for layer in self.hparams.layers:
             if not 0 <= layer < n_layers:

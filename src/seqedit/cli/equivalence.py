@@ -89,7 +89,7 @@ def verify_equivalence(
     lm, _ = load(model, dtype, device_map)
     hp = preset_for(lm.name, lm.adapter.n_layers).override(
         layers=parse_layers(layers), lam=lam, v_steps=v_steps, stats_tokens=stats_tokens
-    )
+    ).for_formats(1)  # equivalence edits bare prompts
     t = time.perf_counter()
     try:
         with progress_bars(not as_json) as cb:

@@ -284,6 +284,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     :class:`~seqedit.progress.ProgressEvent` s: the editor's phases plus ``CONFIGS``, ``STEPS`` and
     ``STATUS`` messages saying what is running.
     """
+    from ..locate.chat import formats
     from ..models.presets import preset_for
 
     config.validate()
@@ -297,7 +298,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     )
     lm = _load_model(config, loaded)
     try:
-        hp = preset_for(lm.name, lm.adapter.n_layers, config.preset).override(**config.overrides)
+        hp = (preset_for(lm.name, lm.adapter.n_layers, config.preset).override(**config.overrides)
+              .for_formats(len(formats(config.prompt_format))))
     except (TypeError, ValueError) as e:
         raise EvalSettingsError(f"bad preset or hyperparameter override: {e}") from None
     run = _Run(config, lm, hp, selection, folder, progress)
