@@ -244,7 +244,7 @@ def main() -> None:
             print(f"{name}: done, skipped", flush=True)
             continue
         overrides = {**COMMON, **CONFIGS[name]}
-        hp = preset.override(**overrides)
+        hp = preset.override(**overrides).for_formats(1)  # bare edits: the record states what the editor uses
         print(f"== {name}: {overrides}", flush=True)
         res = run_config(lm, hp, facts, refs, args.batch_size, base_w, args.out / "ledgers" / name,
                          args.out / f"{name}.partial.json")
