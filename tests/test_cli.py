@@ -20,7 +20,7 @@ from seqedit.testing import tiny_model
 COMMANDS = (
     "edit", "generate", "stats", "verify-equivalence", "bench", "demo",  # cli/edit.py, equivalence.py, bench.py
     "forget", "undo", "log", "verify", "constraint-fit", "export",  # cli/ledger.py
-    "eval", "report",  # cli/evaluate.py
+    "eval", "report", "compare",  # cli/evaluate.py
     "serve",  # cli/serve.py
 )
 
@@ -82,8 +82,8 @@ def test_command_help_shows_usage_and_summary(command: str) -> None:
     result = invoke(command, "--help")
     assert result.exit_code == 0, result.output
     assert f"{command} [OPTIONS]" in result.stdout
-    # log and report read a ledger / results folder only; every other command loads a model
-    assert ("--model" in result.stdout) == (command not in ("log", "report"))
+    # log, report and compare read a ledger / results folders only; every other command loads a model
+    assert ("--model" in result.stdout) == (command not in ("log", "report", "compare"))
     callback = next(c.callback for c in app.registered_commands if (c.name or c.callback.__name__) == command)
     assert flat(callback.__doc__.splitlines()[0]) in flat(result.stdout)
 

@@ -314,6 +314,46 @@ def test_a_folder_adopts_the_baseline_of_another_measured_alike(tmp_path: Path, 
         run_eval(light(**zsre), tmp_path / "d", loaded=lm, baseline_from=tmp_path / "nowhere")
 
 
+def test_folders_measured_alike_compare_as_one_report(tmp_path: Path) -> None:
+    from seqedit.evaluate.compare import merge_results
+    from seqedit.report import markdown
+
+    lm = tiny_model("llama")
+    kw = dict(modes=("se",), retention_every=1, drift_windows=1)
+    run_eval(light(**kw, alignments=("aligned",)), tmp_path / "aligned", loaded=lm)
+    run_eval(light(**kw, alignments=("naive",)), tmp_path / "naive", loaded=lm, baseline_from=tmp_path / "aligned")
+    # the same configuration with another λ: the folder names tell the two copies apart
+    other = light(**kw, alignments=("aligned",), overrides=dict(OVERRIDES, lam=20.0))
+    run_eval(other, tmp_path / "lam20", loaded=lm, baseline_from=tmp_path / "aligned")
+    merged = merge_results([tmp_path / "aligned", tmp_path / "naive", tmp_path / "lam20"])
+    assert list(merged["configs"]) == ["memit (aligned)/aligned/se", "memit/naive/se", "memit (lam20)/aligned/se"]
+    mine = json.loads((tmp_path / "lam20" / "results.json").read_text())
+    assert merged["configs"]["memit (lam20)/aligned/se"]["final"] == mine["configs"]["memit/aligned/se"]["final"]
+    assert [s["hparams_vs_first"] for s in merged["sources"]] == [{}, {}, {"lam": [10.0, 20.0]}]
+    md = markdown(merged)
+    assert "**memit (lam20) / aligned**" in md and "lam = 20.0 (first: 10.0)" in md and "## Sources" in md
+    # a folder that measured its baseline otherwise is refused, by name and by what differs
+    run_eval(light(**kw, alignments=("aligned",), seed=1), tmp_path / "seed1", loaded=lm)
+    with pytest.raises(EvalSettingsError, match="seed1 does not compare with .*aligned: .*seed"):
+        merge_results([tmp_path / "aligned", tmp_path / "seed1"])
+    with pytest.raises(EvalSettingsError, match="at least two"):
+        merge_results([tmp_path / "aligned"])
+    with pytest.raises(EvalSettingsError, match="cannot read"):
+        merge_results([tmp_path / "aligned", tmp_path / "nowhere"])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "aligned").symlink_to(tmp_path / "lam20")
+    with pytest.raises(EvalSettingsError, match="distinct folder names"):
+        merge_results([tmp_path / "aligned", tmp_path / "x" / "aligned"])
+    # the command writes the joint report and plots
+    result = invoke("compare", tmp_path / "aligned", tmp_path / "naive", "--out", tmp_path / "joint")
+    assert result.exit_code == 0, result.output
+    joint = (tmp_path / "joint" / "report.md").read_text()
+    assert "| memit | aligned |" in joint and "| memit | naive |" in joint and "Along the run" in joint
+    assert (tmp_path / "joint" / "edit_metrics_vs_edits.png").read_bytes().startswith(b"\x89PNG")
+    result = invoke("compare", tmp_path / "aligned", tmp_path / "seed1", "--out", tmp_path / "bad")
+    assert result.exit_code != 0 and "seed" in result.output and not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 

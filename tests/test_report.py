@@ -166,3 +166,18 @@ def test_drift_table_without_general_tasks_and_fluency_off(results: dict) -> Non
     assert "| pre-edit | – | 10.00 | 100.0 |" in text
     assert "Fluency not measured" in text and "Flu. (×100)" not in text
     assert "\n\nSkipped rlsedit/naive: no naive form." in text  # a paragraph, not a table row
+
+
+def test_along_the_run_has_one_row_per_recorded_point_and_the_final_model_last(results: dict) -> None:
+    md = markdown(results)
+    part = md.split("## Along the run")[1].split("## Timings")[0]
+    aligned = part.split("**memit / aligned**")[1].split("**memit / naive**")[0]
+    # pre-edit, then the retention and curve points merged by the number of edits, the final model last
+    assert "| pre-edit | 25.0 | 12.5 | 87.5 | 10.00 | – | 100.0 | 50.0 |" in aligned
+    assert "| 2 | 100.0 | 50.0 | 50.0 | 11.00 | +10.0 % | 95.0 | 60.0 |" in aligned
+    assert "| 4 (final) | 100.0 | 75.0 | 50.0 | 12.50 | +25.0 % | 90.0 | 50.0 |" in aligned
+    assert "**memit / naive**" in part and "/ aligned" not in part.split("**memit / naive**")[1]
+    # OTE configurations have no points along a run; without any SE points there is no section
+    for e in results["configs"].values():
+        e["retention"], e["curve"] = [], []
+    assert "## Along the run" not in markdown(results)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .atomic import atomic_write, atomic_write_text
 
-__all__ = ["EDIT_METRICS", "PLOTS", "markdown", "render", "render_plots", "rendered"]
+__all__ = ["EDIT_METRICS", "PLOTS", "markdown", "render", "render_data", "render_plots", "rendered"]
 
 EDIT_METRICS = {
     "counterfact": ("efficacy", "generalization", "specificity"),
@@ -153,6 +153,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines += _table(_unwrap_baseline(data), gcols)
         if tasks:
             lines += ["", f"RTE: {proto.get('rte_labels')}."]
+    lines += _along_the_run(data) + _sources(data)
     same = [lbl for lbl, e in data.get("configs", {}).items() if e.get("same_as")]
     if same:
         lines += ["", "† " + "; ".join(f"{lbl} is the identical one-step solve of {data['configs'][lbl]['same_as']}: "
@@ -182,6 +183,58 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["", f"Versions: seqedit {v.get('seqedit')} ({v.get('git_commit') or 'no git'}), torch {v.get('torch')}, "
                   f"transformers {v.get('transformers')}, python {v.get('python')}, {v.get('torch_threads')} threads."]
     return "\n".join(lines) + "\n"
+
+
+def _along_the_run(data: dict) -> list[str]:
+    """One table per sequential configuration with intermediate points: the edit metrics of all facts
+    edited so far (retention), perplexity (and its change from pre-edit), top-1 agreement and mean F1,
+    one row per number of edits, the final model last. Empty when no configuration recorded any."""
+    st, ds = data.get("settings", {}), data.get("settings", {}).get("dataset", "counterfact")
+    metrics = EDIT_METRICS.get(ds, ())
+    base_ppl = _get(data, "baseline", "drift", "ppl")
+    out: list[str] = []
+    for (m, a), e in _rows(data).items():
+        se = e.get("se")
+        if not se or not (se.get("retention") or se.get("curve")):
+            continue
+        points: dict[int, dict] = {}
+        for p in se.get("retention") or []:
+            points.setdefault(p["edits"], {})["edit"] = p
+        for p in se.get("curve") or []:
+            points.setdefault(p["edits"], {}).update({k: p[k] for k in ("general", "drift") if k in p})
+        points[st.get("n") or max(points)] = {**se["final"], "final": True}
+        if not out:
+            out += ["", "## Along the run (sequential edits; edit metrics of all facts edited so far)", ""]
+        out += [f"**{m} / {a}**", "",
+                "| edits | " + " | ".join(_SHORT[k] for k in metrics) + " | PPL | ΔPPL | top-1 agree | mean F1 |",
+                "|---:|" + "---:|" * (len(metrics) + 4)]
+        base = data.get("baseline", {})
+        rows = [(0, {**base, "pre": True})] + sorted(points.items())
+        for edits, p in rows:
+            ppl = _get(p, "drift", "ppl")
+            rel = "–" if ppl is None or not base_ppl or p.get("pre") else f"{100 * (ppl / base_ppl - 1):+.1f} %"
+            label = "pre-edit" if p.get("pre") else f"{edits:,}" + (" (final)" if p.get("final") else "")
+            out.append(f"| {label} | " + " | ".join(_fmt(_get(p, "edit", k)) for k in metrics)
+                       + f" | {_fmt(ppl, 1, 2)} | {rel} | {_fmt(_get(p, 'drift', 'agreement'))} | "
+                       f"{_fmt(_get(p, 'general', 'mean_f1'))} |")
+        out.append("")
+    return out[:-1] if out else out
+
+
+def _sources(data: dict) -> list[str]:
+    """The folders a comparison (:func:`seqedit.evaluate.compare.merge_results`) was merged from."""
+    if not data.get("sources"):
+        return []
+    out = ["", "## Sources", "",
+           "Merged from these results folders (one pre-edit baseline: the same model, facts and metrics; the "
+           "first folder's is shown):", "",
+           "| folder | configurations | values | prompt format | batch | preset | hyperparameters unlike the first folder's | commit |",
+           "|---|---|---|---|---:|---|---|---|"]
+    for s in data["sources"]:
+        hp = "; ".join(f"{k} = {new!r} (first: {old!r})" for k, (old, new) in s.get("hparams_vs_first", {}).items())
+        out.append(f"| `{s['folder']}` | {', '.join(s['configs'])} | {s.get('values')} | {s.get('prompt_format')} | "
+                   f"{s.get('batch_size')} | {s.get('preset') or 'default'} | {hp or '–'} | {(s.get('commit') or 'no git')[:10]} |")
+    return out
 
 
 def _unwrap_baseline(data: dict) -> dict:
@@ -329,8 +382,13 @@ def rendered(folder: str | Path) -> dict[str, Any] | None:
 
 def render(folder: str | Path) -> dict[str, Any]:
     """Re-render ``report.md`` and the plots of ``folder/results.json``; returns the paths written."""
+    return render_data(load_results(folder), folder)
+
+
+def render_data(data: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """Write ``report.md`` and the plots of results ``data`` into ``folder``; returns the paths written."""
     folder = Path(folder)
-    data = load_results(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     md = atomic_write_text(folder / "report.md", markdown(data))
     plots = render_plots(data, folder)
     return {"markdown": str(md), "plots": [str(p) for p in plots]}

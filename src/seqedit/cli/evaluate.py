@@ -1,5 +1,5 @@
-"""``seqedit eval`` and ``seqedit report``: the benchmark suite from one command, and re-rendering
-its report.md and plots from results.json."""
+"""``seqedit eval``, ``seqedit report`` and ``seqedit compare``: the benchmark suite from one command,
+re-rendering its report.md and plots from results.json, and one report over several folders."""
 
 from __future__ import annotations
 
@@ -154,3 +154,25 @@ def report(
         out.print_json(data=paths)
         return
     out.print(f"wrote {paths['markdown']} and {len(paths['plots'])} plots")
+
+
+@app.command()
+def compare(
+    folders: list[Path] = typer.Argument(..., help="Two or more eval output folders measured on the same model, "
+                                         "facts and metrics (e.g. the later ones made with --baseline-from the first)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the joint report.md and plots."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """One report.md and one set of plots over several eval folders (aligned vs naive run apart, presets side by side)."""
+    from ..evaluate.compare import merge_results
+    from ..evaluate.config import EvalSettingsError
+    from ..report import render_data
+
+    try:
+        paths = render_data(merge_results(folders), out_dir)
+    except (EvalSettingsError, OSError, ValueError, KeyError) as e:
+        fail(f"cannot compare: {e}")
+    if as_json:
+        out.print_json(data=paths)
+        return
+    out.print(f"wrote {paths['markdown']} and {len(paths['plots'])} plots over {len(folders)} folders")

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_json
-from .config import EvalConfig, EvalSettingsError
+from .config import EvalConfig, EvalSettingsError, baseline_settings
 
-__all__ = ["FORMAT", "ResultsStore", "check_out_dir"]
+__all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir"]
 
 FORMAT = "seqedit-eval/1"
 
@@ -66,6 +66,26 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     """The keys whose values differ, as ``"k: OLD there, NEW now; ..."`` (first ``limit``); ``""`` if none."""
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:limit])
+
+
+def baseline_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    """``""`` when two runs measure their pre-edit baseline alike, else what differs, in words.
+
+    ``theirs`` and ``mine`` are results.json dicts, or the same keys of a run about to start
+    (``model``: name and base-weight ``cache_key``; ``settings``; ``selection``: ``fact_ids``). Alike
+    means the same model, the same facts and the same metrics (:func:`~.config.baseline_settings`);
+    how the facts are edited may differ.
+    """
+    keys = ("name", "cache_key")
+    a = {k: theirs.get("model", {}).get(k) for k in keys}
+    b = {k: mine.get("model", {}).get(k) for k in keys}
+    if a != b:
+        return f"another model ({a} vs {b})"
+    if shown := differences(baseline_settings(theirs.get("settings", {})), baseline_settings(mine.get("settings", {}))):
+        return f"its baseline was measured differently ({shown})"
+    if theirs.get("selection", {}).get("fact_ids") != mine.get("selection", {}).get("fact_ids"):
+        return "other facts were selected"
+    return ""
 
 
 def _now() -> str:

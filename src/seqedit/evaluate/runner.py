@@ -29,10 +29,10 @@ from typing import Any, Callable
 from ..facts import Fact
 from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from ..steps import RunPosition, StepReport
-from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, baseline_settings, plan
+from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
 from .measure import References, drift_summary, edit_summary, general_summary
-from .results import ResultsStore, _now, differences, _scored_finals, _versions, _weights_sha
+from .results import ResultsStore, _now, baseline_differences, differences, _scored_finals, _versions, _weights_sha
 from .selection import Selection, select_facts
 
 __all__ = ["run_eval"]
@@ -258,14 +258,9 @@ def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: d
         raise EvalSettingsError(f"--baseline-from {source}: cannot read {path} ({e})") from None
     if "baseline" not in other:
         raise EvalSettingsError(f"--baseline-from {source}: it has no baseline yet")
-    mine = {k: model_info[k] for k in ("name", "cache_key")}
-    theirs = {k: other.get("model", {}).get(k) for k in ("name", "cache_key")}
-    if mine != theirs:
-        raise EvalSettingsError(f"--baseline-from {source}: another model ({theirs} vs {mine})")
-    if shown := differences(baseline_settings(other.get("settings", {})), baseline_settings(config.settings())):
-        raise EvalSettingsError(f"--baseline-from {source}: its baseline was measured differently ({shown})")
-    if other.get("selection", {}).get("fact_ids") != selection.to_dict().get("fact_ids"):
-        raise EvalSettingsError(f"--baseline-from {source}: other facts were selected")
+    mine = {"model": model_info, "settings": config.settings(), "selection": selection.to_dict()}
+    if shown := baseline_differences(other, mine):
+        raise EvalSettingsError(f"--baseline-from {source}: {shown}")
     refs = References.load(Path(source), config.dataset, config.drift_windows)
     if refs is None:
         raise EvalSettingsError(f"--baseline-from {source}: its pre-edit reference files are missing")
