@@ -15,6 +15,7 @@ from seqedit.cli import app
 from seqedit.editor import Editor
 from seqedit.progress import Phase
 from seqedit.evaluate.counterfact import counterfact_metrics
+from seqedit.evaluate.measure import cohort_means
 from seqedit.evaluate.config import EvalConfig, EvalSettingsError, plan
 from seqedit.evaluate.results import check_out_dir
 from seqedit.evaluate.runner import run_eval
@@ -102,8 +103,9 @@ def test_run_records_everything_and_matches_a_direct_editor_run(tmp_path: Path) 
     editor = Editor(lm, method="memit", alignment="aligned", hparams=hp)
     for lo in (0, 2):
         editor.apply(sel.facts[lo : lo + 2], values=targets.value_result(lo, lo + 2))
-    direct = counterfact_metrics(lm, sel.facts, 16).summary()
-    assert without_seconds(se["final"]["edit"]) == without_seconds(direct)
+    direct = counterfact_metrics(lm, sel.facts, 16)
+    cohorts = cohort_means(direct.records, 2)  # retention every step of 2 facts: cohorts of 2
+    assert without_seconds(se["final"]["edit"]) == {**without_seconds(direct.summary()), "by_cohort": cohorts}
 
 
 class Interrupt(Exception):
@@ -312,6 +314,33 @@ def test_a_folder_adopts_the_baseline_of_another_measured_alike(tmp_path: Path, 
             run_eval(light(**(zsre | change)), tmp_path / f"c{len(match)}", loaded=lm, baseline_from=tmp_path / "a")
     with pytest.raises(EvalSettingsError, match="cannot read"):
         run_eval(light(**zsre), tmp_path / "d", loaded=lm, baseline_from=tmp_path / "nowhere")
+
+
+def test_retention_points_break_the_facts_into_cohorts_of_one_retention_stretch(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    data = run_eval(light(modes=("se",), alignments=("aligned",), retention_every=1), tmp_path / "r", loaded=lm)
+    entry = data["configs"]["memit/aligned/se"]
+    first, last = entry["retention"]
+    # the cohorts are the facts of each stretch between retention points (2 steps of 2 facts here)
+    assert [c["facts"] for c in first["by_cohort"]] == [[1, 2]]
+    assert [c["facts"] for c in last["by_cohort"]] == [[1, 2], [3, 4]]
+    for point in (first, last):
+        for metric in ("efficacy", "generalization", "specificity"):
+            sizes = [c["facts"][1] - c["facts"][0] + 1 for c in point["by_cohort"]]
+            pooled = sum(n * c[metric] for n, c in zip(sizes, point["by_cohort"])) / sum(sizes)
+            assert pooled == pytest.approx(point[metric])  # KnowEdit records define every metric
+    assert [c["facts"] for c in data["baseline"]["edit"]["by_cohort"]] == [[1, 2], [3, 4]]
+    from seqedit.report import render
+
+    render(tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Retention by cohort" in md and "| 1–2 |" in md and "| 3–4 |" in md
+    assert (tmp_path / "r" / "retention_by_cohort.png").read_bytes().startswith(b"\x89PNG")
+    # without retention points there are no cohorts
+    plain = run_eval(light(modes=("se",), alignments=("aligned",)), tmp_path / "p", loaded=lm)
+    assert "by_cohort" not in plain["configs"]["memit/aligned/se"]["final"]["edit"]
+    render(tmp_path / "p")
+    assert not (tmp_path / "p" / "retention_by_cohort.png").exists()
 
 
 def test_folders_measured_alike_compare_as_one_report(tmp_path: Path) -> None:

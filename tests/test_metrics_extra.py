@@ -233,3 +233,21 @@ def test_single_token_options_cost_one_prompt_forward_per_example():
     for ex, k in zip(examples, got):
         nll = [s.mean_nll for s in score_targets(lm, [(ex.prompt, o) for o in ex.options])]
         assert k == min(range(len(nll)), key=lambda j: nll[j])
+
+
+def test_cohort_means_by_hand() -> None:
+    from types import SimpleNamespace as R
+
+    from seqedit.evaluate.measure import cohort_means
+
+    recs = [R(efficacy=1.0, generalization=None, specificity=0.5), R(efficacy=0.0, generalization=1.0, specificity=0.5),
+            R(efficacy=1.0, generalization=None, specificity=0.0)]
+    assert cohort_means(recs, 2) == [
+        {"facts": [1, 2], "efficacy": 0.5, "generalization": 1.0, "specificity": 0.5},
+        {"facts": [3, 3], "efficacy": 1.0, "generalization": None, "specificity": 0.0},
+    ]
+    assert cohort_means(recs, 5) == [{"facts": [1, 3], "efficacy": 2 / 3, "generalization": 1.0,
+                                      "specificity": 1 / 3}]
+    assert cohort_means([], 3) == []
+    with pytest.raises(ValueError, match="positive"):
+        cohort_means(recs, 0)

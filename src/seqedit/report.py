@@ -7,7 +7,9 @@ per metric, each cell ``SE | OTE``) and small PNG plots (matplotlib, Agg backend
   (SE retention curve where recorded, else the final point; OTE as a cross at n; pre-edit at 0);
 * ``se_vs_ote.png`` — final metrics, SE and OTE side by side per method/alignment;
 * ``general_vs_edits.png`` — general-task F1 (mean and per task), WikiText-2 perplexity and top-1
-  agreement against the number of edits.
+  agreement against the number of edits;
+* ``retention_by_cohort.png`` — where retention points carry per-cohort means: each cohort's (the facts
+  edited between two retention points) metrics against the number of edits, early cohorts dark.
 
 Colour = method, line style = alignment (solid aligned, dashed otherwise), so aligned vs naive reads
 off each panel. Rates are ×100 in the table, as in the paper.
@@ -153,7 +155,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines += _table(_unwrap_baseline(data), gcols)
         if tasks:
             lines += ["", f"RTE: {proto.get('rte_labels')}."]
-    lines += _along_the_run(data) + _sources(data)
+    lines += _along_the_run(data) + _by_cohort(data) + _sources(data)
     same = [lbl for lbl, e in data.get("configs", {}).items() if e.get("same_as")]
     if same:
         lines += ["", "† " + "; ".join(f"{lbl} is the identical one-step solve of {data['configs'][lbl]['same_as']}: "
@@ -217,6 +219,36 @@ def _along_the_run(data: dict) -> list[str]:
             out.append(f"| {label} | " + " | ".join(_fmt(_get(p, "edit", k)) for k in metrics)
                        + f" | {_fmt(ppl, 1, 2)} | {rel} | {_fmt(_get(p, 'drift', 'agreement'))} | "
                        f"{_fmt(_get(p, 'general', 'mean_f1'))} |")
+        out.append("")
+    return out[:-1] if out else out
+
+
+def _cohort_points(se: dict) -> list[dict]:
+    """The retention points of an SE entry that carry per-cohort means, in order of edits."""
+    return sorted((p for p in se.get("retention") or [] if p.get("by_cohort")), key=lambda p: p["edits"])
+
+
+def _by_cohort(data: dict) -> list[str]:
+    """Retention of early against late edits: one row per cohort (the facts edited between two retention
+    points), one column per retention point, cells ``Eff. / Gen.`` of that cohort on that model."""
+    metrics = EDIT_METRICS.get(data.get("settings", {}).get("dataset", "counterfact"), ())[:2]
+    out: list[str] = []
+    for (m, a), e in _rows(data).items():
+        points = _cohort_points(e.get("se") or {})
+        if len(points) < 2:  # one point has one cohort, which the table along the run already shows
+            continue
+        if not out:
+            out += ["", "## Retention by cohort (" + " / ".join(_SHORT[k] for k in metrics)
+                    + " of the facts edited in each stretch, re-scored at each retention point)", ""]
+        base = {tuple(c["facts"]): c for c in _get(data, "baseline", "edit", "by_cohort") or []}
+        heads = (["pre-edit"] if base else []) + [f"after {p['edits']:,}" for p in points]
+        out += [f"**{m} / {a}**", "", "| facts | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        for cohort in points[-1]["by_cohort"]:
+            key = tuple(cohort["facts"])
+            cells = [(base.get(key), True)] if base else []
+            cells += [(next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None), False) for p in points]
+            row = [" / ".join(_fmt(c.get(k)) for k in metrics) if c else "" for c, _ in cells]
+            out.append(f"| {key[0]:,}–{key[1]:,} | " + " | ".join(row) + " |")
         out.append("")
     return out[:-1] if out else out
 
@@ -342,6 +374,36 @@ def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
     return save_png(fig, path)
 
 
+def _cohort_curves(data: dict, metrics: tuple[str, ...], path: Path) -> Path | None:
+    """Per SE configuration with cohort data, one panel per metric: one line per cohort (the facts edited
+    between two retention points, early ones dark) against the number of edits."""
+    import matplotlib.pyplot as plt
+
+    rows = [((m, a), _cohort_points(e["se"])) for (m, a), e in _rows(data).items() if e.get("se")]
+    rows = [(key, pts) for key, pts in rows if len(pts) >= 2]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), len(metrics), figsize=(3.2 * len(metrics), 2.6 * len(rows)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for r, ((m, a), points) in enumerate(rows):
+        cohorts = [tuple(c["facts"]) for c in points[-1]["by_cohort"]]
+        for ax, metric in zip(axes[r], metrics):
+            for i, key in enumerate(cohorts):
+                xs, ys = [], []
+                for p in points:
+                    c = next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None)
+                    if c is not None and c.get(metric) is not None:
+                        xs.append(p["edits"])
+                        ys.append(100 * c[metric])
+                ax.plot(xs, ys, marker="o", ms=3, color=cmap(i / max(1, len(cohorts) - 1)),
+                        label=f"facts {key[0]:,}–{key[1]:,}")
+            ax.set_title(f"{m}/{a}: {_SHORT.get(metric, metric)} by cohort", fontsize=9)
+            ax.set_xlabel("edits", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[r][0].legend(fontsize=6, frameon=False)
+    return save_png(fig, path)
+
+
 def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
     """Write the PNG plots of ``data`` into ``folder``; returns their paths (none if nothing is done)."""
     import matplotlib
@@ -366,10 +428,12 @@ def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
         panels += [("PPL", "curve", ("drift", "ppl")), ("top-1 agree", "curve", ("drift", "agreement"))]
     if panels:
         out.append(_curve_panels(data, panels, folder / "general_vs_edits.png", {"PPL": 1.0}))
+    if (cohorts := _cohort_curves(data, metrics, folder / "retention_by_cohort.png")) is not None:
+        out.append(cohorts)
     return out
 
 
-PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png")
+PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png", "retention_by_cohort.png")
 
 
 def rendered(folder: str | Path) -> dict[str, Any] | None:

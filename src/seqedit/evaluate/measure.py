@@ -27,7 +27,7 @@ from .general import general_metrics
 from .general_gen import general_metrics_generation
 from .zsre import ZsreReference, zsre_metrics, zsre_reference
 
-__all__ = ["References", "drift_summary", "edit_summary", "general_summary"]
+__all__ = ["References", "cohort_means", "drift_summary", "edit_summary", "general_summary"]
 
 DRIFT_FILE, ZSRE_FILE = "reference_drift.npz", "reference_zsre.json"
 
@@ -67,20 +67,47 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+_COHORT_METRICS = ("efficacy", "generalization", "specificity", "specificity_vs_gold", "specificity_vs_pre_edit")
+
+
+def cohort_means(records: Sequence[Any], size: int) -> list[dict[str, Any]]:
+    """Each metric's mean over consecutive blocks of ``size`` records, in editing order:
+    ``[{"facts": [first, last], "efficacy": mean, ...}]`` (1-based, inclusive; the last block may be
+    shorter; a mean is ``None`` where no record of the block defines the metric). With ``size`` the
+    facts edited between two retention points, block b says how the facts edited in that stretch of
+    the run hold up on the current model: retention of early edits against late ones."""
+    if size <= 0:
+        raise ValueError(f"cohort size must be positive, got {size}")
+    names = [m for m in _COHORT_METRICS if records and hasattr(records[0], m)]
+    out = []
+    for start in range(0, len(records), size):
+        block = records[start:start + size]
+        means = {}
+        for m in names:
+            kept = [getattr(r, m) for r in block if getattr(r, m) is not None]
+            means[m] = sum(kept) / len(kept) if kept else None
+        out.append({"facts": [start + 1, start + len(block)], **means})
+    return out
+
+
 def edit_summary(loaded, dataset: str, facts: Sequence[Fact], refs: References, batch_rows: int,
-                 chat: bool = False) -> dict[str, Any]:
+                 chat: bool = False, cohort: int | None = None) -> dict[str, Any]:
     """CounterFact or ZsRE metrics of ``facts`` (means, ``n_records``), timing and throughput. ``facts``
     must be a prefix of the facts the references were computed for. With ``chat``, ``"chat"`` holds the
-    same facts' metrics through the chat template (:mod:`seqedit.evaluate.chat`)."""
+    same facts' metrics through the chat template (:mod:`seqedit.evaluate.chat`); with ``cohort``,
+    ``"by_cohort"`` holds the means over each block of that many facts (:func:`cohort_means`)."""
     t = time.perf_counter()
     if dataset == "counterfact":
-        res = counterfact_metrics(loaded, facts, batch_rows).summary()
+        result = counterfact_metrics(loaded, facts, batch_rows)
     else:
         ref = refs.zsre
         if ref is not None:  # retention scores a prefix of the selected facts
             k = len(facts)
             ref = ZsreReference(ref.neighbors[:k], ref.predictions[:k])
-        res = zsre_metrics(loaded, facts, ref, batch_rows).summary()
+        result = zsre_metrics(loaded, facts, ref, batch_rows)
+    res = result.summary()
+    if cohort:
+        res["by_cohort"] = cohort_means(result.records, cohort)
     if chat:
         t_chat = time.perf_counter()
         res["chat"] = {**chat_metrics(loaded, facts, batch_rows).summary(), "seconds": time.perf_counter() - t_chat}

@@ -93,8 +93,10 @@ class _Run:
     # ---------------------------------------------------------------- measurements
     def edit(self, facts: list[Fact]) -> dict[str, Any]:
         self.say(f"{self.cfg.dataset} metrics on {len(facts)} facts")
-        return edit_summary(self.lm, self.cfg.dataset, facts, self.refs, self.cfg.eval_batch_rows,
-                            chat=self.cfg.chat_metrics)
+        c = self.cfg
+        # retention cohorts: the facts edited between two retention points
+        return edit_summary(self.lm, c.dataset, facts, self.refs, c.eval_batch_rows, chat=c.chat_metrics,
+                            cohort=c.retention_every * c.batch_size if c.retention_every else None)
 
     def capability(self) -> dict[str, Any]:
         c = self.cfg
