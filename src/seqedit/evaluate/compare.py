@@ -11,25 +11,13 @@ would put numbers side by side that do not compare, and are refused by name.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 from .config import EvalSettingsError
-from .results import baseline_differences
+from .results import baseline_differences, read_measured
 
 __all__ = ["merge_results"]
-
-
-def _load(folder: Path) -> dict[str, Any]:
-    path = folder / "results.json"
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise EvalSettingsError(f"{folder}: cannot read {path} ({e})") from None
-    if "baseline" not in data:
-        raise EvalSettingsError(f"{folder}: it has no baseline yet (its run stopped before the pre-edit metrics)")
-    return data
 
 
 def _relabel(label: str, tag: str) -> str:
@@ -55,7 +43,7 @@ def merge_results(folders: Sequence[str | Path]) -> dict[str, Any]:
     paths = [Path(f) for f in folders]
     if len(paths) < 2:
         raise EvalSettingsError("a comparison needs at least two results folders")
-    datas = [_load(p) for p in paths]
+    datas = [read_measured(p, str(p)) for p in paths]
     first = datas[0]
     for path, data in zip(paths[1:], datas[1:]):
         if shown := baseline_differences(data, first):

@@ -21,7 +21,7 @@ import torch
 from ..atomic import atomic_write_json
 from .config import EvalConfig, EvalSettingsError, baseline_settings
 
-__all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir"]
+__all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir", "read_measured"]
 
 FORMAT = "seqedit-eval/1"
 
@@ -66,6 +66,19 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     """The keys whose values differ, as ``"k: OLD there, NEW now; ..."`` (first ``limit``); ``""`` if none."""
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:limit])
+
+
+def read_measured(folder: str | Path, label: str) -> dict[str, Any]:
+    """``folder/results.json``, which must hold a pre-edit baseline; raises :class:`EvalSettingsError`
+    starting with ``label`` (how the caller names the folder) when it cannot be read or has none."""
+    path = Path(folder) / "results.json"
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise EvalSettingsError(f"{label}: cannot read {path} ({e})") from None
+    if "baseline" not in data:
+        raise EvalSettingsError(f"{label}: it has no baseline yet (its run stopped before the pre-edit metrics)")
+    return data
 
 
 def baseline_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:

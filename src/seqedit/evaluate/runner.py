@@ -32,7 +32,7 @@ from ..steps import RunPosition, StepReport
 from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
 from .measure import References, drift_summary, edit_summary, general_summary
-from .results import ResultsStore, _now, baseline_differences, differences, _scored_finals, _versions, _weights_sha
+from .results import ResultsStore, _now, baseline_differences, differences, read_measured, _scored_finals, _versions, _weights_sha
 from .selection import Selection, select_facts
 
 __all__ = ["run_eval"]
@@ -253,13 +253,7 @@ def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: d
     was measured on the same model, facts and metrics as ``config`` would measure it (the editing
     settings may differ: format, method, batch size, hyperparameters). Raises
     :class:`EvalSettingsError` naming what differs otherwise."""
-    path = Path(source) / "results.json"
-    try:
-        other = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        raise EvalSettingsError(f"--baseline-from {source}: cannot read {path} ({e})") from None
-    if "baseline" not in other:
-        raise EvalSettingsError(f"--baseline-from {source}: it has no baseline yet")
+    other = read_measured(source, f"--baseline-from {source}")
     mine = {"model": model_info, "settings": config.settings(), "selection": selection.to_dict()}
     if shown := baseline_differences(other, mine):
         raise EvalSettingsError(f"--baseline-from {source}: {shown}")
