@@ -21,7 +21,6 @@ This module owns the run (``_Run``, :func:`run_eval`); the settings and the plan
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
