@@ -181,3 +181,19 @@ def test_along_the_run_has_one_row_per_recorded_point_and_the_final_model_last(r
     for e in results["configs"].values():
         e["retention"], e["curve"] = [], []
     assert "## Along the run" not in markdown(results)
+
+
+def test_a_run_still_going_shows_its_points_so_far(results: dict, tmp_path: Path) -> None:
+    running = {"status": "running", "mode": "se", "edited": 2,
+               "retention": [{"step": 1, "edits": 2, **edit(0.75, 0.5, 0.625),
+                              "by_cohort": [{"facts": [1, 2], "efficacy": 0.75, "generalization": 0.5}]}],
+               "curve": [{"step": 1, "edits": 2, **capability(0.4, 15.0, 0.8)}]}
+    results["configs"] = {"memit/aligned/se": running}
+    results["planned"] = ["memit/aligned/se"]
+    md = markdown(results)
+    assert "**memit / aligned** (unfinished: 2 of 4 facts edited so far)" in md
+    assert "| 2 | 75.0 | 50.0 | 62.5 | 15.00 | +50.0 % | 80.0 | 40.0 |" in md and "(final)" not in md
+    assert "Unfinished run" in md
+    paths = render_plots(results, tmp_path)
+    # the curves so far, but no SE-vs-OTE bars without a final model
+    assert [p.name for p in paths] == ["edit_metrics_vs_edits.png", "general_vs_edits.png"]

@@ -40,11 +40,14 @@ def load_results(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text("utf-8"))
 
 
-def _rows(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, dict]]:
-    """``{(method, alignment): {"se": entry, "ote": entry}}`` of the completed configurations."""
+def _rows(data: dict[str, Any], running: bool = False) -> dict[tuple[str, str], dict[str, dict]]:
+    """``{(method, alignment): {"se": entry, "ote": entry}}`` of the completed configurations, and with
+    ``running`` also of those still running that have points along the run (a checkpointed run saves
+    them after every step)."""
     out: dict[tuple[str, str], dict[str, dict]] = {}
     for label, e in data.get("configs", {}).items():
-        if e.get("status") == "done":
+        going = running and e.get("status") == "running" and bool(e.get("retention") or e.get("curve"))
+        if e.get("status") == "done" or going:
             m, a, mode = label.split("/")
             out.setdefault((m, a), {})[mode] = e
     return out
@@ -195,7 +198,7 @@ def _along_the_run(data: dict) -> list[str]:
     metrics = EDIT_METRICS.get(ds, ())
     base_ppl = _get(data, "baseline", "drift", "ppl")
     out: list[str] = []
-    for (m, a), e in _rows(data).items():
+    for (m, a), e in _rows(data, running=True).items():
         se = e.get("se")
         if not se or not (se.get("retention") or se.get("curve")):
             continue
@@ -204,10 +207,11 @@ def _along_the_run(data: dict) -> list[str]:
             points.setdefault(p["edits"], {})["edit"] = p
         for p in se.get("curve") or []:
             points.setdefault(p["edits"], {}).update({k: p[k] for k in ("general", "drift") if k in p})
-        points[st.get("n") or max(points)] = {**se["final"], "final": True}
+        if "final" in se:
+            points[st.get("n") or max(points)] = {**se["final"], "final": True}
         if not out:
             out += ["", "## Along the run (sequential edits; edit metrics of all facts edited so far)", ""]
-        out += [f"**{m} / {a}**", "",
+        out += [f"**{m} / {a}**" + _unfinished(se, st), "",
                 "| edits | " + " | ".join(_SHORT[k] for k in metrics) + " | PPL | ΔPPL | top-1 agree | mean F1 |",
                 "|---:|" + "---:|" * (len(metrics) + 4)]
         base = data.get("baseline", {})
@@ -223,6 +227,13 @@ def _along_the_run(data: dict) -> list[str]:
     return out[:-1] if out else out
 
 
+def _unfinished(se: dict, settings: dict) -> str:
+    """`` (unfinished: …)`` for an entry still running, else ``""``."""
+    if se.get("status") != "running":
+        return ""
+    return f" (unfinished: {se.get('edited', 0):,} of {settings.get('n', 0):,} facts edited so far)"
+
+
 def _cohort_points(se: dict) -> list[dict]:
     """The retention points of an SE entry that carry per-cohort means, in order of edits."""
     return sorted((p for p in se.get("retention") or [] if p.get("by_cohort")), key=lambda p: p["edits"])
@@ -233,7 +244,7 @@ def _by_cohort(data: dict) -> list[str]:
     points), one column per retention point, cells ``Eff. / Gen.`` of that cohort on that model."""
     metrics = EDIT_METRICS.get(data.get("settings", {}).get("dataset", "counterfact"), ())[:2]
     out: list[str] = []
-    for (m, a), e in _rows(data).items():
+    for (m, a), e in _rows(data, running=True).items():
         points = _cohort_points(e.get("se") or {})
         if len(points) < 2:  # one point has one cohort, which the table along the run already shows
             continue
@@ -242,7 +253,8 @@ def _by_cohort(data: dict) -> list[str]:
                     + " of the facts edited in each stretch, re-scored at each retention point)", ""]
         base = {tuple(c["facts"]): c for c in _get(data, "baseline", "edit", "by_cohort") or []}
         heads = (["pre-edit"] if base else []) + [f"after {p['edits']:,}" for p in points]
-        out += [f"**{m} / {a}**", "", "| facts | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        out += [f"**{m} / {a}**" + _unfinished(e["se"], data.get("settings", {})), "",
+                "| facts | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
         for cohort in points[-1]["by_cohort"]:
             key = tuple(cohort["facts"])
             cells = [(base.get(key), True)] if base else []
@@ -307,6 +319,8 @@ def save_png(fig, path: Path, tight: bool = True) -> Path:
 
 def _points(entry: dict, source: str, n: int) -> list[dict]:
     """Curve points of one configuration: ``retention`` (edit metrics, else the final one) or ``curve``."""
+    if "final" not in entry:  # still running: the points so far
+        return entry.get(source) or []
     if source == "retention":
         return entry.get("retention") or [{"edits": n, **entry["final"]["edit"]}]
     return entry.get("curve") or [{"edits": n, **entry["final"]}]
@@ -318,7 +332,7 @@ def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], pa
     metrics) or ``curve`` (path inside a general/drift point)."""
     import matplotlib.pyplot as plt
 
-    rows, n = _rows(data), data.get("settings", {}).get("n", 0)
+    rows, n = _rows(data, running=True), data.get("settings", {}).get("n", 0)
     style = _style(rows)
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
@@ -379,7 +393,7 @@ def _cohort_curves(data: dict, metrics: tuple[str, ...], path: Path) -> Path | N
     between two retention points, early ones dark) against the number of edits."""
     import matplotlib.pyplot as plt
 
-    rows = [((m, a), _cohort_points(e["se"])) for (m, a), e in _rows(data).items() if e.get("se")]
+    rows = [((m, a), _cohort_points(e["se"])) for (m, a), e in _rows(data, running=True).items() if e.get("se")]
     rows = [(key, pts) for key, pts in rows if len(pts) >= 2]
     if not rows:
         return None
@@ -410,15 +424,16 @@ def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")  # files only: never needs a display
     folder = Path(folder)
-    if not _rows(data):
+    if not _rows(data, running=True):
         return []
     ds = data.get("settings", {}).get("dataset", "counterfact")
     metrics = EDIT_METRICS.get(ds, ())
     out = [
         _curve_panels(data, [(_SHORT[m], "retention", (m,)) for m in metrics],
                       folder / "edit_metrics_vs_edits.png", {}),
-        _se_vs_ote(data, metrics, folder / "se_vs_ote.png"),
     ]
+    if _rows(data):  # final models to compare
+        out.append(_se_vs_ote(data, metrics, folder / "se_vs_ote.png"))
     st = data.get("settings", {})
     panels: list[tuple[str, str, tuple[str, ...]]] = []
     if st.get("general_n"):
