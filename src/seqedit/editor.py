@@ -31,9 +31,10 @@ from .ledger.manifest import (build_manifest, check_base, check_storage, recorde
                               reconcile_prompt_format, requested_method)
 from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
-from .ledger.fit import FitReport, constraint_fit
+from .ledger.fit import FitReport, constraint_fit, key_drift
 from .ledger.verify import VerifyReport
 from .locate.chat import check_chat_template, check_prompt_format, formats
+from .locate.keys import ContextRows, KeyReader
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult
@@ -419,6 +420,20 @@ class Editor:
         session = self._need_session("constraint_fit")
         self.prepare()
         return constraint_fit(self.bank, session.open(), groups, at_step)
+
+    def key_drift(self, groups: int = 10) -> FitReport:
+        """How far the keys the live model computes for the facts in force have moved from the keys their
+        constraints hold, and what that leaves unmet, per layer and by writing step
+        (:func:`~seqedit.ledger.fit.key_drift`)."""
+        session = self._need_session("key_drift")
+        self.prepare()
+        layers = list(self.hparams.layers)
+
+        def reread(facts: Sequence[Fact], fmt: str, split: bool) -> dict[int, torch.Tensor]:
+            ctx = ContextRows.build(self.loaded.tokenizer, facts, self.templates(), fmt, split)
+            return KeyReader(self.loaded, ctx, self.hparams.key_batch_rows).read(layers).keys
+
+        return key_drift(self.bank, session.open(), reread, groups)
 
     def export(self, path: str | os.PathLike, *, delta: bool = False, delta_dtype: str = "float32") -> Path:
         """Write the edited model as a plain HF directory, or with ``delta=True`` only the edited

@@ -182,6 +182,8 @@ def constraint_fit(
     groups: int = typer.Option(10, min=1, help="Group the writing steps into at most this many rows."),
     at_step: Optional[list[int]] = typer.Option(None, "--at-step", min=1, help="Measure the facts in force after "
                                                 "this step, under the weights of that moment (exact methods; repeatable)."),
+    key_drift: bool = typer.Option(False, "--key-drift", help="Re-read the facts' keys on the restored model and "
+                                   "report how far they moved from the stored ones, and the fit with the keys read now."),
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     as_json: bool = JsonOpt,
@@ -194,6 +196,8 @@ def constraint_fit(
 
     if not Ledger.exists(ledger):
         fail(f"{ledger} is not a seqedit ledger (no ledger.sqlite)")
+    if key_drift and at_step:
+        fail("--key-drift reads the keys on the restored (latest) model; it does not combine with --at-step")
 
     def check(L: Ledger) -> None:  # before the model loads
         if bad := [s for s in at_step or [] if s > L.last_step]:
@@ -201,31 +205,48 @@ def constraint_fit(
 
     with reopened(ledger, model, check, dtype=dtype, device_map=device_map) as editor:
         try:
-            reps = [editor.constraint_fit(groups, s) for s in (at_step or [None])]
+            reps = ([editor.key_drift(groups)] if key_drift
+                    else [editor.constraint_fit(groups, s) for s in (at_step or [None])])
         except LedgerError as e:
             fail(str(e))
     if as_json:  # one report per measured moment, in the order asked (the last step when none is)
         out.print_json(data=[r.to_dict() for r in reps])
         return
     for rep in reps:
-        _print_fit(ledger, rep)
+        (_print_drift if key_drift else _print_fit)(ledger, rep)
+
+
+def _by_step_table(title: str, rep: FitReport, cell) -> Table:
+    """One row per group of writing steps and one for all facts, one column per layer; ``cell(entry)``
+    formats a layer's entry (a group or the whole layer)."""
+    first = next(iter(rep.layers.values()))
+    t = Table(title=title)
+    t.add_column("steps")
+    t.add_column("facts", justify="right")
+    for l in rep.layers:
+        t.add_column(f"layer {l}", justify="right")
+    for i, g in enumerate(first["by_step"]):
+        t.add_row(f"{g['steps'][0]}–{g['steps'][1]}", str(g["facts"]), *(cell(e["by_step"][i]) for e in rep.layers.values()))
+    t.add_row("all", str(rep.n_facts), *(cell(e) for e in rep.layers.values()), style="bold")
+    return t
+
+
+def _print_drift(ledger: Path, rep: FitReport) -> None:
+    if not rep.layers:
+        out.print(f"key drift {ledger}: no facts in force")
+        return
+    out.print(_by_step_table(
+        f"key drift {ledger}: median ‖k_now − k‖/‖k‖ of the facts in force after step {rep.steps}, and the median "
+        f"unmet share with the keys read now (stored keys), by writing step ({rep.n_facts} facts)", rep,
+        lambda g: f"{g['median']:.3f} · {g['unmet_now']:.3f} ({g['unmet_stored']:.3f})"))
 
 
 def _print_fit(ledger: Path, rep: FitReport) -> None:
     if not rep.layers:
         out.print(f"fit {ledger}: no facts in force")
         return
-    first = next(iter(rep.layers.values()))
-    t = Table(title=f"fit {ledger}: median unmet share of the constraints in force after step {rep.steps}, "
-                    f"by the steps that wrote them ({rep.n_facts} facts)")
-    t.add_column("steps")
-    t.add_column("facts", justify="right")
-    for l, e in rep.layers.items():
-        t.add_column(f"layer {l}", justify="right")
-    for i, g in enumerate(first["by_step"]):
-        t.add_row(f"{g['steps'][0]}–{g['steps'][1]}", str(g["facts"]),
-                  *(f"{e['by_step'][i]['median']:.3f}" for e in rep.layers.values()))
-    t.add_row("all", str(rep.n_facts), *(f"{e['median']:.3f}" for e in rep.layers.values()), style="bold")
+    t = _by_step_table(f"fit {ledger}: median unmet share of the constraints in force after step {rep.steps}, "
+                       f"by the steps that wrote them ({rep.n_facts} facts)", rep, lambda g: f"{g['median']:.3f}")
     t.add_row("keys/d_in", "", *(f"{e['columns']}/{e['d_in']}" for e in rep.layers.values()))
     out.print(t)
 

@@ -13,15 +13,20 @@ full; one that grows with age says something forgets.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..bank import LayerBank
 from ..linalg.fit import unmet_share
+from ..facts import Fact
 from .store import Ledger, LedgerError
 
-__all__ = ["FitReport", "constraint_fit"]
+__all__ = ["FitReport", "KeyReread", "constraint_fit", "key_drift"]
+
+# re-reads the keys of ``facts`` on the current model in prompt format ``fmt``: {layer: [d_in, n·c]},
+# c key columns per fact (one per format when ``split``)
+KeyReread = Callable[[Sequence[Fact], str, bool], dict[int, torch.Tensor]]
 
 
 @dataclass
@@ -74,6 +79,59 @@ def constraint_fit(bank: LayerBank, ledger: Ledger, groups: int = 10, at_step: i
             mask = (step_of_col >= b[0]) & (step_of_col <= b[-1])
             facts = sum(1 for r in rows if b[0] <= r.kv_step <= b[-1])
             entry["by_step"].append({"steps": [b[0], b[-1]], "facts": facts, **_summary(share[mask])})
+        rep.layers[l] = entry
+    return rep
+
+
+def key_drift(bank: LayerBank, ledger: Ledger, reread: KeyReread, groups: int = 10) -> FitReport:
+    """How far the keys the model computes now for the facts in force are from the keys their
+    constraints hold (read when each fact was edited, before later steps changed the layers below).
+
+    Per layer: ``median`` / ``mean`` of the relative key change ‖k_now − k‖ / ‖k‖ over the key columns,
+    ``unmet_now`` (median of ‖W k_now − v‖ / ‖v − W₀ k‖: the layer's output for the key it really
+    sees, against the stored target, over what the constraint asked) next to ``unmet_stored`` (the same
+    with the stored key, as :func:`constraint_fit`), and ``by_step`` as there. The facts of the last
+    step read their keys on final lower layers, so their change is rounding only."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    rows = ledger.in_force()
+    rep = FitReport(len(rows), ledger.last_step)
+    if not rows:
+        return rep
+    kv = ledger.kv(rows, bank.layers)
+    steps = sorted({r.kv_step for r in rows})
+    width = {s: ledger.kv_width(s) for s in steps}
+    fmt = {s: ledger.step(s).info.get("prompt_format", "bare") for s in steps}
+    # one re-read per (format, columns) group of rows, scattered back into row order
+    now: dict[int, torch.Tensor] = {l: torch.empty_like(kv[l][0]) for l in bank.layers}
+    starts, col = [], 0
+    for r in rows:
+        starts.append(col)
+        col += width[r.kv_step]
+    for key in sorted({(fmt[s], width[s]) for s in steps}):
+        idx = [i for i, r in enumerate(rows) if (fmt[r.kv_step], width[r.kv_step]) == key]
+        keys = reread([rows[i].fact for i in idx], key[0], key[1] > 1)
+        cols = torch.tensor([starts[i] + j for i in idx for j in range(key[1])])
+        for l in bank.layers:
+            now[l][:, cols] = keys[l].to(torch.float64).cpu()
+    step_of_col = torch.tensor([r.kv_step for r in rows for _ in range(width[r.kv_step])])
+    per = -(-len(steps) // groups)
+    bins = [steps[i : i + per] for i in range(0, len(steps), per)]
+    for l in bank.layers:
+        K, V = kv[l]
+        W, W0 = bank.master[l].cpu().to(torch.float64), bank.w0[l].cpu().to(torch.float64)
+        rel = (now[l] - K).norm(dim=0) / K.norm(dim=0).clamp(min=1e-30)
+        asked = (V - W0 @ K).norm(dim=0)
+        unmet_now = (W @ now[l] - V).norm(dim=0) / asked
+        unmet_stored = unmet_share(W, W0, K, V)
+        entry: dict[str, Any] = {"d_in": int(K.shape[0]), "columns": int(K.shape[1]), **_summary(rel),
+                                 "unmet_now": float(unmet_now.median()), "unmet_stored": float(unmet_stored.median()),
+                                 "by_step": []}
+        for b in bins:
+            mask = (step_of_col >= b[0]) & (step_of_col <= b[-1])
+            entry["by_step"].append({"steps": [b[0], b[-1]], "facts": sum(1 for r in rows if b[0] <= r.kv_step <= b[-1]),
+                                     **_summary(rel[mask]), "unmet_now": float(unmet_now[mask].median()),
+                                     "unmet_stored": float(unmet_stored[mask].median())})
         rep.layers[l] = entry
     return rep
 
