@@ -78,3 +78,12 @@ def test_chat_table_renders_a_formats_variants_after_it(tmp_path: Path) -> None:
     labels = [r.split(" | ")[0] for r in chat_table.table(tmp_path).splitlines()[3:]]
     assert labels == ["| counterfact / `bare`", "| counterfact / `chat`", "| counterfact / `both`",
                       "| counterfact / `both`, averaged", "| counterfact / `both`, averaged, budget0.4"]
+
+
+def test_key_drift_plot_draws_the_committed_report(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    plot = _script("key_drift_plot")
+    report = ROOT / "docs" / "results" / "cf-10000" / "memit-aligned" / "key-drift-after-step-55.json"
+    monkeypatch.setattr(sys, "argv", ["key_drift_plot.py", str(report), str(tmp_path / "d.png")])
+    plot.main()
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
