@@ -42,6 +42,7 @@ from .methods import parse_method
 from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
 from .pipeline import edit_step, layer_delta
+from .rekey import check_rekey, rekey_due, rekey_step
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .shared_data import wikitext_path
 from .steps import EditorCallback, RunPosition, StepReport
@@ -302,15 +303,22 @@ class Editor:
                 hook(self, report, position)
 
     def run(self, facts: Sequence[Fact], batch_size: int = 100, progress: ProgressCallback | None = None, *,
-            values: ValueSource | None = None, finalize: bool = True) -> list[StepReport]:
+            values: ValueSource | None = None, finalize: bool = True, rekey_every: int = 0) -> list[StepReport]:
         """Edit all ``facts``: steps of ``batch_size`` (sequential) or one step (one_time).
 
         ``values`` supplies precomputed target values per step (``values.value_result(lo, hi)`` for
         ``facts[lo:hi]``). ``finalize`` applies the end-of-run update after the last step for forms that
         have one (naive PRUNE); an editor whose form has none stays open for further runs either way.
+        ``rekey_every`` K > 0 (a ledger and an exact form needed) runs :meth:`rekey` after every step that
+        brings the ledger's apply steps to a multiple of K, before the callbacks see the step.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(rekey_every, bool) or not isinstance(rekey_every, int) or rekey_every < 0:
+            raise ValueError(f"rekey_every must be an int >= 0, got {rekey_every!r}")
+        if rekey_every:
+            self._need_session("rekey_every")
+            check_rekey(self.bank)
         facts = list(facts)
         n = len(facts)
         size = n if self.mode == "one_time" else batch_size
@@ -322,6 +330,8 @@ class Editor:
             step_values = values.value_result(lo, hi) if values is not None else None
             report = self._apply(facts[lo:hi], progress, step_values)
             reports.append(report)
+            if rekey_every and rekey_due(self.applied_steps(), rekey_every):
+                self.rekey(progress)
             emit(progress, ProgressEvent(Phase.STEPS, advance=1, total=len(bounds)))
             if t == len(bounds) and finalize:
                 self.finalize()
@@ -388,6 +398,21 @@ class Editor:
     def facts_in_force(self) -> list[Fact]:
         """The facts whose constraints the edited weights hold, oldest first."""
         return [r.fact for r in self._need_session("facts_in_force").in_force()]
+
+    def applied_steps(self) -> int:
+        """How many apply steps the ledger holds (rekey, forget and undo steps not counted)."""
+        return self._need_session("applied_steps").ledger.count_steps("apply")
+
+    def rekey(self, progress: ProgressCallback | None = None) -> StepRecord:
+        """Re-read the keys of every fact in force on the current model and re-solve every edited layer from
+        W₀ on them and the facts' stored z-layer targets: the weights become the one-time edit of the
+        facts in force as a one-time editor would read their keys (:mod:`seqedit.rekey`). Exact forms only;
+        committed as a ``rekey`` step (undo restores the keys it replaced)."""
+        session = self._need_session("rekey")
+        self.prepare(progress)
+        record = rekey_step(self.loaded, self.bank, session, self.hparams, self.templates, progress)
+        self.last_record = record
+        return record
 
     def forget(self, ids: str | Iterable[str]) -> StepRecord:
         """Remove the facts ``ids`` (exactly: the weights become the one-time solution without them)."""

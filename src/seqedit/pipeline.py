@@ -26,7 +26,7 @@ from .models.presets import EditHParams
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .steps import StepReport
 
-__all__ = ["column_targets", "edit_step", "layer_delta"]
+__all__ = ["column_targets", "edit_step", "layer_delta", "step_rows"]
 
 
 def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: torch.Tensor, *,
@@ -42,6 +42,16 @@ def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: t
         return bank.step(layer, K, R if R is not None else V.to(W.device, torch.float64) - W @ K)
     V = V.to(W.device, torch.float64) if V is not None else W @ K + R.to(W.device, torch.float64)
     return session.solve_layer(layer, K, V, removed, {} if constraints is None else constraints)
+
+
+def step_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str,
+              split: bool) -> tuple[ContextRows, ContextRows]:
+    """The rows keys are averaged over (``templates`` × the format's rows) and each key column's primary
+    row (template ``"{}"``: where ``H`` is read), for ``facts`` in ``prompt_format`` (``split``: one key
+    column per format)."""
+    ctx = ContextRows.build(tokenizer, facts, templates, prompt_format, split)
+    primary = ContextRows.build(tokenizer, facts, ["{}"], prompt_format if split else formats(prompt_format)[0], split)
+    return ctx, primary
 
 
 def column_targets(z: torch.Tensor, H: torch.Tensor, columns: int) -> torch.Tensor:
@@ -71,9 +81,7 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
     t = time.perf_counter()
     templates = get_templates()
     split = hp.format_columns and len(formats(prompt_format)) > 1
-    ctx = ContextRows.build(tok, facts, templates, prompt_format, split)  # validates every subject before any work
-    # each key column's primary row
-    primary = ContextRows.build(tok, facts, ["{}"], prompt_format if split else formats(prompt_format)[0], split)
+    ctx, primary = step_rows(tok, facts, templates, prompt_format, split)  # validates every subject before any work
     sec["templates"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -126,7 +134,7 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
         if plan is not None:
             t = time.perf_counter()
             record = session.commit_apply(facts, plan, constraints, update_norms, hp.to_dict(),
-                                          prompt_format=prompt_format)
+                                          prompt_format=prompt_format, targets=Z)
             sec["commit"] = time.perf_counter() - t
     t = time.perf_counter()
     H = primary_reader.read([], z_layer=hp.z_layer).z_hidden

@@ -257,9 +257,9 @@ def _by_cohort(data: dict) -> list[str]:
                 "| facts | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
         for cohort in points[-1]["by_cohort"]:
             key = tuple(cohort["facts"])
-            cells = [(base.get(key), True)] if base else []
-            cells += [(next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None), False) for p in points]
-            row = [" / ".join(_fmt(c.get(k)) for k in metrics) if c else "" for c, _ in cells]
+            cells = [base.get(key)] if base else []
+            cells += [next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None) for p in points]
+            row = [" / ".join(_fmt(c.get(k)) for k in metrics) if c else "" for c in cells]
             out.append(f"| {key[0]:,}–{key[1]:,} | " + " | ".join(row) + " |")
         out.append("")
     return out[:-1] if out else out

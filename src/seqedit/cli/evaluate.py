@@ -39,6 +39,8 @@ def eval_(
     checkpoint: bool = typer.Option(
         False, "--checkpoint", help="SE configurations edit into ledgers under OUT/ledgers; an interrupted run "
         "continues from the last committed step (one fact per (subject, prompt) slot)."),
+    rekey_every: int = typer.Option(0, "--rekey-every", help="With --checkpoint: every K SE steps, re-read the keys of "
+        "all facts edited so far on the current model and re-solve from the base weights (seqedit ledger rekey; 0: never)."),
     seed: int = typer.Option(0, help="Seed of the record shuffle and of fluency sampling."),
     general_every: int = typer.Option(5, "--general-every", help="General capability + drift every K SE steps (0: final only)."),
     general_n: int = typer.Option(100, "--general-n", help="Examples per general task (0: skip the tasks)."),
@@ -89,7 +91,7 @@ def eval_(
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
         facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
         eval_batch_rows=eval_batch_rows, dtype=dtype, device_map=device_map, checkpoint=checkpoint,
-        prompt_format=prompt_format, chat_eval=chat_eval, preset=preset,
+        prompt_format=prompt_format, chat_eval=chat_eval, preset=preset, rekey_every=rekey_every,
     )
     try:
         t = time.perf_counter()

@@ -49,8 +49,8 @@ class EvalConfig:
     (``layers``, ``lam``, ``v_steps``, ``stats_tokens``, ...). ``checkpoint``: every SE configuration
     edits into a ledger under ``out/ledgers/`` and an interrupted run continues from its last committed
     step; the selection then holds one fact per slot (subject, prompt), since a ledger replaces a
-    slot's earlier fact. ``general_every``/``retention_every``
-    are in steps, 0 = final model only. ``general_n``/``drift_windows``/``fluency_n`` = 0 turn that
+    slot's earlier fact. ``general_every``/``retention_every``/``rekey_every``
+    (re-read every fact's keys and re-solve, :mod:`seqedit.rekey`; needs ``checkpoint``) are in steps, 0 = final model only. ``general_n``/``drift_windows``/``fluency_n`` = 0 turn that
     metric off. ``fluency_tokens`` is ROME's ``max_out_len`` (tokens per generation, prompt included).
     ``prompt_format`` is the editors' (``bare``, ``chat``, ``both``; ``locate/chat.py``); the edit
     metrics are also measured through the chat template (``evaluate/chat.py``, under ``edit.chat``)
@@ -90,6 +90,7 @@ class EvalConfig:
     prompt_format: str = "bare"
     chat_eval: bool = False
     preset: Optional[str] = None  # a named preset variant of the model (None: its default)
+    rekey_every: int = 0  # SE steps between rekeys of the ledger (seqedit.rekey); needs checkpoint
 
     @property
     def chat_metrics(self) -> bool:
@@ -128,7 +129,9 @@ class EvalConfig:
         need(self.general_scoring in SCORINGS, f"general_scoring must be one of {', '.join(SCORINGS)}")
         for t in self.general_tasks:
             need(t in TASKS, f"unknown general task {t!r}; expected some of {', '.join(TASKS)}")
-        for name in ("general_every", "general_n", "retention_every", "drift_windows", "fluency_n", "seed"):
+        need(not self.rekey_every or self.checkpoint,
+             "rekey_every re-reads the keys of the facts in a ledger: it needs checkpoint (--checkpoint)")
+        for name in ("general_every", "general_n", "retention_every", "drift_windows", "fluency_n", "seed", "rekey_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.drift_window >= 2 and self.eval_batch_rows >= 1 and self.fluency_tokens >= 2,
              "drift_window and fluency_tokens must be >= 2 and eval_batch_rows >= 1")
@@ -160,7 +163,7 @@ class EvalConfig:
 
 # settings that change how facts are edited, not the unedited model's numbers (see baseline_settings)
 _EDITING_ONLY = ("batch_size", "values", "general_every", "retention_every", "overrides", "stats_corpus", "checkpoint",
-                 "prompt_format", "chat_eval", "preset")
+                 "prompt_format", "chat_eval", "preset", "rekey_every")
 
 
 def baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +177,7 @@ def baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 # settings fields added after results.json files were written; omitted from settings() at their default
-_ADDED_LATER = {"checkpoint": False, "dtype": None, "device_map": None, "prompt_format": "bare", "chat_eval": False,
+_ADDED_LATER = {"rekey_every": 0, "checkpoint": False, "dtype": None, "device_map": None, "prompt_format": "bare", "chat_eval": False,
                 "preset": None}
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from ..facts import Fact
 from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
+from ..rekey import rekey_due
 from ..steps import RunPosition, StepReport
 from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
@@ -200,6 +201,8 @@ class _Run:
             steps += [_step_dict(r.info.get("report", {})) for r in applied[len(steps):]]
             if done:
                 self.say(f"resuming {label} after step {done} of {total_steps} (ledger {ledger})")
+                if rekey_due(done, c.rekey_every) and editor.ledger.step(editor.ledger.last_step).kind == "apply":
+                    editor.rekey(self.progress)  # killed between a due step and its rekey
                 if done < total_steps:
                     measure(done, done * c.batch_size)
         rest = self.facts[done * c.batch_size:]
@@ -207,7 +210,7 @@ class _Run:
         if frozen:
             values = _Offset(targets, done * c.batch_size) if done else targets
         self.say("editing")
-        editor.run(rest, c.batch_size, self.progress, values=values)
+        editor.run(rest, c.batch_size, self.progress, values=values, rekey_every=c.rekey_every if ledger is not None else 0)
         edit_s = spent.get("edit", 0.0) + time.perf_counter() - t0 - eval_s
         eval_s += spent.get("evaluation", 0.0)
         t0 = time.perf_counter()

@@ -20,7 +20,8 @@ import torch
 from ..bank import LayerBank
 from ..linalg.fit import unmet_share
 from ..facts import Fact
-from .store import Ledger, LedgerError
+from .columns import column_groups
+from .store import FactRow, Ledger, LedgerError
 
 __all__ = ["FitReport", "KeyReread", "constraint_fit", "key_drift"]
 
@@ -65,20 +66,14 @@ def constraint_fit(bank: LayerBank, ledger: Ledger, groups: int = 10, at_step: i
     if not rows:
         return rep
     kv = ledger.kv(rows, bank.layers)
-    width = {s: ledger.kv_width(s) for s in {r.kv_step for r in rows}}
-    step_of_col = torch.tensor([r.kv_step for r in rows for _ in range(width[r.kv_step])])
-    written = sorted(set(step_of_col.tolist()))
-    per = -(-len(written) // groups)
-    bins = [written[i : i + per] for i in range(0, len(written), per)]
+    bins = _step_bins(ledger, rows, groups)
     for l in bank.layers:
         K, V = kv[l]
         W = bank.one_time(l, K, V)[1] if past else bank.master[l]
         share = unmet_share(W.cpu(), bank.w0[l].cpu(), K, V)
         entry: dict[str, Any] = {"d_in": int(K.shape[0]), "columns": int(K.shape[1]), **_summary(share), "by_step": []}
-        for b in bins:
-            mask = (step_of_col >= b[0]) & (step_of_col <= b[-1])
-            facts = sum(1 for r in rows if b[0] <= r.kv_step <= b[-1])
-            entry["by_step"].append({"steps": [b[0], b[-1]], "facts": facts, **_summary(share[mask])})
+        for steps, facts, mask in bins:
+            entry["by_step"].append({"steps": steps, "facts": facts, **_summary(share[mask])})
         rep.layers[l] = entry
     return rep
 
@@ -99,24 +94,13 @@ def key_drift(bank: LayerBank, ledger: Ledger, reread: KeyReread, groups: int = 
     if not rows:
         return rep
     kv = ledger.kv(rows, bank.layers)
-    steps = sorted({r.kv_step for r in rows})
-    width = {s: ledger.kv_width(s) for s in steps}
-    fmt = {s: ledger.step(s).info.get("prompt_format", "bare") for s in steps}
     # one re-read per (format, columns) group of rows, scattered back into row order
     now: dict[int, torch.Tensor] = {l: torch.empty_like(kv[l][0]) for l in bank.layers}
-    starts, col = [], 0
-    for r in rows:
-        starts.append(col)
-        col += width[r.kv_step]
-    for key in sorted({(fmt[s], width[s]) for s in steps}):
-        idx = [i for i, r in enumerate(rows) if (fmt[r.kv_step], width[r.kv_step]) == key]
-        keys = reread([rows[i].fact for i in idx], key[0], key[1] > 1)
-        cols = torch.tensor([starts[i] + j for i in idx for j in range(key[1])])
+    for fmt, width, idx, cols in column_groups(ledger, rows):
+        keys = reread([rows[i].fact for i in idx], fmt, width > 1)
         for l in bank.layers:
             now[l][:, cols] = keys[l].to(torch.float64).cpu()
-    step_of_col = torch.tensor([r.kv_step for r in rows for _ in range(width[r.kv_step])])
-    per = -(-len(steps) // groups)
-    bins = [steps[i : i + per] for i in range(0, len(steps), per)]
+    bins = _step_bins(ledger, rows, groups)
     for l in bank.layers:
         K, V = kv[l]
         W, W0 = bank.master[l].cpu().to(torch.float64), bank.w0[l].cpu().to(torch.float64)
@@ -127,13 +111,28 @@ def key_drift(bank: LayerBank, ledger: Ledger, reread: KeyReread, groups: int = 
         entry: dict[str, Any] = {"d_in": int(K.shape[0]), "columns": int(K.shape[1]), **_summary(rel),
                                  "unmet_now": float(unmet_now.median()), "unmet_stored": float(unmet_stored.median()),
                                  "by_step": []}
-        for b in bins:
-            mask = (step_of_col >= b[0]) & (step_of_col <= b[-1])
-            entry["by_step"].append({"steps": [b[0], b[-1]], "facts": sum(1 for r in rows if b[0] <= r.kv_step <= b[-1]),
+        for steps, facts, mask in bins:
+            entry["by_step"].append({"steps": steps, "facts": facts,
                                      **_summary(rel[mask]), "unmet_now": float(unmet_now[mask].median()),
                                      "unmet_stored": float(unmet_stored[mask].median())})
         rep.layers[l] = entry
     return rep
+
+
+def _step_bins(ledger: Ledger, rows: Sequence[FactRow], groups: int) -> list[tuple[list[int], int, torch.Tensor]]:
+    """The writing steps of ``rows`` in at most ``groups`` runs of consecutive steps: per run
+    ``([first, last], facts, mask)``, ``mask`` selecting its columns in :meth:`Ledger.kv`'s layout. A rekey
+    step writes every fact in force, so ages count from the last one."""
+    width = {s: ledger.kv_width(s) for s in {r.kv_step for r in rows}}
+    step_of_col = torch.tensor([r.kv_step for r in rows for _ in range(width[r.kv_step])])
+    written = sorted(width)
+    per = -(-len(written) // groups)
+    out = []
+    for i in range(0, len(written), per):
+        lo, hi = written[i], written[min(i + per, len(written)) - 1]
+        facts = sum(1 for r in rows if lo <= r.kv_step <= hi)
+        out.append(([lo, hi], facts, (step_of_col >= lo) & (step_of_col <= hi)))
+    return out
 
 
 def _summary(share: torch.Tensor) -> dict[str, float]:

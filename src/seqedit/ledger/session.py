@@ -18,6 +18,7 @@ from ..bank import LayerBank
 from ..facts import Fact
 from ..methods import MethodSpec
 from . import tensorio
+from .columns import current_row
 from .plan import Plan, plan_apply, plan_forget, plan_undo
 from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, StepRecord
 from .verify import VerifyReport, verify
@@ -90,6 +91,8 @@ class LedgerSession:
         if rec.kind == "apply":
             # memorize_latest's removal of the previous batch is implicit in its step()
             self._columns(add, remove if caps.removal == "system" else [])
+        elif rec.kind == "rekey":  # every fact in force re-solved from W₀ on its new keys, as it was live
+            self._rebuild(L.in_force_after(rec.id))
         elif caps.removal == "none":
             self._load_step(rec.target - 1)
         elif caps.removal == "rebuild":
@@ -136,22 +139,36 @@ class LedgerSession:
                     constraints: Constraints) -> Tensor:
         """``Δ`` for ``layer`` from ``K: [d_in, n]`` and absolute targets ``V: [d_out, n]`` rounded to the
         storage dtype first (recorded in ``constraints``), removing the replaced facts' columns."""
-        Ks, Vs = K.to(self.kv_dtype), V.to(self.kv_dtype)
-        constraints[layer] = (Ks.cpu(), Vs.cpu())
+        Ks, Vs = self.round_kv(K, V)
+        constraints[layer] = (Ks, Vs)
         Kr, Vr = removed[layer] if removed else (None, None)
         return self.bank.update(layer, Ks.double(), Vs.double(), Kr, Vr)
 
     def commit_apply(self, facts: list[Fact], plan: Plan, constraints: Constraints,
                      update_norms: dict[int, float], hparams: dict[str, Any],
-                     prompt_format: str | None = None) -> StepRecord:
-        """Commit an apply step; ``prompt_format`` is the format its keys and values were read in
-        (``None``: keys and values were given, ``Editor.apply_kv``)."""
+                     prompt_format: str | None = None, targets: Tensor | None = None) -> StepRecord:
+        """Commit an apply step; ``prompt_format`` is the format its keys and values were read in and
+        ``targets: [d_z, n·w]`` the facts' z-layer targets (both ``None``: keys and values were given,
+        ``Editor.apply_kv``)."""
         L = self.ledger
         info = {"update_norms": {str(k): v for k, v in update_norms.items()}, "hparams": hparams}
         if prompt_format is not None:
             info["prompt_format"] = prompt_format
         return L.commit("apply", add=facts, kv=constraints, remove=plan.remove, info=info,
-                        snapshot=self._snapshot_if_due(L.last_step + 1))
+                        snapshot=self._snapshot_if_due(L.last_step + 1),
+                        targets=None if targets is None else targets.to(self.kv_dtype).cpu())
+
+    def commit_rekey(self, rows: list[FactRow], constraints: Constraints, targets: Tensor,
+                     info: dict[str, Any]) -> StepRecord:
+        """Commit a rekey step: every row in force (``rows``, in order) leaves and its fact comes back with
+        the new ``constraints`` (as stored, row order) and its unchanged ``targets``. Always snapshotted,
+        so a reopen never has to replay the re-solve from W₀."""
+        return self.ledger.commit("rekey", add=[r.fact for r in rows], kv=constraints, remove=rows, info=info,
+                                  snapshot=self.bank.snapshot(), targets=targets.to(self.kv_dtype).cpu())
+
+    def round_kv(self, K: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+        """``(K, V)`` rounded to the storage dtype, on the host: what a replay will read back."""
+        return K.to(self.kv_dtype).cpu(), V.to(self.kv_dtype).cpu()
 
     def _snapshot_if_due(self, step: int) -> dict[int, dict] | None:
         # Forms without exact removal restore their previous state for undo, so they snapshot every step.
@@ -166,7 +183,14 @@ class LedgerSession:
     def undo(self, step_id: int) -> StepRecord:
         L = self.open()
         rec = L.step(step_id)
-        plan = plan_undo(rec, L.last_step, L.rows_added(step_id), L.rows_removed(step_id), L.in_force(), self.spec)
+        # a fact re-added by later rekey steps leaves through the row that now carries it
+        added = [current_row(L, r) for r in L.rows_added(step_id)]
+        removed = L.rows_removed(step_id)
+        if rec.kind == "rekey":  # the facts still in force go back to the keys they had before it
+            live = {r.row for r in L.in_force()}
+            kept = [(old, now) for old, now in zip(removed, (current_row(L, r) for r in removed)) if now.row in live]
+            removed, added = [old for old, _ in kept], [now for _, now in kept]
+        plan = plan_undo(rec, L.last_step, added, removed, L.in_force(), self.spec)
         return self._execute(plan)
 
     def _execute(self, plan: Plan) -> StepRecord:

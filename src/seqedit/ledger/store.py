@@ -5,7 +5,8 @@ Layout of ``DIR/``::
     ledger.sqlite                       WAL journal, synchronous=FULL (tables meta, steps, facts, files)
     lock                                flock'ed by the one process that may write
     base/sigma0-L006.safetensors        Σ₀ of each edited layer (float64), written once
-    steps/step-000001.safetensors       per-layer K.{ℓ}: [d_in, n], V.{ℓ}: [d_out, n] of the facts a step added
+    steps/step-000001.safetensors       per-layer K.{ℓ}: [d_in, n], V.{ℓ}: [d_out, n] of the facts a step added,
+                                        and Z: [d_z, n], their z-layer targets (steps that optimised values)
     snapshots/snap-000010-L006.safetensors   method state + float64 weight of a layer after a step
 
 Commit protocol: tensor files are written under their final names (temp → fsync → rename → fsync dir),
@@ -67,7 +68,8 @@ class FactRow:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """A committed step: ``kind`` is ``apply``, ``forget`` or ``undo`` (of ``target``)."""
+    """A committed step: ``kind`` is ``apply``, ``forget``, ``undo`` (of ``target``) or ``rekey`` (every fact
+    in force re-added with keys read anew, ``docs/ledger.md``)."""
 
     id: int
     kind: str
@@ -225,6 +227,10 @@ class Ledger:
     @property
     def last_step(self) -> int:
         return self.journal.one("SELECT COALESCE(MAX(id), 0) FROM steps")[0]
+
+    def count_steps(self, kind: str) -> int:
+        """How many committed steps are of ``kind``."""
+        return self.journal.one("SELECT COUNT(*) FROM steps WHERE kind = ?", (kind,))[0]
 
     def _ids(self, sql: str, step: int) -> tuple[str, ...]:
         return tuple(r[0] for r in self.journal.rows(sql, (step,)))
@@ -392,10 +398,13 @@ class Ledger:
         target: int | None = None,
         info: dict | None = None,
         snapshot: dict[int, dict] | None = None,
+        targets: Tensor | None = None,
     ) -> StepRecord:
         """Record one step atomically (module docstring): new facts ``add`` with their per-layer
-        ``kv`` (w columns per fact, fact-major: columns ``i·w … i·w + w − 1`` are ``add[i]``'s), rows brought back (``readd``) or removed (``remove``), and an
-        optional ``snapshot`` of every layer's state after the step. Returns the committed record."""
+        ``kv`` (w columns per fact, fact-major: columns ``i·w … i·w + w − 1`` are ``add[i]``'s) and, when
+        their values were optimised, their z-layer ``targets: [d_z, n·w]``; rows brought back (``readd``)
+        or removed (``remove``), and an optional ``snapshot`` of every layer's state after the step.
+        Returns the committed record."""
         step = self.last_step + 1
         written: list[tuple[str, str, int, int | None]] = []
         if add:
@@ -406,6 +415,11 @@ class Ledger:
         try:
             if add:
                 tensors = {f"{w}.{l}": t.contiguous() for l, (K, V) in kv.items() for w, t in (("K", K), ("V", V))}
+                if targets is not None:
+                    if targets.shape[1] != width * len(add):
+                        raise LedgerError(f"a step of {len(add)} facts with {width} key columns each got "
+                                          f"{targets.shape[1]} target columns")
+                    tensors["Z"] = targets.contiguous()
                 self._write_file(_step_name(step), tensors, step, written)
             if snapshot is not None:
                 for l, s in snapshot.items():
