@@ -1,5 +1,5 @@
 """CLI fuzz: seeded malformed inputs (facts files of random bytes, wrong types, missing and extra fields,
-huge fields, invalid Unicode; random option values) against edit, generate, forget, undo, log, verify,
+huge fields, invalid Unicode; random option values) against edit, generate, forget, undo, rekey, log, verify,
 export, eval, bench, stats, verify-equivalence and demo, on a tiny model saved to disk and a committed
 ledger.
 
@@ -129,6 +129,8 @@ def _ledger_command(rng: random.Random, ctx: dict) -> tuple[str, list]:
         ["log", "--ledger", L, "--json", "--extra"],
         ["verify", "--ledger", L, "--tol", rng.choice(["-1", "x", "nan?", ""])],
         ["verify", "--ledger", rng.choice([ctx["notledger"], ctx["facts"], ctx["tmp"] / "none"])],
+        ["rekey", "--ledger", rng.choice([ctx["notledger"], ctx["facts"], ctx["tmp"] / "none", ""])],
+        ["rekey", "--ledger", L, "--model", rng.choice([ctx["tmp"] / "nope", ctx["facts"]])],
         ["export", rng.choice([ctx["facts"], ctx["tmp"]]), "--ledger", L],
         ["export", ctx["tmp"] / f"out-{ctx['i']}", "--ledger", L, "--delta", "--delta-dtype", rng.choice(["f16", "int8", ""])],
         ["export", ctx["tmp"] / f"out-{ctx['i']}", "--ledger", L, "--model", rng.choice([ctx["tmp"] / "nope", ctx["facts"]])],
@@ -193,7 +195,7 @@ def test_cli_fuzz_refuses_every_malformed_input_cleanly(tmp_path_factory: pytest
             assert_refused(result)
         except AssertionError as e:
             raise AssertionError(f"input {i} ({kind}): {[str(a)[:80] for a in args]}: {e}") from None
-        if "--ledger" in [str(a) for a in args] or args[0] in ("forget", "undo", "log", "verify", "export"):
+        if "--ledger" in [str(a) for a in args] or args[0] in ("forget", "undo", "rekey", "log", "verify", "export"):
             assert digests(ledger) == before, f"input {i} ({kind}) changed the ledger"
         assert time.perf_counter() - t0 < BUDGET_S, f"the fuzz ran over {BUDGET_S} s after {i + 1} inputs"
     print(f"\nfuzz: {N} inputs, 0 tracebacks, {time.perf_counter() - t0:.1f} s; by kind: {dict(sorted(kinds.items()))}")

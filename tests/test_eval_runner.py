@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from seqedit.cli import app
 from seqedit.editor import Editor
+from seqedit.ledger import Ledger
 from seqedit.progress import Phase
 from seqedit.evaluate.counterfact import counterfact_metrics
 from seqedit.evaluate.measure import cohort_means
@@ -199,6 +200,28 @@ def test_checkpointed_run_continues_from_the_ledger(tmp_path: Path, kill_at: str
     assert without_seconds(fresh["curve"]) == without_seconds(entry["curve"])
 
 
+def test_a_run_killed_before_a_due_rekey_rekeys_when_it_continues(tmp_path: Path) -> None:
+    lm = tiny_model("llama")
+    cfg = light(n=6, values="current", alignments=("aligned",), modes=("se",), checkpoint=True, general_every=0,
+                general_n=1, drift_windows=1, rekey_every=2)
+
+    def kill(event):  # step 2 is committed, its rekey not
+        if event.phase is Phase.LAYERS and event.start and event.message == "rekey":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_eval(cfg, tmp_path, kill, loaded=lm)
+    ledger = tmp_path / "ledgers" / "memit-aligned-se"
+    with Ledger(ledger) as L:
+        assert [s.kind for s in L.steps()] == ["apply", "apply"]
+    entry = run_eval(cfg, tmp_path, loaded=lm)["configs"]["memit/aligned/se"]
+    with Ledger(ledger) as L:
+        assert [s.kind for s in L.steps()] == ["apply", "apply", "rekey", "apply"]
+    fresh = run_eval(cfg, tmp_path / "fresh", loaded=lm)["configs"]["memit/aligned/se"]
+    assert entry["n_steps"] == fresh["n_steps"] == 3
+    assert without_seconds(fresh["final"]) == without_seconds(entry["final"])
+
+
 def test_checkpointed_selection_keeps_one_fact_per_slot() -> None:
     plain = select_facts("counterfact", 2000, 0, split="train")
     slots = [(f.subject, f.prompt) for f in plain.facts]
@@ -254,6 +277,8 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path: Path) -> None:
     (dict(fluency_tokens=1), "fluency_tokens"),
     (dict(layout="mend"), "layout"),
     (dict(zsre_target="gold"), "zsre_target"),
+    (dict(rekey_every=2), "rekey_every .* needs checkpoint"),
+    (dict(rekey_every=-1, checkpoint=True), "rekey_every must be >= 0"),
 ])
 def test_invalid_settings_are_named(tmp_path: Path, change: dict, match: str) -> None:
     with pytest.raises(EvalSettingsError, match=match):

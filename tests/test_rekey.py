@@ -136,3 +136,31 @@ def test_rekey_refusals(tmp_path: Path, facts, targets) -> None:
     with pytest.raises(SeqEditError, match="memit/naive does not keep the one-time solution.*memit/aligned"):
         naive.rekey()
     naive.close()
+
+
+def test_cli_rekey(tmp_path: Path, facts, targets, monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from seqedit import cli
+    from seqedit import editor as editor_mod
+
+    ed = make_editor(tmp_path / "L")
+    ed.run(facts[:4], batch_size=2, values=targets)
+    ed.undo(2)
+    ed.close()
+    kv = make_editor(tmp_path / "kv")
+    apply_facts(kv, [fact(0)])
+    kv.close()
+    monkeypatch.setattr(editor_mod, "load_model", lambda name, **kw: tiny_model("llama"))
+    monkeypatch.setattr("seqedit.models.load.model_config", lambda name: (name, None))
+    run = CliRunner().invoke
+    r = run(cli.app, ["rekey", "--ledger", str(tmp_path / "L")])
+    assert r.exit_code == 0 and "step 4 (rekey): 2 facts re-read and re-solved" in r.output, r.output
+    r = run(cli.app, ["rekey", "--ledger", str(tmp_path / "L"), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["kind"] == "rekey"
+    r = run(cli.app, ["undo", "4", "--ledger", str(tmp_path / "L")])  # planned through the rekeyed rows
+    assert r.exit_code == 0 and "step 6 (undo of step 4)" in r.output, r.output
+    r = run(cli.app, ["rekey", "--ledger", str(tmp_path / "kv")])  # refused before the model loads
+    assert r.exit_code == 2 and "step 1 stores no z-layer targets" in " ".join(r.output.split())

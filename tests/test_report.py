@@ -80,6 +80,9 @@ def test_markdown_table_holds_the_numbers_in_the_papers_layout(results: dict) ->
     assert "Fluency on 1 records' ROME generation prompts (10 sampled texts; 3 selected records have none" in md
     assert md.startswith("# seqedit evaluation: counterfact (knowedit layout), 4 edits, tiny-llama")
     assert "† memit/naive/ote is the identical one-step solve of memit/aligned/ote" in md
+    assert "rekeyed" not in md.splitlines()[0]
+    rekeyed = markdown({**results, "settings": {**results["settings"], "rekey_every": 5}})
+    assert rekeyed.splitlines()[0].endswith(", rekeyed every 5 steps")
 
 
 def test_the_fluency_line_explains_missing_prompts_only_when_some_are_missing(results: dict) -> None:

@@ -42,7 +42,7 @@ from .methods import parse_method
 from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
 from .pipeline import edit_step, layer_delta
-from .rekey import check_rekey, rekey_due, rekey_step
+from .rekey import check_exact, rekey_due, rekey_step
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .shared_data import wikitext_path
 from .steps import EditorCallback, RunPosition, StepReport
@@ -318,7 +318,7 @@ class Editor:
             raise ValueError(f"rekey_every must be an int >= 0, got {rekey_every!r}")
         if rekey_every:
             self._need_session("rekey_every")
-            check_rekey(self.bank)
+            check_exact(self.spec)
         facts = list(facts)
         n = len(facts)
         size = n if self.mode == "one_time" else batch_size

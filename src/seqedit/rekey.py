@@ -28,21 +28,21 @@ from .ledger.columns import column_groups, targets
 from .ledger.session import Constraints, LedgerSession
 from .ledger.store import LedgerError, StepRecord
 from .locate.keys import KeyReader
-from .methods import METHODS, method_info
+from .methods import METHODS, MethodSpec, method_info
 from .models.load import LoadedModel
 from .models.presets import EditHParams
 from .pipeline import step_rows
 from .progress import Phase, ProgressCallback, ProgressEvent, emit
 
-__all__ = ["check_rekey", "rekey_due", "rekey_step"]
+__all__ = ["check_exact", "rekey_due", "rekey_step"]
 
 
-def check_rekey(bank: LayerBank) -> None:
+def check_exact(spec: MethodSpec) -> None:
     """Refuse forms whose weights are not the one-time solution of the facts in force: for them a
     re-solve from W₀ is not a re-reading of the same objective."""
-    if not bank.capabilities.exact:
+    if not spec.capabilities.exact:
         exact = sorted(f"{n}/{a}" for n in METHODS for a, f in method_info(n).forms.items() if f.capabilities.exact)
-        raise SeqEditError(f"{bank.spec.label} does not keep the one-time solution of the facts in force, so a "
+        raise SeqEditError(f"{spec.label} does not keep the one-time solution of the facts in force, so a "
                            f"rekey (a one-time re-solve on new keys) would change what it edits; forms that "
                            f"support it: {', '.join(exact)}")
 
@@ -52,7 +52,7 @@ def rekey_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession, hp:
     """Re-read the keys of every fact in force and re-solve every edited layer from W₀ (module docstring);
     commit it as a ``rekey`` step. All-or-nothing: a failure leaves the bank and the ledger as they were.
     The record's info holds ``residual_norms`` (‖Z − H_i‖ per layer), ``final_residual`` and ``seconds``."""
-    check_rekey(bank)
+    check_exact(bank.spec)
     L = session.open()
     rows = L.in_force()
     if not rows:

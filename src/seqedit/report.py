@@ -111,7 +111,8 @@ def markdown(data: dict[str, Any]) -> str:
     ds = st.get("dataset", "counterfact")
     lines = [
         f"# seqedit evaluation: {_source(st)}, {st.get('n')} edits, {data.get('model', {}).get('name')}, "
-        f"{_PROTOCOL_TITLE.get(proto.get('values'), 'values ' + str(proto.get('values')))}",
+        f"{_PROTOCOL_TITLE.get(proto.get('values'), 'values ' + str(proto.get('values')))}"
+        + (f", rekeyed every {st['rekey_every']} steps" if st.get("rekey_every") else ""),
         "",
         f"Batch size {st.get('batch_size')} per sequential step; seed {st.get('seed')} "
         f"(records: {data.get('selection', {}).get('method', 'seeded shuffle')}); "

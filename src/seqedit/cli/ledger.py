@@ -1,4 +1,4 @@
-"""Ledger commands of the ``seqedit`` CLI: forget, undo, log, verify, constraint-fit, export (``docs/ledger.md``).
+"""Ledger commands of the ``seqedit`` CLI: forget, undo, rekey, log, verify, constraint-fit, export (``docs/ledger.md``).
 
 Each takes ``--ledger DIR``; those that need the model load the ledger's base model (its recorded
 name) unless ``--model`` says otherwise, and every one has ``--json``.
@@ -98,14 +98,44 @@ def undo(
     as_json: bool = JsonOpt,
 ) -> None:
     """Revert a step: its facts leave, the facts it replaced or forgot come back (undo an undo to redo)."""
-    from ..ledger.plan import plan_undo
+    from ..ledger.plan import plan_undo_step
     from ..methods import MethodSpec
 
     def check(L: Ledger) -> None:
-        plan_undo(L.step(step), L.last_step, L.rows_added(step), L.rows_removed(step), L.in_force(),
-                  MethodSpec.from_dict(L.manifest["method"]))
+        plan_undo_step(L, step, MethodSpec.from_dict(L.manifest["method"]))
 
     _step(ledger, model, as_json, f"undo of step {step}", lambda editor: editor.undo(step), check, dtype, device_map)
+
+
+@app.command()
+def rekey(
+    ledger: Path = LedgerOpt,
+    model: Optional[str] = BaseOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-read every fact's keys on the current model and re-solve from the base weights: the one-time
+    edit of the facts in force, as a one-time editor reads their keys (undo it like any step)."""
+    from ..ledger.columns import targets
+    from ..methods import MethodSpec
+    from ..rekey import check_exact
+
+    def check(L: Ledger) -> None:
+        check_exact(MethodSpec.from_dict(L.manifest["method"]))
+        rows = L.in_force()
+        if not rows:
+            fail(f"ledger {ledger} has no facts in force to rekey")
+        targets(L, rows)
+
+    with reopened(ledger, model, check, dtype, device_map) as editor:
+        rec = editor.rekey()
+    if as_json:
+        out.print_json(data=rec.to_dict())
+        return
+    sec = rec.info.get("seconds", {})
+    out.print(f"step {rec.id} (rekey): {len(rec.added)} facts re-read and re-solved in {sum(sec.values()):.1f} s; "
+              f"residual left {rec.info['final_residual']:.3g} of {rec.info['target_norm']:.3g}")
 
 
 @app.command()

@@ -12,9 +12,10 @@ from typing import Sequence
 
 from ..facts import Fact
 from ..methods import METHODS, MethodSpec, method_info
-from .store import FactRow, LedgerError, StepRecord
+from .columns import current_row
+from .store import FactRow, Ledger, LedgerError, StepRecord
 
-__all__ = ["Plan", "exact_forms", "plan_apply", "plan_forget", "plan_undo", "refuse"]
+__all__ = ["Plan", "exact_forms", "plan_apply", "plan_forget", "plan_undo", "plan_undo_step", "refuse"]
 
 
 def exact_forms() -> list[str]:
@@ -107,3 +108,17 @@ def plan_undo(rec: StepRecord, last_step: int, added: Sequence[FactRow], removed
                 f"(added at step {other.added}) now holds its slot or id; undo or forget that first"
             )
     return Plan("undo", readd=sorted(removed, key=lambda r: r.row), remove=sorted(leave, key=lambda r: r.row), target=rec.id)
+
+
+def plan_undo_step(ledger: Ledger, step_id: int, spec: MethodSpec) -> Plan:
+    """:func:`plan_undo` of ``ledger``'s step ``step_id``, its facts followed through later rekey steps."""
+    rec = ledger.step(step_id)
+    # a fact re-added by later rekey steps leaves through the row that now carries it
+    added = [current_row(ledger, r) for r in ledger.rows_added(step_id)]
+    removed = ledger.rows_removed(step_id)
+    in_force = ledger.in_force()
+    if rec.kind == "rekey":  # the facts still in force go back to the keys they had before it
+        live = {r.row for r in in_force}
+        kept = [(old, now) for old, now in zip(removed, (current_row(ledger, r) for r in removed)) if now.row in live]
+        removed, added = [old for old, _ in kept], [now for _, now in kept]
+    return plan_undo(rec, ledger.last_step, added, removed, in_force, spec)

@@ -18,8 +18,7 @@ from ..bank import LayerBank
 from ..facts import Fact
 from ..methods import MethodSpec
 from . import tensorio
-from .columns import current_row
-from .plan import Plan, plan_apply, plan_forget, plan_undo
+from .plan import Plan, plan_apply, plan_forget, plan_undo_step
 from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, StepRecord
 from .verify import VerifyReport, verify
 
@@ -182,15 +181,7 @@ class LedgerSession:
 
     def undo(self, step_id: int) -> StepRecord:
         L = self.open()
-        rec = L.step(step_id)
-        # a fact re-added by later rekey steps leaves through the row that now carries it
-        added = [current_row(L, r) for r in L.rows_added(step_id)]
-        removed = L.rows_removed(step_id)
-        if rec.kind == "rekey":  # the facts still in force go back to the keys they had before it
-            live = {r.row for r in L.in_force()}
-            kept = [(old, now) for old, now in zip(removed, (current_row(L, r) for r in removed)) if now.row in live]
-            removed, added = [old for old, _ in kept], [now for _, now in kept]
-        plan = plan_undo(rec, L.last_step, added, removed, L.in_force(), self.spec)
+        plan = plan_undo_step(L, step_id, self.spec)
         return self._execute(plan)
 
     def _execute(self, plan: Plan) -> StepRecord:
