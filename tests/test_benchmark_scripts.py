@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +88,35 @@ def test_key_drift_plot_draws_the_committed_report(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(sys, "argv", ["key_drift_plot.py", str(report), str(tmp_path / "d.png")])
     plot.main()
     assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_target_staleness_on_a_tiny_ledger(tmp_path: Path, monkeypatch) -> None:
+    """Facts edited into a tiny model: the edited model reaches part of each stored target, the targets
+    themselves are injected (with Z, efficacy is that of a model holding exactly Z), and a ledger in
+    another format is refused."""
+    import json
+
+    from ledger_helpers import make_editor
+
+    from seqedit import Editor
+    from seqedit.datasets import load_facts
+    from seqedit.shared_data import counterfact_path
+    from seqedit.testing import tiny_model
+
+    st = _script("target_staleness")
+    facts = load_facts(counterfact_path(), limit=6)
+    ed = make_editor(tmp_path / "L")
+    ed.run(facts, batch_size=2)
+    ed.close()
+    monkeypatch.setattr(Editor, "from_ledger", classmethod(lambda cls, path: cls(tiny_model("llama"), ledger=path)))
+    assert st.main([str(tmp_path / "L"), "--groups", "3", "--json", str(tmp_path / "s.json")]) == 0
+    out = json.loads((tmp_path / "s.json").read_text())
+    assert out["facts"] == 6 and [g["facts"] for g in out["groups"]] == [[1, 2], [3, 4], [5, 6]]
+    for g in out["groups"]:
+        assert 0 < g["reached_median"] <= 1
+        assert 0 <= g["efficacy_with_z"] <= 1 and 0 <= g["efficacy_now"] <= 1
+    # injecting Z where the model already holds it changes nothing: on a fresh editor whose z-layer
+    # state is taken as the target, efficacy with Z equals efficacy now
+    with Editor(tiny_model("llama"), layers=(1, 2), stats_tokens=2000) as plain:
+        H = st.z_states(plain, facts)
+        assert torch.equal(st.efficacy(plain, facts, H), st.efficacy(plain, facts, None))
