@@ -68,11 +68,15 @@ def efficacy(editor: Editor, facts, Z: torch.Tensor | None, batch: int = 32) -> 
 
         handles = [block.register_forward_hook(inject)] if Z is not None else []
         with hooks(handles):
-            logp = torch.log_softmax(lm.model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device)).logits.float(), -1)
-        for b in range(ids.shape[0]):
-            start, t = spans[lo + b]
-            pos = torch.arange(start - 1, start - 1 + len(t))
-            nll[lo + b] = -logp[b, pos, torch.tensor(t)].mean()
+            hidden = lm.model.base_model(input_ids=ids.to(lm.input_device), attention_mask=mask.to(lm.input_device)).last_hidden_state
+        # the vocabulary is formed only where a target token is predicted
+        r_idx = torch.tensor([b for b in range(ids.shape[0]) for _ in spans[lo + b][1]])
+        p_idx = torch.tensor([spans[lo + b][0] - 1 + j for b in range(ids.shape[0]) for j in range(len(spans[lo + b][1]))])
+        logp = torch.log_softmax(lm.adapter.unembed(hidden[r_idx, p_idx]).float(), -1).cpu()
+        want = torch.tensor([tok_id for b in range(ids.shape[0]) for tok_id in spans[lo + b][1]])
+        lp = logp[torch.arange(len(want)), want]
+        for b, part_lp in enumerate(lp.split([len(spans[lo + b][1]) for b in range(ids.shape[0])])):
+            nll[lo + b] = -part_lp.mean()
     pairs = nll.view(-1, 2)
     return (pairs[:, 0] < pairs[:, 1]).double()
 
