@@ -160,6 +160,11 @@ def test_cli_rekey(tmp_path: Path, facts, targets, monkeypatch) -> None:
     assert r.exit_code == 0 and "step 4 (rekey): 2 facts re-read and re-solved" in r.output, r.output
     r = run(cli.app, ["rekey", "--ledger", str(tmp_path / "L"), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["kind"] == "rekey"
+    r = run(cli.app, ["log", "--ledger", str(tmp_path / "L"), "--json"])
+    # the facts of step 1 are carried by step 5's rows; log says when each was first edited
+    assert [(f["added"], f["first_added"]) for f in json.loads(r.output)["in_force"]] == [(5, 1), (5, 1)]
+    r = run(cli.app, ["log", "--ledger", str(tmp_path / "L")])
+    assert r.exit_code == 0 and "1 (rekeyed at 5)" in r.output
     r = run(cli.app, ["undo", "4", "--ledger", str(tmp_path / "L")])  # planned through the rekeyed rows
     assert r.exit_code == 0 and "step 6 (undo of step 4)" in r.output, r.output
     r = run(cli.app, ["rekey", "--ledger", str(tmp_path / "kv")])  # refused before the model loads

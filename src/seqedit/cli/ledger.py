@@ -146,12 +146,15 @@ def log(
     """The ledger's steps and the facts in force (no model needed)."""
     from ..ledger import Ledger
 
+    from ..ledger.columns import first_added
+
     with Ledger(ledger) as L:  # read-only: writes nothing, not even SQLite's shared-memory file
         man, steps, rows = L.manifest, L.steps(), L.in_force()
+        first = [first_added(L, r) for r in rows]
     if as_json:
         out.print_json(data={
             "ledger": str(ledger), "manifest": man, "steps": [s.to_dict() for s in steps],
-            "in_force": [{"added": r.added, **r.fact.to_dict()} for r in rows],
+            "in_force": [{"added": r.added, "first_added": a, **r.fact.to_dict()} for r, a in zip(rows, first)],
         })
         return
     t = Table(title=f"ledger {ledger}: {man['base']['name']}, {man['method_label']}, {len(steps)} steps")
@@ -165,10 +168,11 @@ def log(
         t.add_row(str(s.id), s.kind, when, str(len(s.added)), str(len(s.removed)), note)
     out.print(t)
     f = Table(title=f"{len(rows)} facts in force")
-    for col in ("id", "subject", "prompt", "target", "step"):
+    for col in ("id", "subject", "prompt", "target", "edited at step"):
         f.add_column(col)
-    for r in rows:
-        f.add_row(str(r.fact.id), r.fact.subject, r.fact.prompt, r.fact.target, str(r.added))
+    for r, a in zip(rows, first):  # a rekey re-adds every fact: the step that first edited it is shown
+        f.add_row(str(r.fact.id), r.fact.subject, r.fact.prompt, r.fact.target,
+                  str(a) if a == r.added else f"{a} (rekeyed at {r.added})")
     out.print(f)
 
 

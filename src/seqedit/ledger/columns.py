@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, _fact_row, _step_name
 
-__all__ = ["column_groups", "current_row", "targets"]
+__all__ = ["column_groups", "current_row", "first_added", "targets"]
 
 
 def current_row(ledger: Ledger, row: FactRow) -> FactRow:
@@ -25,6 +25,18 @@ def current_row(ledger: Ledger, row: FactRow) -> FactRow:
             break
         row = _fact_row(r)
     return row
+
+
+def first_added(ledger: Ledger, row: FactRow) -> int:
+    """The step that first put ``row``'s fact in force: ``row.added``, or, for a row a rekey step (or an
+    undo or redo of one) re-made, the step that added the row it re-made (followed back)."""
+    while ledger.step(row.added).kind in ("rekey", "undo"):
+        r = ledger.journal.one("SELECT o.* FROM facts o JOIN facts n ON n.row = ? WHERE o.removed = n.added "
+                               "AND o.fact_id = n.fact_id AND o.fact = n.fact", (row.row,))
+        if r is None:
+            break
+        row = _fact_row(r)
+    return row.added
 
 
 def targets(ledger: Ledger, rows: Sequence[FactRow]) -> Tensor:
