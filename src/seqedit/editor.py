@@ -42,8 +42,8 @@ from .methods import parse_method
 from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
 from .pipeline import edit_step, layer_delta
-from .rekey import check_exact, rekey_due, rekey_step
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
+from .rekey import check_exact, rekey_due, rekey_step
 from .shared_data import wikitext_path
 from .steps import EditorCallback, RunPosition, StepReport
 
