@@ -14,11 +14,16 @@ from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, _fact_row, 
 __all__ = ["column_groups", "current_row", "first_added", "targets"]
 
 
+def _kind(ledger: Ledger, step: int) -> str:
+    # the kind alone: ``Ledger.step`` also lists every fact the step added, which a rekey makes all of them
+    return ledger.journal.one("SELECT kind FROM steps WHERE id = ?", (step,))[0]
+
+
 def current_row(ledger: Ledger, row: FactRow) -> FactRow:
     """The row that now carries ``row``'s fact (in force or not): ``row`` itself, or the row that a rekey
     step, or an undo or redo of one, re-added the same fact with when it removed ``row`` (followed to
     the last such row)."""
-    while row.removed is not None and ledger.step(row.removed).kind in ("rekey", "undo"):
+    while row.removed is not None and _kind(ledger, row.removed) in ("rekey", "undo"):
         r = ledger.journal.one("SELECT n.* FROM facts n JOIN facts o ON o.row = ? WHERE n.added = o.removed "
                                "AND n.fact_id = o.fact_id AND n.fact = o.fact", (row.row,))
         if r is None:
@@ -30,7 +35,7 @@ def current_row(ledger: Ledger, row: FactRow) -> FactRow:
 def first_added(ledger: Ledger, row: FactRow) -> int:
     """The step that first put ``row``'s fact in force: ``row.added``, or, for a row a rekey step (or an
     undo or redo of one) re-made, the step that added the row it re-made (followed back)."""
-    while ledger.step(row.added).kind in ("rekey", "undo"):
+    while _kind(ledger, row.added) in ("rekey", "undo"):
         r = ledger.journal.one("SELECT o.* FROM facts o JOIN facts n ON n.row = ? WHERE o.removed = n.added "
                                "AND o.fact_id = n.fact_id AND o.fact = n.fact", (row.row,))
         if r is None:
@@ -49,9 +54,10 @@ def targets(ledger: Ledger, rows: Sequence[FactRow]) -> Tensor:
             raise LedgerError(f"ledger {ledger.path}: step {s} stores no z-layer targets (its values were given, "
                               "not optimised, or it was written before seqedit stored them), so its facts' "
                               "keys cannot be re-read and re-solved")
+    width = {s: ledger.kv_width(s) for s in files}  # once per step, as Ledger.kv
     cols = []
     for r in rows:
-        w = ledger.kv_width(r.kv_step)
+        w = width[r.kv_step]
         Z = files[r.kv_step]["Z"]
         if (r.kv_col + 1) * w > Z.shape[1]:
             raise LedgerCorruptError(f"ledger {ledger.path}: fact {r.fact.id!r} points at columns past the end "
