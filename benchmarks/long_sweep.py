@@ -58,6 +58,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # speed (issue 12's <= 60 s step): two context templates instead of five (3 rows a fact, not 6),
     # and the same with a value-step budget of 10
     "L4-10-clamp0.4-t2": {"layers": (4, 5, 6, 7, 8, 9, 10), "clamp_norm_factor": 0.4, "n_context_templates": 2},
+    # continuation KL (stop 26): keep what follows the new object as it was; the demo's third fact stops repeating
+    "L4-10-clamp0.4-t2-ckl1": {"layers": (4, 5, 6, 7, 8, 9, 10), "clamp_norm_factor": 0.4, "n_context_templates": 2,
+                               "continuation_kl": 1.0},
     "L4-10-clamp0.4-t2-v10": {"layers": (4, 5, 6, 7, 8, 9, 10), "clamp_norm_factor": 0.4, "n_context_templates": 2,
                               "v_steps": 10},
     # key drift (stop 24): with layers 4-10, later edits of the lower layers move old facts' keys at the

@@ -120,3 +120,22 @@ def test_target_staleness_on_a_tiny_ledger(tmp_path: Path, monkeypatch) -> None:
     with Editor(tiny_model("llama"), layers=(1, 2), stats_tokens=2000) as plain:
         H = st.z_states(plain, facts)
         assert torch.equal(st.efficacy(plain, facts, H), st.efficacy(plain, facts, None))
+
+
+def test_format_deltas_compares_the_formats_keys_and_deltas() -> None:
+    """On a tiny model: every cosine is a cosine, each format's own δ keeps one format's budget and the
+    shared δ of `both` may use √2 of it; a fact's bare and chat keys are read as `format_columns` does."""
+    from seqedit.datasets import load_facts
+    from seqedit.models.presets import EditHParams
+    from seqedit.shared_data import counterfact_path
+    from seqedit.testing import tiny_model
+
+    fd = _script("format_deltas")
+    facts = load_facts(counterfact_path(), limit=3)
+    hp = EditHParams(layers=(1, 2), v_steps=4, clamp_norm_factor=0.05, n_context_templates=1)
+    out = fd.measure(tiny_model("llama"), facts, hp)
+    assert out["facts"] == 3 and set(out["keys_by_layer"]) == {"1", "2"}
+    for q in [out["delta_cos_bare_chat"], out["delta_cos_both_bare"], *(v["same_fact_bare_chat"] for v in out["keys_by_layer"].values())]:
+        assert -1 <= q["p10"] <= q["median"] <= q["p90"] <= 1 + 1e-9
+    assert out["delta_over_h0"]["bare"]["p90"] <= 0.05 * (1 + 1e-5) and out["delta_over_h0"]["chat"]["p90"] <= 0.05 * (1 + 1e-5)
+    assert 0.05 < out["delta_over_h0"]["both"]["p90"] <= 0.05 * 2**0.5 * (1 + 1e-5)

@@ -5,12 +5,16 @@ subject's last token of each of its rows (T rewriting rows = context templates +
 and one KL row ``"{subject} is a"``). The loss of fact f is
 
     L_f(δ) = mean_rows NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
+             [+ κ_c·mean_rows KL(p_δ ‖ p_0) after the whole target]
 
 with p at the subject's last token of the KL row, optimised by Adam with per-fact early stopping
 (loss < ``early_stop_loss``, checked before the step), norm clamp ‖δ‖ ≤ c·√F·‖h0‖ after each step, and
 at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
 the rows are written in (``prompt_format="both"``: 2): one δ then has to move the answer in two quite
 different contexts, whose demands add roughly orthogonally, so the budget of one format (c) grows by √F.
+The bracketed term (``hp.continuation_kl`` = κ_c > 0) scores one more position per rewriting row, the
+token after the whole new target, against the distribution the model had there before δ (iteration 0):
+what follows the new object should stay what followed it, so that the object is not simply repeated.
 
 What is computed, and why it is exact: with causal attention nothing before the subject's last
 token depends on δ, in any layer. Each row is therefore split there: the *prefix* runs once per
@@ -96,21 +100,31 @@ class _Row:
     labels: list[int]
     kl: bool
     bare: bool  # the fact's primary row (format formats[0], template 0): h0 is read there
+    cont: int = -1  # suffix position after the whole target (continuation KL), or -1
+    cont_id: int = -1  # its row's index in the chunk's continuation references
 
 
-def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare") -> list[_Row]:
-    """Per fact: its rewriting rows (formats × templates, the primary row first), then its KL row."""
+def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare",
+                continuation: bool = False) -> list[_Row]:
+    """Per fact: its rewriting rows (formats × templates, the primary row first), then its KL row. With
+    ``continuation`` each rewriting row also runs through the target's last token, whose output is the
+    continuation-KL position."""
     rows: list[_Row] = []
+    n_cont = 0
     for fi, fact in enumerate(facts):
         for gi, fmt in enumerate(formats(prompt_format)):
             tgt = list(answer_ids(tokenizer, fmt, fact.target))
             for ti, tmpl in enumerate(templates):
                 enc = encode_row(tokenizer, fmt, tmpl, fact.prompt, fact.subject)
-                full = list(enc.ids) + tgt[:-1]
+                full = list(enc.ids) + (tgt if continuation else tgt[:-1])
                 s = enc.subject_last
                 first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
-                rows.append(_Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
-                                 gi == 0 and ti == 0))
+                row = _Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
+                           gi == 0 and ti == 0)
+                if continuation:
+                    row.cont, row.cont_id = len(full) - 1 - s, n_cont
+                    n_cont += 1
+                rows.append(row)
         enc = encode_prompt(tokenizer, "{}", KL_PROMPT, fact.subject)
         s = enc.subject_last
         rows.append(_Row(fi, list(enc.ids[:s]), [enc.ids[s]], [0], [], True, False))
@@ -274,7 +288,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     unembed = adapter.unembed
     autocast = _reduced_precision(loaded, hp)
     compute = autocast if autocast is not None else nullcontext()
-    rows = _build_rows(loaded.tokenizer, facts, templates, prompt_format)
+    continuation = hp.continuation_kl > 0
+    rows = _build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation)
     with compute:
         groups = [
             _RowGroup(loaded, [rows[i] for i in g], hp.z_layer)
@@ -288,6 +303,9 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     h0 = torch.zeros((n, d), dtype=torch.float32, device=device)
     h0_seen = torch.zeros(n, dtype=torch.bool)
     kl_init = torch.zeros((n, adapter.unembed.weight.shape[0]), dtype=torch.float32, device=device)
+    # the continuation positions' log-probabilities before δ (iteration 0), one row per rewriting row
+    cont_init = torch.zeros((n * n_templates if continuation else 0, kl_init.shape[1]), dtype=torch.float32,
+                            device=device)
     steps = [0] * n
     final_loss = [math.nan] * n
     final_nll = [math.nan] * n
@@ -318,6 +336,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
 
         nll = torch.zeros(len(active), device=device)
         kl = torch.zeros(len(active), device=device)
+        cont_kl = torch.zeros(len(active), device=device)
         with torch.enable_grad(), compute:
             for group in groups:
                 if not group.rows:
@@ -327,18 +346,24 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                 padded += group.suf_ids.numel()
                 lab_r, lab_p, lab_y, lab_w, lab_f = [], [], [], [], []
                 kl_r, kl_f = [], []
+                cont_r, cont_p, cont_ids, cont_f = [], [], [], []
                 for j, r in enumerate(group.rows):
                     if r.kl:
                         kl_r.append(j)
                         kl_f.append(r.fact)
                         continue
+                    if r.cont >= 0:
+                        cont_r.append(j)
+                        cont_p.append(r.cont)
+                        cont_ids.append(r.cont_id)
+                        cont_f.append(local[r.fact])
                     for p, y in zip(r.label_pos, r.labels):
                         lab_r.append(j)
                         lab_p.append(p)
                         lab_y.append(y)
                         lab_w.append(1.0 / (len(r.labels) * n_templates))
                         lab_f.append(local[r.fact])
-                it_heads += len(lab_r) + len(kl_r)
+                it_heads += len(lab_r) + len(kl_r) + len(cont_r)
                 if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
                     logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
                     tok_nll = -logp.gather(1, torch.tensor(lab_y, device=logp.device)[:, None])[:, 0]
@@ -351,8 +376,15 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                         kl_init[fidx] = kl_logp.detach().to(device)
                     vals = (kl_logp.exp() * (kl_logp - kl_init[fidx].to(kl_logp.device))).sum(-1)
                     kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
+                if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's rewriting rows
+                    c_logp = torch.log_softmax(unembed(hidden[cont_r, cont_p]).float(), -1)
+                    cidx = torch.tensor(cont_ids, device=device)
+                    if it == 0:
+                        cont_init[cidx] = c_logp.detach().to(device)
+                    vals = (c_logp.exp() * (c_logp - cont_init[cidx].to(c_logp.device))).sum(-1) / n_templates
+                    cont_kl = cont_kl.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
             wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
-            loss = nll + hp.kl_factor * kl + wd
+            loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl
 
         tokens += it_tokens
         heads += it_heads

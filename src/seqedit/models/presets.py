@@ -33,6 +33,9 @@ class EditHParams:
     v_steps: int = 25
     v_weight_decay: float = 0.5  # β of β·‖δ‖/‖h0‖²
     kl_factor: float = 0.0625  # κ
+    # κ_c: weight of KL(p_δ ‖ p_0) of the token after the whole new target, on every rewriting row: keeps
+    # what the model says after the new object as it was (a guard against the object repeating)
+    continuation_kl: float = 0.0
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp·‖h0‖
     early_stop_loss: float = 5e-2
     v_batch_facts: int = 50  # facts optimised together (memory bound, results do not depend on it)
@@ -62,6 +65,8 @@ class EditHParams:
         object.__setattr__(self, "layers", layers)
         if not self.lam >= 0:  # also refuses NaN
             raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not self.continuation_kl >= 0:
+            raise ValueError(f"continuation_kl must be >= 0, got {self.continuation_kl}")
         if self.v_compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"v_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.v_compute_dtype!r}")
         if not isinstance(self.format_columns, bool):
@@ -79,7 +84,7 @@ class EditHParams:
         so single-format ledgers, results folders and caches compare equal to those written before it."""
         if n_formats < 1:
             raise ValueError(f"an edit uses at least one prompt format, got {n_formats}")
-        return self if n_formats > 1 else dataclasses.replace(self, **_ADDED_LATER)
+        return self if n_formats > 1 else dataclasses.replace(self, format_columns=_ADDED_LATER["format_columns"])
 
     def override(self, **kw: Any) -> "EditHParams":
         """A copy with the given fields replaced; ``None`` values are ignored (handy for CLI flags)."""
@@ -142,7 +147,7 @@ class EditHParams:
         return cls(**{**_ADDED_LATER, **data})
 
 
-_ADDED_LATER = {"format_columns": False}  # field -> the value that older stored dicts imply
+_ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0}  # field -> the value that older stored dicts imply
 
 
 def _as_bool(raw: str) -> bool:
