@@ -144,7 +144,8 @@ def _reference_z(lm, fact: Fact, templates, hp: EditHParams, prompt_format: str 
             if init is None:
                 init = kl_lp.detach().clone()
             kl = (kl_lp.exp() * (kl_lp - init)).sum()
-            cont_lp = torch.stack([logp[i, labels[i] + len(tgts[i])] for i in range(n_rewrite)])
+            firsts = [i for i in range(n_rewrite) if i % len(templates) == 0]  # each format's template-free row
+            cont_lp = torch.stack([logp[i, labels[i] + len(tgts[i])] for i in firsts])
             if cont_init is None:
                 cont_init = cont_lp.detach().clone()
             cont_kl = (cont_lp.exp() * (cont_lp - cont_init)).sum(-1).mean()

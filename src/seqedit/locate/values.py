@@ -5,16 +5,17 @@ subject's last token of each of its rows (T rewriting rows = context templates +
 and one KL row ``"{subject} is a"``). The loss of fact f is
 
     L_f(δ) = mean_rows NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
-             [+ κ_c·mean_rows KL(p_δ ‖ p_0) after the whole target]
+             [+ κ_c·mean_formats KL(p_δ ‖ p_0) after the whole target]
 
 with p at the subject's last token of the KL row, optimised by Adam with per-fact early stopping
 (loss < ``early_stop_loss``, checked before the step), norm clamp ‖δ‖ ≤ c·√F·‖h0‖ after each step, and
 at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
 the rows are written in (``prompt_format="both"``: 2): one δ then has to move the answer in two quite
 different contexts, whose demands add roughly orthogonally, so the budget of one format (c) grows by √F.
-The bracketed term (``hp.continuation_kl`` = κ_c > 0) scores one more position per rewriting row, the
-token after the whole new target, against the distribution the model had there before δ (iteration 0):
-what follows the new object should stay what followed it, so that the object is not simply repeated.
+The bracketed term (``hp.continuation_kl`` = κ_c > 0) scores one more position on each format's
+template-free row (the prompt itself), the token after the whole new target, against the distribution
+the model had there before δ (iteration 0), averaged over the formats: what follows the new object
+should stay what followed it, so that the object is not simply repeated.
 
 What is computed, and why it is exact: with causal attention nothing before the subject's last
 token depends on δ, in any layer. Each row is therefore split there: the *prefix* runs once per
@@ -107,8 +108,8 @@ class _Row:
 def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare",
                 continuation: bool = False) -> list[_Row]:
     """Per fact: its rewriting rows (formats × templates, the primary row first), then its KL row. With
-    ``continuation`` each rewriting row also runs through the target's last token, whose output is the
-    continuation-KL position."""
+    ``continuation`` each format's template-free row also runs through the target's last token, whose
+    output is the continuation-KL position."""
     rows: list[_Row] = []
     n_cont = 0
     for fi, fact in enumerate(facts):
@@ -116,12 +117,12 @@ def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prom
             tgt = list(answer_ids(tokenizer, fmt, fact.target))
             for ti, tmpl in enumerate(templates):
                 enc = encode_row(tokenizer, fmt, tmpl, fact.prompt, fact.subject)
-                full = list(enc.ids) + (tgt if continuation else tgt[:-1])
+                full = list(enc.ids) + (tgt if continuation and ti == 0 else tgt[:-1])
                 s = enc.subject_last
                 first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
                 row = _Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
                            gi == 0 and ti == 0)
-                if continuation:
+                if continuation and ti == 0:
                     row.cont, row.cont_id = len(full) - 1 - s, n_cont
                     n_cont += 1
                 rows.append(row)
@@ -304,7 +305,8 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     h0_seen = torch.zeros(n, dtype=torch.bool)
     kl_init = torch.zeros((n, adapter.unembed.weight.shape[0]), dtype=torch.float32, device=device)
     # the continuation positions' log-probabilities before δ (iteration 0), one row per rewriting row
-    cont_init = torch.zeros((n * n_templates if continuation else 0, kl_init.shape[1]), dtype=torch.float32,
+    n_formats = len(formats(prompt_format))
+    cont_init = torch.zeros((n * n_formats if continuation else 0, kl_init.shape[1]), dtype=torch.float32,
                             device=device)
     steps = [0] * n
     final_loss = [math.nan] * n
@@ -376,12 +378,12 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                         kl_init[fidx] = kl_logp.detach().to(device)
                     vals = (kl_logp.exp() * (kl_logp - kl_init[fidx].to(kl_logp.device))).sum(-1)
                     kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
-                if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's rewriting rows
+                if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
                     c_logp = torch.log_softmax(unembed(hidden[cont_r, cont_p]).float(), -1)
                     cidx = torch.tensor(cont_ids, device=device)
                     if it == 0:
                         cont_init[cidx] = c_logp.detach().to(device)
-                    vals = (c_logp.exp() * (c_logp - cont_init[cidx].to(c_logp.device))).sum(-1) / n_templates
+                    vals = (c_logp.exp() * (c_logp - cont_init[cidx].to(c_logp.device))).sum(-1) / n_formats
                     cont_kl = cont_kl.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
             wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
             loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl
