@@ -169,10 +169,12 @@ _REFERENCE = EditHParams(layers=(0,))  # field types for parse_assignments
 _PRESETS: list[tuple[str, dict[str, dict[str, Any]]]] = [
     # Embedded default. "long-run": chosen on 1,000-edit sequential runs (docs/long-run-tuning.md,
     # CounterFact train split); two context templates instead of five halve the step at equal quality
-    # there. "one-step": the first preset, chosen on 50 facts in one step (docs/layer-sweep.md), which
-    # drifts fast over many steps (kept for the results made with it).
+    # there; continuation KL (stop 26) stops the new object repeating at equal quality over 1,000 edits
+    # (results made before it name `continuation_kl=0`). "one-step": the first preset, chosen on 50
+    # facts in one step (docs/layer-sweep.md), which drifts fast over many steps (kept for the results
+    # made with it).
     ("smollm2-135m", {"long-run": dict(layers=(4, 5, 6, 7, 8, 9, 10), lam=1500.0, v_lr=2.0, v_steps=12,
-                                       clamp_norm_factor=0.4, n_context_templates=2),
+                                       clamp_norm_factor=0.4, n_context_templates=2, continuation_kl=1.0),
                       "one-step": dict(layers=(6, 7, 8, 9, 10), lam=1500.0, v_lr=2.0, v_steps=12)}),
     ("gpt2-xl", {"paper": dict(layers=(13, 14, 15, 16, 17), lam=3000.0, v_lr=0.5, v_steps=20),
                  "public-json": dict(layers=(13, 14, 15, 16, 17), lam=20000.0, v_lr=0.5, v_steps=20)}),
