@@ -155,6 +155,16 @@ def test_resume_refuses_a_folder_made_with_another_preset(tmp_path: Path, monkey
     with pytest.raises(EvalSettingsError, match=r"other hyperparameters \(kl_factor: 0.0625 there, 0.5 now\)"):
         run_eval(cfg, tmp_path, loaded=lm)
     assert (tmp_path / "results.json").read_bytes() == before
+    # as the message says, the old value passed with --set continues the folder (it was refused as a
+    # settings clash on the overrides' spelling before), and the folder records the new spelling
+    old = dataclasses.replace(cfg, overrides={**cfg.overrides, "kl_factor": 0.0625})
+    again = run_eval(old, tmp_path, loaded=lm)
+    assert again["hparams"]["kl_factor"] == 0.0625 and again["settings"]["overrides"]["kl_factor"] == 0.0625
+    assert again["runs"][-1]["ran"] == []
+    # a value that is not the folder's is still refused, before the model loads
+    other = dataclasses.replace(cfg, overrides={**cfg.overrides, "kl_factor": 0.25})
+    with pytest.raises(EvalSettingsError, match=r"other settings \(overrides: .*'kl_factor': 0.25"):
+        check_out_dir(other, tmp_path)
 
 
 @pytest.mark.parametrize("kill_at", ["commit", "results"])

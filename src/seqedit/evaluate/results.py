@@ -105,6 +105,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _respelt(before: dict[str, Any], now: dict[str, Any], hparams: dict[str, Any] | None) -> bool:
+    """Whether overrides ``now`` may differ from ``before`` only in spelling: every value given anew is
+    the one the folder's recorded ``hparams`` already hold (a dropped override is left to the runner)."""
+    if hparams is None:
+        return False
+    return all(before.get(k) == v or hparams.get(k) == v for k, v in now.items())
+
+
 class ResultsStore:
     """``results.json`` under ``folder``: loaded if present (settings must match), rewritten atomically."""
 
@@ -117,7 +125,14 @@ class ResultsStore:
                 raise EvalSettingsError(f"{self.path} is not valid JSON ({e}); move it away to start afresh") from None
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise EvalSettingsError(f"{self.path} is not a {FORMAT} results file; use another output folder")
-            shown = differences(data.get("settings", {}), settings)
+            before = data.get("settings", {})
+            if _respelt(before.get("overrides", {}), settings.get("overrides", {}), data.get("hparams")):
+                # the overrides only spell how the folder's hyperparameters were reached: after a preset
+                # changes, its old values are passed as overrides to continue it (the runner then compares
+                # the resolved hyperparameters exactly, once the preset is known)
+                before = {k: v for k, v in before.items() if k != "overrides"}
+                settings = {k: v for k, v in settings.items() if k != "overrides"}
+            shown = differences(before, settings)
             if shown:
                 raise EvalSettingsError(
                     f"{folder} holds results of other settings ({shown}); use another --out folder "

@@ -309,6 +309,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
             f"{folder} holds results made with other hyperparameters ({shown}); use another --out folder, or "
             "pass the old values with --set to continue it"
         )
+    data["settings"]["overrides"] = config.settings()["overrides"]  # how these hparams are spelt today
     runs, skipped = plan(config)
     data.update({
         "model": model_info, "hparams": hp.to_dict(), "selection": selection.to_dict(), "versions": _versions(),
