@@ -161,6 +161,10 @@ def test_resume_refuses_a_folder_made_with_another_preset(tmp_path: Path, monkey
     again = run_eval(old, tmp_path, loaded=lm)
     assert again["hparams"]["kl_factor"] == 0.0625 and again["settings"]["overrides"]["kl_factor"] == 0.0625
     assert again["runs"][-1]["ran"] == []
+    # a field the folder's record leaves out at its implied value (continuation_kl = 0, added later) too
+    with_new_field = dataclasses.replace(old, overrides={**old.overrides, "continuation_kl": 0.0})
+    assert "continuation_kl" not in again["hparams"]
+    assert run_eval(with_new_field, tmp_path, loaded=lm)["runs"][-1]["ran"] == []
     # a value that is not the folder's is still refused, before the model loads
     other = dataclasses.replace(cfg, overrides={**cfg.overrides, "kl_factor": 0.25})
     with pytest.raises(EvalSettingsError, match=r"other settings \(overrides: .*'kl_factor': 0.25"):

@@ -8,6 +8,7 @@ versions (:func:`_versions`) and timestamps (:func:`_now`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write_json
+from ..models.presets import EditHParams
 from .config import EvalConfig, EvalSettingsError, baseline_settings
 
 __all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir", "read_measured"]
@@ -110,7 +112,11 @@ def _respelt(before: dict[str, Any], now: dict[str, Any], hparams: dict[str, Any
     the one the folder's recorded ``hparams`` already hold (a dropped override is left to the runner)."""
     if hparams is None:
         return False
-    return all(before.get(k) == v or hparams.get(k) == v for k, v in now.items())
+    try:  # with the fields a stored dict leaves out at the values it implies (EditHParams.to_dict)
+        held = dataclasses.asdict(EditHParams.from_dict(hparams)) | {"layers": list(hparams.get("layers", []))}
+    except (TypeError, ValueError):
+        return False
+    return all(before.get(k) == v or held.get(k) == v for k, v in now.items())
 
 
 class ResultsStore:
