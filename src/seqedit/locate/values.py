@@ -304,7 +304,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     h0 = torch.zeros((n, d), dtype=torch.float32, device=device)
     h0_seen = torch.zeros(n, dtype=torch.bool)
     kl_init = torch.zeros((n, adapter.unembed.weight.shape[0]), dtype=torch.float32, device=device)
-    # the continuation positions' log-probabilities before δ (iteration 0), one row per rewriting row
+    # the continuation positions' log-probabilities before δ (iteration 0): one per fact and format
     n_formats = len(formats(prompt_format))
     cont_init = torch.zeros((n * n_formats if continuation else 0, kl_init.shape[1]), dtype=torch.float32,
                             device=device)
