@@ -283,7 +283,8 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     config.validate()
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    store = ResultsStore(folder, config.settings())  # a settings clash fails before any slow work
+    settings = config.settings()
+    store = ResultsStore(folder, settings)  # a settings clash fails before any slow work
     selection = select_facts(
         config.dataset, config.n, config.seed, layout=config.layout, split=config.resolved_split(),
         zsre_file=config.zsre_file, zsre_target=config.zsre_target, path=config.facts_path,
@@ -309,7 +310,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
             f"{folder} holds results made with other hyperparameters ({shown}); use another --out folder, or "
             "pass the old values with --set to continue it"
         )
-    data["settings"]["overrides"] = config.settings()["overrides"]  # how these hparams are spelt today
+    data["settings"]["overrides"] = settings["overrides"]  # how these hparams are spelt today
     runs, skipped = plan(config)
     data.update({
         "model": model_info, "hparams": hp.to_dict(), "selection": selection.to_dict(), "versions": _versions(),

@@ -102,7 +102,7 @@ class _Row:
     kl: bool
     bare: bool  # the fact's primary row (format formats[0], template 0): h0 is read there
     cont: int = -1  # suffix position after the whole target (continuation KL), or -1
-    cont_id: int = -1  # its row's index in the chunk's continuation references
+    cont_id: int = -1  # its reference's index in the chunk: fact · formats + format
 
 
 def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare",
@@ -111,20 +111,20 @@ def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prom
     ``continuation`` each format's template-free row also runs through the target's last token, whose
     output is the continuation-KL position."""
     rows: list[_Row] = []
-    n_cont = 0
+    fmts = formats(prompt_format)
     for fi, fact in enumerate(facts):
-        for gi, fmt in enumerate(formats(prompt_format)):
+        for gi, fmt in enumerate(fmts):
             tgt = list(answer_ids(tokenizer, fmt, fact.target))
             for ti, tmpl in enumerate(templates):
+                cont = continuation and ti == 0
                 enc = encode_row(tokenizer, fmt, tmpl, fact.prompt, fact.subject)
-                full = list(enc.ids) + (tgt if continuation and ti == 0 else tgt[:-1])
+                full = list(enc.ids) + (tgt if cont else tgt[:-1])
                 s = enc.subject_last
                 first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
                 row = _Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
                            gi == 0 and ti == 0)
-                if continuation and ti == 0:
-                    row.cont, row.cont_id = len(full) - 1 - s, n_cont
-                    n_cont += 1
+                if cont:
+                    row.cont, row.cont_id = len(full) - 1 - s, fi * len(fmts) + gi
                 rows.append(row)
         enc = encode_prompt(tokenizer, "{}", KL_PROMPT, fact.subject)
         s = enc.subject_last
@@ -176,6 +176,11 @@ class _PrefixCache:
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=self.kv)
+
+
+def _kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``KL(p ‖ p_0)`` per row of log-probabilities ``logp, ref: [rows, vocab]``."""
+    return (logp.exp() * (logp - ref.to(logp.device))).sum(-1)
 
 
 def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> None:
@@ -376,14 +381,14 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                     fidx = torch.tensor(kl_f, device=device)
                     if it == 0:
                         kl_init[fidx] = kl_logp.detach().to(device)
-                    vals = (kl_logp.exp() * (kl_logp - kl_init[fidx].to(kl_logp.device))).sum(-1)
+                    vals = _kl(kl_logp, kl_init[fidx])
                     kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
                 if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
                     c_logp = torch.log_softmax(unembed(hidden[cont_r, cont_p]).float(), -1)
                     cidx = torch.tensor(cont_ids, device=device)
                     if it == 0:
                         cont_init[cidx] = c_logp.detach().to(device)
-                    vals = (c_logp.exp() * (c_logp - cont_init[cidx].to(c_logp.device))).sum(-1) / n_formats
+                    vals = _kl(c_logp, cont_init[cidx]) / n_formats
                     cont_kl = cont_kl.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
             wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
             loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl

@@ -33,7 +33,7 @@ class EditHParams:
     v_steps: int = 25
     v_weight_decay: float = 0.5  # β of β·‖δ‖/‖h0‖²
     kl_factor: float = 0.0625  # κ
-    # κ_c: weight of KL(p_δ ‖ p_0) of the token after the whole new target, on every rewriting row: keeps
+    # κ_c: weight of KL(p_δ ‖ p_0) of the token after the whole new target, on each format's template-free row: keeps
     # what the model says after the new object as it was (a guard against the object repeating)
     continuation_kl: float = 0.0
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp·‖h0‖
