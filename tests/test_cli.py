@@ -162,3 +162,31 @@ def test_demo_asks_every_edited_fact_through_the_chat_template(model_dir: Path) 
     for f in load_facts(counterfact_path(), split="train", limit=2):
         assert flat(f"user: {question_template(f.text)}") in flat(result.stdout)
         assert flat(f"the new target '{f.target}')") in flat(result.stdout)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--set", "lam=3000"], {"lam": 3000.0}),  # was dropped: the unset --lam (None) replaced it
+    (["--set", "lam=3000", "--set", "continuation_kl=0"], {"lam": 3000.0, "continuation_kl": 0.0}),
+    (["--lam", "3000", "--set", "continuation_kl=0"], {"lam": 3000.0, "continuation_kl": 0.0}),
+    (["--set", "layers=3,4", "--set", "v_steps=7"], {"layers": (3, 4), "v_steps": 7}),
+    (["--lam", "3000", "--set", "lam=3000"], {"lam": 3000.0}),
+])
+def test_eval_set_overrides_reach_the_config(tmp_path, monkeypatch: pytest.MonkeyPatch, flags, expected) -> None:
+    import seqedit.evaluate.results as results
+
+    seen = {}
+
+    def stop(config, out_dir):
+        seen["overrides"] = config.overrides
+        raise SystemExit(0)  # before the model loads
+
+    monkeypatch.setattr(results, "check_out_dir", stop)
+    result = invoke("eval", "--out", tmp_path / "run", *flags)
+    assert result.exit_code == 0, result.output
+    assert seen["overrides"] == expected
+
+
+def test_eval_and_bench_refuse_a_flag_and_a_set_that_disagree(tmp_path) -> None:
+    for cmd in (["eval", "--out", tmp_path / "run"], ["bench"]):
+        assert_clean_failure(invoke(*cmd, "--lam", "3000", "--set", "lam=1500"), "--lam", "lam=1500", "disagree")
+    assert not (tmp_path / "run").exists()

@@ -65,7 +65,7 @@ def bench(
     from ..editor import Editor
     from ..shared_data import counterfact_path
 
-    overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps}
+    overrides = parse_sets(sets, layers=parse_layers(layers), lam=lam, v_steps=v_steps)
     # a split applies to CounterFact files only: the default one is the shared CounterFact's train split
     fs = read_facts(facts or str(counterfact_path()), n, split or (None if facts else "train"), "auto")
     check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None, preset=preset)
@@ -73,7 +73,7 @@ def bench(
     t = time.perf_counter()
     before = _efficacy(lm, fs)
     eval_s = time.perf_counter() - t
-    editor = Editor(lm, preset=preset, **{k: v for k, v in overrides.items() if v is not None})
+    editor = Editor(lm, preset=preset, **overrides)
     with progress_bars(not as_json) as cb:
         reports = editor.run(fs, batch_size=batch_size, progress=cb)
     after = _efficacy(lm, fs)

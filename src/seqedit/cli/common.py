@@ -141,14 +141,25 @@ def parse_layers(spec: Optional[str]) -> Optional[tuple[int, ...]]:
         raise typer.BadParameter(f"--layers must be comma-separated integers, got {spec!r}") from None
 
 
-def parse_sets(items: Optional[list[str]]) -> dict[str, Any]:
-    """``--set NAME=VALUE`` options as typed hyperparameter overrides; a usage error names a bad one."""
+def parse_sets(items: Optional[list[str]], **flags: Any) -> dict[str, Any]:
+    """``--set NAME=VALUE`` options as typed hyperparameter overrides, merged with the dedicated flags
+    (``lam=``, ``layers=`` …; ``None``: not given). A usage error names a bad assignment, or a flag and
+    a ``--set`` that give one field different values; a flag not given leaves the ``--set`` value."""
     from ..models.presets import EditHParams
 
     try:
-        return EditHParams.parse_assignments(items or [])
+        out = EditHParams.parse_assignments(items or [])
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--set") from None
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in out and out[name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{flag} {value} and --set {name}={out[name]} disagree; give one",
+                                     param_hint="--set")
+        out[name] = value
+    return out
 
 
 def parse_csv(value: str, what: str) -> tuple[str, ...]:

@@ -81,15 +81,14 @@ def eval_(
 
     if out_dir.exists() and not out_dir.is_dir():
         fail(f"--out {out_dir} is a file; give a folder")
-    overrides = {**parse_sets(sets), "layers": parse_layers(layers), "lam": lam, "v_steps": v_steps,
-                 "stats_tokens": stats_tokens}
+    overrides = parse_sets(sets, layers=parse_layers(layers), lam=lam, v_steps=v_steps, stats_tokens=stats_tokens)
     config = EvalConfig(
         model=model, dataset=dataset, n=n, batch_size=batch_size, methods=parse_csv(methods, "--methods"),
         alignments=parse_csv(alignment, "--alignment"), modes=parse_csv(modes, "--modes"), values=values, seed=seed,
         general_every=general_every, general_n=general_n, general_scoring=general_scoring,
         official_rte_inversion=rte_inversion, retention_every=retention_every, drift_windows=drift_windows,
         fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
-        facts_path=facts, overrides={k: v for k, v in overrides.items() if v is not None},
+        facts_path=facts, overrides=overrides,
         eval_batch_rows=eval_batch_rows, dtype=dtype, device_map=device_map, checkpoint=checkpoint,
         prompt_format=prompt_format, chat_eval=chat_eval, preset=preset, rekey_every=rekey_every,
     )
