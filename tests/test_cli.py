@@ -190,3 +190,8 @@ def test_eval_and_bench_refuse_a_flag_and_a_set_that_disagree(tmp_path) -> None:
     for cmd in (["eval", "--out", tmp_path / "run"], ["bench"]):
         assert_clean_failure(invoke(*cmd, "--lam", "3000", "--set", "lam=1500"), "--lam", "lam=1500", "disagree")
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_preflight_checks_layers_given_with_set(model_dir: Path) -> None:
+    # the preflight saw only --layers, so a --set layers= out of range failed only after the model loaded
+    assert_clean_failure(invoke("bench", "--model", model_dir, "--set", "layers=99"), "--layers 99")

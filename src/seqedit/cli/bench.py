@@ -68,7 +68,8 @@ def bench(
     overrides = parse_sets(sets, layers=parse_layers(layers), lam=lam, v_steps=v_steps)
     # a split applies to CounterFact files only: the default one is the shared CounterFact's train split
     fs = read_facts(facts or str(counterfact_path()), n, split or (None if facts else "train"), "auto")
-    check_edit(model, None, None, "sequential", parse_layers(layers), lam, v_steps, None, None, preset=preset)
+    check_edit(model, None, None, "sequential", overrides.get("layers"), overrides.get("lam"), overrides.get("v_steps"),
+               None, None, preset=preset)  # the values the run will use, however they were spelt
     lm, load_s = load(model, dtype, device_map)
     t = time.perf_counter()
     before = _efficacy(lm, fs)
