@@ -21,11 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/seqedit demo
 
+# -n auto: one pytest-xdist worker per core (tests/conftest.py shares the cores out among them)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -n auto -m "not integration"
 
 bench: $(STAMP)
 	$(VENV)/bin/seqedit bench --model smollm2-135m --n 200 --batch-size 100

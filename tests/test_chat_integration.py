@@ -4,7 +4,6 @@ located inside the real rendering, and facts edited in the ``both`` format are i
 from __future__ import annotations
 
 import pytest
-import torch
 
 import seqedit
 from seqedit.evaluate.chat import chat_metrics
@@ -15,8 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_both_format_edits_are_answered_through_the_real_chat_template() -> None:
-    lm = seqedit.load_model("smollm2-135m")
-    torch.set_num_threads(2)
+    lm = seqedit.load_model("smollm2-135m")  # threads: tests/conftest.py
     tok = lm.tokenizer
     facts = seqedit.load_facts(counterfact_path(), split="train", limit=2)
     for f in facts:

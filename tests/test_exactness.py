@@ -18,9 +18,7 @@ STATS_TOKENS = 20_000  # enough for a well-posed Σ₀; the preset's 100k is for
 
 @pytest.fixture(scope="module")
 def smol():
-    lm = seqedit.load_model("smollm2-135m")
-    torch.set_num_threads(2)
-    return lm
+    return seqedit.load_model("smollm2-135m")  # threads: tests/conftest.py
 
 
 def _restore(lm, w0: dict[int, torch.Tensor]) -> None:
