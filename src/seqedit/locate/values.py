@@ -4,7 +4,7 @@ For fact f, δ_f is added to the residual stream at the output of the z-layer bl
 subject's last token of each of its rows (T rewriting rows = context templates + prompt + target,
 and one KL row ``"{subject} is a"``). The loss of fact f is
 
-    L_f(δ) = mean_rows NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
+    L_f(δ) = Σ_formats w_g·mean_rows(g) NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
              [+ κ_c·mean_formats KL(p_δ ‖ p_0) after the whole target]
 
 with p at the subject's last token of the KL row, optimised by Adam with per-fact early stopping
@@ -12,6 +12,8 @@ with p at the subject's last token of the KL row, optimised by Adam with per-fac
 at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
 the rows are written in (``prompt_format="both"``: 2): one δ then has to move the answer in two quite
 different contexts, whose demands add roughly orthogonally, so the budget of one format (c) grows by √F.
+The format weights w_g are 1 with one format and (``hp.bare_weight``, 1 − ``hp.bare_weight``) for the
+bare and chat rows of ``"both"`` (½ each by default).
 The bracketed term (``hp.continuation_kl`` = κ_c > 0) scores one more position on each format's
 template-free row (the prompt itself), the token after the whole new target, against the distribution
 the model had there before δ (iteration 0), averaged over the formats: what follows the new object
@@ -47,12 +49,10 @@ import torch
 
 from ..facts import Fact
 from ..models.presets import EditHParams
-from .chat import answer_ids, encode_row, formats
+from .chat import formats
 from .keys import ContextRows, read_keys
-from .tokens import encode_prompt, pad_id_of, pad_left
-from .trace import LowerBlocksReplay, block_hidden, hooks, replace_block_hidden
-
-KL_PROMPT = "{} is a"
+from .trace import block_hidden, replace_block_hidden
+from .value_rows import KL_PROMPT, RowGroup, build_rows, format_weights, length_groups
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ValueResult:
     h0: torch.Tensor
     steps: list[int]  # Adam updates taken by each fact
     loss: list[float]  # final total loss per fact
-    nll: list[float]  # final mean target NLL per fact (nats per token)
+    nll: list[float]  # final target NLL per fact (nats per token; mean over templates, format-weighted)
     seconds: float = 0.0
     iterations: int = 0  # batched iterations run (max over chunks of the longest fact)
     row_tokens: int = 0  # suffix tokens processed over all iterations (the δ-dependent work)
@@ -92,92 +92,6 @@ class ValueResult:
         return 2.0 * (upper * tokens + head * heads)
 
 
-@dataclass
-class _Row:
-    fact: int  # index within the chunk
-    prefix: list[int]
-    suffix: list[int]
-    label_pos: list[int]  # suffix positions whose logits predict `labels`
-    labels: list[int]
-    kl: bool
-    bare: bool  # the fact's primary row (format formats[0], template 0): h0 is read there
-    cont: int = -1  # suffix position after the whole target (continuation KL), or -1
-    cont_id: int = -1  # its reference's index in the chunk: fact · formats + format
-
-
-def _build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare",
-                continuation: bool = False) -> list[_Row]:
-    """Per fact: its rewriting rows (formats × templates, the primary row first), then its KL row. With
-    ``continuation`` each format's template-free row also runs through the target's last token, whose
-    output is the continuation-KL position."""
-    rows: list[_Row] = []
-    fmts = formats(prompt_format)
-    for fi, fact in enumerate(facts):
-        for gi, fmt in enumerate(fmts):
-            tgt = list(answer_ids(tokenizer, fmt, fact.target))
-            for ti, tmpl in enumerate(templates):
-                cont = continuation and ti == 0
-                enc = encode_row(tokenizer, fmt, tmpl, fact.prompt, fact.subject)
-                full = list(enc.ids) + (tgt if cont else tgt[:-1])
-                s = enc.subject_last
-                first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
-                row = _Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
-                           gi == 0 and ti == 0)
-                if cont:
-                    row.cont, row.cont_id = len(full) - 1 - s, fi * len(fmts) + gi
-                rows.append(row)
-        enc = encode_prompt(tokenizer, "{}", KL_PROMPT, fact.subject)
-        s = enc.subject_last
-        rows.append(_Row(fi, list(enc.ids[:s]), [enc.ids[s]], [0], [], True, False))
-    return rows
-
-
-class _PrefixCache:
-    """Per-layer prefix keys/values ``[rows, heads, P, head_dim]``, left-padded with zeros to ``P``.
-
-    Built in sub-batches of similar prefix length (padding costs a full forward per padded token);
-    the zero padding is masked out by the attention mask. Hands out a fresh ``DynamicCache`` view of
-    the same tensors for every pass, so suffix passes never grow it.
-    """
-
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.kv = kv
-
-    @classmethod
-    def build(cls, base, rows: list[_Row], P: int, pad: int, device) -> "_PrefixCache":
-        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        for sub in _length_groups([len(r.prefix) for r in rows]):
-            width = max(len(rows[i].prefix) for i in sub)
-            if width == 0:
-                continue
-            ids, mask = pad_left([rows[i].prefix for i in sub], pad)
-            with torch.no_grad():
-                cache = base(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=(torch.cumsum(mask, 1) - 1).clamp(min=0).to(device),
-                    use_cache=True,
-                ).past_key_values
-            index = torch.tensor(sub, device=device)
-            if kv is None:
-                kv = [
-                    tuple(t.new_zeros((len(rows), t.shape[1], P, t.shape[3])) for t in (layer.keys, layer.values))
-                    for layer in cache.layers
-                ]
-            for (k_all, v_all), layer in zip(kv, cache.layers):
-                k_all[index.to(k_all.device), :, P - width :] = layer.keys
-                v_all[index.to(v_all.device), :, P - width :] = layer.values
-        return cls(kv)
-
-    def select(self, index: torch.Tensor) -> None:
-        self.kv = [(k[index.to(k.device)], v[index.to(v.device)]) for k, v in self.kv]
-
-    def fresh(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=self.kv)
-
-
 def _kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``KL(p ‖ p_0)`` per row of log-probabilities ``logp, ref: [rows, vocab]``."""
     return (logp.exp() * (logp - ref.to(logp.device))).sum(-1)
@@ -189,89 +103,6 @@ def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> Non
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     denom = (v / (1 - b2**t)).sqrt_().add_(eps)
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-
-
-def _length_groups(lengths: list[int], max_groups: int = 4) -> list[list[int]]:
-    """Partition row indices into ≤ ``max_groups`` groups of similar suffix length.
-
-    Rows are right-padded to their group's longest suffix, so the partition minimises the padded
-    token count Σ_g max_len_g · |g| (a small dynamic programme over the distinct lengths).
-    """
-    distinct = sorted(set(lengths))
-    count = [sum(1 for x in lengths if x == u) for u in distinct]
-    m, k = len(distinct), min(max_groups, len(distinct))
-    prefix = [0]
-    for c in count:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[g][j]: cost of covering distinct[:j] with g groups; cut[g][j]: start of the last group
-    best = [[inf] * (m + 1) for _ in range(k + 1)]
-    cut = [[0] * (m + 1) for _ in range(k + 1)]
-    best[0][0] = 0
-    for g in range(1, k + 1):
-        for j in range(1, m + 1):
-            for i in range(j):
-                c = best[g - 1][i] + distinct[j - 1] * (prefix[j] - prefix[i])
-                if c < best[g][j]:
-                    best[g][j], cut[g][j] = c, i
-    g = min(range(1, k + 1), key=lambda gg: best[gg][m])
-    bounds, j = [], m
-    while g > 0:
-        i = cut[g][j]
-        bounds.append((distinct[i], distinct[j - 1]))
-        j, g = i, g - 1
-    return [[r for r, x in enumerate(lengths) if lo <= x <= hi] for lo, hi in reversed(bounds)]
-
-
-class _RowGroup:
-    """Rows of similar suffix length: their prefix KV cache, suffix batch and lower-block replay."""
-
-    def __init__(self, loaded, rows: list[_Row], z_layer: int):
-        base, pad = loaded.model.base_model, pad_id_of(loaded.tokenizer)
-        self.device = loaded.input_device
-        self.rows = rows
-        P = max(len(r.prefix) for r in rows)
-        S = max(len(r.suffix) for r in rows)
-        pre_mask = torch.zeros((len(rows), P), dtype=torch.long)
-        self.suf_ids = torch.full((len(rows), S), pad, dtype=torch.long)
-        suf_mask = torch.zeros((len(rows), S), dtype=torch.long)
-        for i, r in enumerate(rows):
-            # left-padded prefix, right-padded suffix: the two meet without a gap
-            pre_mask[i, P - len(r.prefix) :] = 1
-            self.suf_ids[i, : len(r.suffix)] = torch.tensor(r.suffix)
-            suf_mask[i, : len(r.suffix)] = 1
-        self.suf_pos = pre_mask.sum(1)[:, None] + torch.arange(S)[None, :]
-        self.full_mask = torch.cat([pre_mask, suf_mask], 1)
-        self.tokens = suf_mask.sum(1)
-        self.prefix = _PrefixCache.build(base, rows, P, pad, self.device) if P > 0 else None
-        self.replay = LowerBlocksReplay(loaded.adapter, z_layer)
-
-    def keep(self, alive: set[int]) -> None:
-        """Drop the rows of facts that stopped."""
-        idx = [i for i, r in enumerate(self.rows) if r.fact in alive]
-        if len(idx) == len(self.rows):
-            return
-        sel = torch.tensor(idx, dtype=torch.long)
-        self.rows = [self.rows[i] for i in idx]
-        self.suf_ids, self.suf_pos = self.suf_ids[sel], self.suf_pos[sel]
-        self.full_mask, self.tokens = self.full_mask[sel], self.tokens[sel]
-        if self.rows:
-            self.replay.select(sel.to(self.device))
-            if self.prefix is not None:
-                self.prefix.select(sel.to(self.device))
-
-    def forward(self, loaded, z_layer: int, inject) -> torch.Tensor:
-        """Suffix pass with ``inject(out, group)`` hooked on block ``z_layer``; returns final hidden states."""
-        dev = self.device
-        handle = loaded.adapter.block(z_layer).register_forward_hook(lambda _m, _a, out: inject(out, self))
-        with hooks([handle]), self.replay.skipping():
-            return loaded.model.base_model(
-                input_ids=self.suf_ids.to(dev),
-                attention_mask=self.full_mask.to(dev),
-                position_ids=self.suf_pos.to(dev),
-                past_key_values=self.prefix.fresh() if self.prefix is not None else None,
-                use_cache=self.prefix is not None,
-            ).last_hidden_state
 
 
 def _reduced_precision(loaded, hp: EditHParams):
@@ -295,13 +126,14 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     autocast = _reduced_precision(loaded, hp)
     compute = autocast if autocast is not None else nullcontext()
     continuation = hp.continuation_kl > 0
-    rows = _build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation)
+    rows = build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation,
+                       format_weights(hp, prompt_format))
     with compute:
         groups = [
-            _RowGroup(loaded, [rows[i] for i in g], hp.z_layer)
-            for g in _length_groups([len(r.suffix) for r in rows])
+            RowGroup(loaded, [rows[i] for i in g], hp.z_layer)
+            for g in length_groups([len(r.suffix) for r in rows])
         ]
-    n, n_templates = len(facts), len(templates) * len(formats(prompt_format))  # rewriting rows per fact
+    n = len(facts)
     budget = delta_budget(hp, prompt_format)
     d = adapter.dims(hp.z_layer)[0]
     delta = torch.zeros((n, d), dtype=torch.float32, device=device)
@@ -327,7 +159,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
         # δ of the active facts as a leaf, so the graph and the gradient cover only them
         d_act = delta[act_idx].clone().requires_grad_(True)
 
-        def inject(out, group: _RowGroup):
+        def inject(out, group: RowGroup):
             h = block_hidden(out)
             if group.replay.hidden is None:
                 group.replay.record(out)
@@ -368,10 +200,10 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                         lab_r.append(j)
                         lab_p.append(p)
                         lab_y.append(y)
-                        lab_w.append(1.0 / (len(r.labels) * n_templates))
+                        lab_w.append(r.weight / len(r.labels))
                         lab_f.append(local[r.fact])
                 it_heads += len(lab_r) + len(kl_r) + len(cont_r)
-                if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
+                if lab_r:  # NLL at label positions only: mean per row, weighted over the fact's rows
                     logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
                     tok_nll = -logp.gather(1, torch.tensor(lab_y, device=logp.device)[:, None])[:, 0]
                     w = torch.tensor(lab_w, device=logp.device)
@@ -457,7 +289,8 @@ def compute_values(
     prompt_format: str = "bare",
 ) -> ValueResult:
     """Optimise target values for ``facts`` on the current model, ``hp.v_batch_facts`` at a time, over
-    the rows of ``prompt_format`` (``locate/chat.py``; the NLL is the mean over all rewriting rows).
+    the rows of ``prompt_format`` (``locate/chat.py``; the NLL is the mean over each format's rewriting
+    rows, the formats weighted by :func:`format_weights`).
 
     Returns ``z, h0: [d_out, n]`` in float64 (block output of the z-layer at the subject's last token
     of each fact's primary row: the bare one, or the chat one for ``prompt_format="chat"``).
@@ -492,4 +325,4 @@ def compute_values(
     )
 
 
-__all__ = ["ValueResult", "compute_values", "delta_budget", "KL_PROMPT"]
+__all__ = ["KL_PROMPT", "ValueResult", "compute_values", "delta_budget", "format_weights"]
