@@ -81,14 +81,10 @@ def test_keys_are_template_weighted_ffn_inputs() -> None:
 
 def _reference_z(lm, fact: Fact, templates, hp: EditHParams, prompt_format: str = "bare") -> tuple[torch.Tensor, int]:
     """The reference compute_z: full rows, whole model, full vocabulary, torch Adam, one fact; the rows
-    of every format of ``prompt_format`` (chat rows rendered directly with the chat template), the
-    NLL of ``both`` weighted ``bare_weight : 1 − bare_weight`` between the bare and the chat rows."""
+    of every format of ``prompt_format`` (chat rows rendered directly with the chat template)."""
     tok, model, adapter = lm.tokenizer, lm.model, lm.adapter
-    rows, subj, labels, tgts, weights = [], [], [], [], []
-    fmts = formats(prompt_format)
-    for fmt in fmts:
-        share = 1.0 if len(fmts) == 1 else (hp.bare_weight if fmt == "bare" else 1.0 - hp.bare_weight)
-        weights += [share / len(templates)] * len(templates)
+    rows, subj, labels, tgts = [], [], [], []
+    for fmt in formats(prompt_format):
         tgt = list(target_ids(tok, fact.target, lead_space=fmt == "bare"))
         for t in templates:
             if fmt == "bare":
@@ -138,10 +134,12 @@ def _reference_z(lm, fact: Fact, templates, hp: EditHParams, prompt_format: str 
         for it in range(hp.v_steps):
             opt.zero_grad()
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
-            nll = sum(
-                -weights[i] * logp[i, [labels[i] + j for j in range(len(tgts[i]))], tgts[i]].mean()
-                for i in range(n_rewrite)
-            )
+            nll = torch.stack(
+                [
+                    -logp[i, [labels[i] + j for j in range(len(tgts[i]))], tgts[i]].mean()
+                    for i in range(n_rewrite)
+                ]
+            ).mean()
             kl_lp = logp[n_rewrite, subj[-1]]
             if init is None:
                 init = kl_lp.detach().clone()
@@ -167,14 +165,13 @@ def _reference_z(lm, fact: Fact, templates, hp: EditHParams, prompt_format: str 
     return (state["h0"] + delta.detach()).double(), updates
 
 
-@pytest.mark.parametrize("family,prompt_format,continuation_kl,bare_weight", [
-    ("llama", "bare", 0.0, 0.5), ("gpt2", "bare", 0.0, 0.5), ("llama", "chat", 0.0, 0.5), ("gpt2", "both", 0.0, 0.5),
-    ("llama", "bare", 50.0, 0.5), ("qwen2", "both", 50.0, 0.5), ("llama", "both", 0.0, 0.8)])
-def test_values_match_reference_compute_z(family: str, prompt_format: str, continuation_kl: float,
-                                          bare_weight: float) -> None:
+@pytest.mark.parametrize("family,prompt_format,continuation_kl", [
+    ("llama", "bare", 0.0), ("gpt2", "bare", 0.0), ("llama", "chat", 0.0), ("gpt2", "both", 0.0),
+    ("llama", "bare", 50.0), ("qwen2", "both", 50.0)])
+def test_values_match_reference_compute_z(family: str, prompt_format: str, continuation_kl: float) -> None:
     lm = tiny_model(family, hidden=64, intermediate=128)
     hp = EditHParams(layers=(1, 2), v_lr=0.5, v_steps=8, early_stop_loss=-1.0, v_batch_facts=8,
-                     continuation_kl=continuation_kl, bare_weight=bare_weight)
+                     continuation_kl=continuation_kl)
     got = compute_values(lm, FACTS, TEMPLATES, hp, prompt_format=prompt_format)
     for f, fact in enumerate(FACTS):
         ref, updates = _reference_z(lm, fact, TEMPLATES, hp, prompt_format)
@@ -288,10 +285,6 @@ def test_compute_dtype_is_validated_and_parsed() -> None:
     assert EditHParams.parse_assignments(["format_columns=0"]) == {"format_columns": False}
     with pytest.raises(ValueError, match="format_columns must be true or false"):
         EditHParams(layers=(1,), format_columns="yes")
-    assert EditHParams.parse_assignments(["bare_weight=0.7"]) == {"bare_weight": 0.7}
-    for bad in (0.0, 1.0, -0.2, float("nan")):  # each format keeps a share of the NLL
-        with pytest.raises(ValueError, match="bare_weight must be in"):
-            EditHParams(layers=(1,), bare_weight=bad)
 
 
 def test_subject_not_in_tokens_raises() -> None:
@@ -331,12 +324,10 @@ def test_a_field_added_later_reads_as_older_dicts_imply_and_round_trips() -> Non
 
 
 def test_one_prompt_format_settles_format_columns_so_older_settings_still_match() -> None:
-    hp = EditHParams(layers=(1, 2), bare_weight=0.7)
+    hp = EditHParams(layers=(1, 2))
     assert hp.for_formats(2) is hp
     one = hp.for_formats(1)
     assert one.format_columns is False and "format_columns" not in one.to_dict()
-    assert one.bare_weight == 0.5 and "bare_weight" not in one.to_dict()  # no effect with one format
-    assert one == hp.override(format_columns=False, bare_weight=0.5)
-    assert hp.to_dict()["bare_weight"] == 0.7 and EditHParams.from_dict(hp.to_dict()) == hp
+    assert one == hp.override(format_columns=False)
     with pytest.raises(ValueError, match="at least one prompt format"):
         hp.for_formats(0)

@@ -8,9 +8,8 @@
   turn), rendered by the tokenizer's own ``apply_chat_template(..., add_generation_prompt=True)``; the
   assistant turn starts with the answer, so the target follows the assistant prefix directly, without
   a leading space. The subject's last token is located by character offsets in the rendered text.
-* ``"both"``: the bare and the chat rows of every fact, weighted ``bare_weight : 1 − bare_weight`` in
-  the values (equally by default, ``EditHParams.bare_weight``); one key column per format
-  (``EditHParams.format_columns``, the default) or one key averaged over them.
+* ``"both"``: the bare and the chat rows of every fact, weighted equally in the values; one key column
+  per format (``EditHParams.format_columns``, the default) or one key averaged over them.
 
 The question rule (:func:`question_template`), one rule for every record, read from the prompt text
 alone: a prompt that is already a question (ends with ``?``, as ZsRE's ``src`` questions do) is asked

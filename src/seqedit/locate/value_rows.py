@@ -1,9 +1,6 @@
 """The rows of the value optimisation (``locate/values.py``): per fact its rewriting rows in every prompt
 format and its KL row, each split at the subject's last token into a *prefix* (run once, kept as a KV
 cache) and a *suffix* (run at every iteration), grouped by suffix length to keep padding small.
-
-A row's ``weight`` is its share of its fact's target NLL: its format's weight (:func:`format_weights`)
-over the number of context templates, so a fact's weights sum to 1.
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from typing import Sequence
 import torch
 
 from ..facts import Fact
-from ..models.presets import EditHParams
 from .chat import answer_ids, encode_row, formats
 from .tokens import encode_prompt, pad_id_of, pad_left
 from .trace import LowerBlocksReplay, hooks
@@ -34,26 +30,17 @@ class Row:
     labels: list[int]
     kl: bool
     bare: bool  # the fact's primary row (format formats[0], template 0): h0 is read there
-    weight: float = 0.0  # the row's share of its fact's NLL: its format's weight / the templates
     cont: int = -1  # suffix position after the whole target (continuation KL), or -1
     cont_id: int = -1  # its reference's index in the chunk: fact · formats + format
 
 
-def format_weights(hp: EditHParams, prompt_format: str) -> tuple[float, ...]:
-    """The share of a fact's value NLL carried by each format's rows (``formats(prompt_format)`` order):
-    ``(1.0,)`` with one format, ``(hp.bare_weight, 1 − hp.bare_weight)`` for ``"both"``."""
-    fmts = formats(prompt_format)
-    return (1.0,) if len(fmts) == 1 else (hp.bare_weight, 1.0 - hp.bare_weight)
-
-
 def build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str = "bare",
-                continuation: bool = False, weights: Sequence[float] | None = None) -> list[Row]:
+                continuation: bool = False) -> list[Row]:
     """Per fact: its rewriting rows (formats × templates, the primary row first), then its KL row. With
     ``continuation`` each format's template-free row also runs through the target's last token, whose
-    output is the continuation-KL position. ``weights``: each format's share of the NLL (equal if None)."""
+    output is the continuation-KL position."""
     rows: list[Row] = []
     fmts = formats(prompt_format)
-    weights = [1.0 / len(fmts)] * len(fmts) if weights is None else list(weights)
     for fi, fact in enumerate(facts):
         for gi, fmt in enumerate(fmts):
             tgt = list(answer_ids(tokenizer, fmt, fact.target))
@@ -64,7 +51,7 @@ def build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], promp
                 s = enc.subject_last
                 first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
                 row = Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
-                           gi == 0 and ti == 0, weights[gi] / len(templates))
+                           gi == 0 and ti == 0)
                 if cont:
                     row.cont, row.cont_id = len(full) - 1 - s, fi * len(fmts) + gi
                 rows.append(row)
@@ -203,4 +190,4 @@ class RowGroup:
             ).last_hidden_state
 
 
-__all__ = ["KL_PROMPT", "PrefixCache", "Row", "RowGroup", "build_rows", "format_weights", "length_groups"]
+__all__ = ["KL_PROMPT", "PrefixCache", "Row", "RowGroup", "build_rows", "length_groups"]

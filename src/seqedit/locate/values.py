@@ -4,7 +4,7 @@ For fact f, δ_f is added to the residual stream at the output of the z-layer bl
 subject's last token of each of its rows (T rewriting rows = context templates + prompt + target,
 and one KL row ``"{subject} is a"``). The loss of fact f is
 
-    L_f(δ) = Σ_formats w_g·mean_rows(g) NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
+    L_f(δ) = mean_rows NLL_len-normalised(target) + κ·KL(p_δ ‖ p_0)  + β·‖δ_f‖ / ‖h0_f‖²
              [+ κ_c·mean_formats KL(p_δ ‖ p_0) after the whole target]
 
 with p at the subject's last token of the KL row, optimised by Adam with per-fact early stopping
@@ -12,8 +12,6 @@ with p at the subject's last token of the KL row, optimised by Adam with per-fac
 at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
 the rows are written in (``prompt_format="both"``: 2): one δ then has to move the answer in two quite
 different contexts, whose demands add roughly orthogonally, so the budget of one format (c) grows by √F.
-The format weights w_g are 1 with one format and (``hp.bare_weight``, 1 − ``hp.bare_weight``) for the
-bare and chat rows of ``"both"`` (½ each by default).
 The bracketed term (``hp.continuation_kl`` = κ_c > 0) scores one more position on each format's
 template-free row (the prompt itself), the token after the whole new target, against the distribution
 the model had there before δ (iteration 0), averaged over the formats: what follows the new object
@@ -52,7 +50,7 @@ from ..models.presets import EditHParams
 from .chat import formats
 from .keys import ContextRows, read_keys
 from .trace import block_hidden, replace_block_hidden
-from .value_rows import KL_PROMPT, RowGroup, build_rows, format_weights, length_groups
+from .value_rows import KL_PROMPT, RowGroup, build_rows, length_groups
 
 
 @dataclass
@@ -63,7 +61,7 @@ class ValueResult:
     h0: torch.Tensor
     steps: list[int]  # Adam updates taken by each fact
     loss: list[float]  # final total loss per fact
-    nll: list[float]  # final target NLL per fact (nats per token; mean over templates, format-weighted)
+    nll: list[float]  # final mean target NLL per fact (nats per token)
     seconds: float = 0.0
     iterations: int = 0  # batched iterations run (max over chunks of the longest fact)
     row_tokens: int = 0  # suffix tokens processed over all iterations (the δ-dependent work)
@@ -126,14 +124,13 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     autocast = _reduced_precision(loaded, hp)
     compute = autocast if autocast is not None else nullcontext()
     continuation = hp.continuation_kl > 0
-    rows = build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation,
-                       format_weights(hp, prompt_format))
+    rows = build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation)
     with compute:
         groups = [
             RowGroup(loaded, [rows[i] for i in g], hp.z_layer)
             for g in length_groups([len(r.suffix) for r in rows])
         ]
-    n = len(facts)
+    n, n_templates = len(facts), len(templates) * len(formats(prompt_format))  # rewriting rows per fact
     budget = delta_budget(hp, prompt_format)
     d = adapter.dims(hp.z_layer)[0]
     delta = torch.zeros((n, d), dtype=torch.float32, device=device)
@@ -200,10 +197,10 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                         lab_r.append(j)
                         lab_p.append(p)
                         lab_y.append(y)
-                        lab_w.append(r.weight / len(r.labels))
+                        lab_w.append(1.0 / (len(r.labels) * n_templates))
                         lab_f.append(local[r.fact])
                 it_heads += len(lab_r) + len(kl_r) + len(cont_r)
-                if lab_r:  # NLL at label positions only: mean per row, weighted over the fact's rows
+                if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
                     logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
                     tok_nll = -logp.gather(1, torch.tensor(lab_y, device=logp.device)[:, None])[:, 0]
                     w = torch.tensor(lab_w, device=logp.device)
@@ -289,8 +286,7 @@ def compute_values(
     prompt_format: str = "bare",
 ) -> ValueResult:
     """Optimise target values for ``facts`` on the current model, ``hp.v_batch_facts`` at a time, over
-    the rows of ``prompt_format`` (``locate/chat.py``; the NLL is the mean over each format's rewriting
-    rows, the formats weighted by :func:`format_weights`).
+    the rows of ``prompt_format`` (``locate/chat.py``; the NLL is the mean over all rewriting rows).
 
     Returns ``z, h0: [d_out, n]`` in float64 (block output of the z-layer at the subject's last token
     of each fact's primary row: the bare one, or the chat one for ``prompt_format="chat"``).
@@ -325,4 +321,4 @@ def compute_values(
     )
 
 
-__all__ = ["KL_PROMPT", "ValueResult", "compute_values", "delta_budget", "format_weights"]
+__all__ = ["KL_PROMPT", "ValueResult", "compute_values", "delta_budget"]

@@ -50,9 +50,6 @@ class EditHParams:
     # (h0 of that format's row + the fact's δ), instead of one key averaged over the formats (False:
     # the behaviour before columns existed, measured in docs/chat.md). No effect with one format.
     format_columns: bool = True
-    # with several prompt formats ("both"): the share of each fact's value NLL carried by its bare rows
-    # (the chat rows carry the rest); 0.5 weighs the formats equally. No effect with one format.
-    bare_weight: float = 0.5
     # Σ₀ statistics
     stats_tokens: int = 100_000
     stats_seq_len: int = 256
@@ -74,8 +71,6 @@ class EditHParams:
             raise ValueError(f"v_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.v_compute_dtype!r}")
         if not isinstance(self.format_columns, bool):
             raise ValueError(f"format_columns must be true or false, got {self.format_columns!r}")
-        if not 0.0 < self.bare_weight < 1.0:  # also refuses NaN
-            raise ValueError(f"bare_weight must be in (0, 1), got {self.bare_weight}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
 
@@ -85,14 +80,11 @@ class EditHParams:
 
     def for_formats(self, n_formats: int) -> "EditHParams":
         """These hyperparameters as an edit in ``n_formats`` prompt formats uses them: with one format
-        ``format_columns`` and ``bare_weight`` have no effect and are settled to the values stored dicts
-        imply when they lack them, so single-format ledgers, results folders and caches compare equal to
-        those written before them."""
+        ``format_columns`` has no effect and is settled to the value stored dicts imply when they lack it,
+        so single-format ledgers, results folders and caches compare equal to those written before it."""
         if n_formats < 1:
             raise ValueError(f"an edit uses at least one prompt format, got {n_formats}")
-        if n_formats > 1:
-            return self
-        return dataclasses.replace(self, **{k: _ADDED_LATER[k] for k in _FORMAT_FIELDS})
+        return self if n_formats > 1 else dataclasses.replace(self, format_columns=_ADDED_LATER["format_columns"])
 
     def override(self, **kw: Any) -> "EditHParams":
         """A copy with the given fields replaced; ``None`` values are ignored (handy for CLI flags)."""
@@ -155,8 +147,7 @@ class EditHParams:
         return cls(**{**_ADDED_LATER, **data})
 
 
-_ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0, "bare_weight": 0.5}  # field -> the value older stored dicts imply
-_FORMAT_FIELDS = ("format_columns", "bare_weight")  # fields with an effect only when an edit has several formats
+_ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0}  # field -> the value that older stored dicts imply
 
 
 def _as_bool(raw: str) -> bool:
