@@ -122,6 +122,47 @@ def test_target_staleness_on_a_tiny_ledger(tmp_path: Path, monkeypatch) -> None:
         assert torch.equal(st.efficacy(plain, facts, H), st.efficacy(plain, facts, None))
 
 
+def test_ledger_cohorts_scores_the_ledgers_model_in_editing_order(tmp_path: Path, monkeypatch) -> None:
+    """Facts edited into a tiny model's ledger: the cohorts follow the editing order, and each cohort's
+    means are those of the evaluation's own metrics on the reopened ledger's model, in bare and chat."""
+    import json
+
+    from ledger_helpers import make_editor
+
+    from seqedit import Editor
+    from seqedit.datasets import load_facts
+    from seqedit.evaluate.chat import chat_metrics
+    from seqedit.evaluate.counterfact import counterfact_metrics
+    from seqedit.shared_data import counterfact_path
+    from seqedit.testing import tiny_model
+
+    lc = _script("ledger_cohorts")
+    facts = load_facts(counterfact_path(), limit=6)
+    ed = make_editor(tmp_path / "L", v_steps=10, lam=1e-3, v_lr=0.5)  # strong enough to flip a fact
+    ed.run(facts, batch_size=2)
+    ed.close()
+    monkeypatch.setattr(Editor, "from_ledger", classmethod(lambda cls, path: cls(tiny_model("llama"), ledger=path)))
+    assert lc.main([str(tmp_path / "L"), "--dataset", "counterfact", "--cohort", "4", "--chat",
+                    "--json", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert out["facts"] == 6 and out["steps"] == 3
+    assert [c["facts"] for c in out["by_cohort"]] == [[1, 4], [5, 6]] == [c["facts"] for c in out["chat_by_cohort"]]
+    with Editor.from_ledger(tmp_path / "L") as again:
+        assert [f.id for f in again.facts_in_force()] == [f.id for f in facts]  # the editing order
+        bare = counterfact_metrics(again.loaded, facts).records
+        chat = chat_metrics(again.loaded, facts).records
+    for c, lo, hi in zip(out["by_cohort"], (0, 4), (4, 6)):
+        assert c["efficacy"] == pytest.approx(sum(r.efficacy for r in bare[lo:hi]) / (hi - lo))
+        assert c["generalization"] == pytest.approx(sum(r.generalization for r in bare[lo:hi]) / (hi - lo))
+    for c, lo, hi in zip(out["chat_by_cohort"], (0, 4), (4, 6)):
+        assert c["efficacy"] == pytest.approx(sum(r.efficacy for r in chat[lo:hi]) / (hi - lo))
+    assert out["efficacy"] == pytest.approx(sum(r.efficacy for r in bare) / 6)
+    unedited = counterfact_metrics(tiny_model("llama"), facts).records
+    assert [r.efficacy for r in unedited] != [r.efficacy for r in bare]  # so the edited model was scored
+    with pytest.raises(SystemExit):
+        lc.main([str(tmp_path / "L"), "--dataset", "counterfact", "--cohort", "0"])
+
+
 def test_format_deltas_compares_the_formats_keys_and_deltas() -> None:
     """On a tiny model: every cosine is a cosine, each format's own δ keeps one format's budget and the
     shared δ of `both` may use √2 of it; a fact's bare and chat keys are read as `format_columns` does."""
