@@ -26,6 +26,11 @@ from seqedit.evaluate.chat import chat_metrics
 from seqedit.evaluate.measure import References, cohort_means, edit_summary
 
 
+def _pct(x: float | None) -> str:
+    """A rate ×100, or "–" where no fact of the cohort defines it (no paraphrase, say)."""
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ledger", type=Path)
@@ -37,13 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cohort <= 0:
         ap.error(f"--cohort must be positive, got {a.cohort}")
-    editor = Editor.from_ledger(a.ledger)
-    facts = editor.facts_in_force()
-    steps = editor.ledger.last_step
-    with torch.no_grad():
+    with Editor.from_ledger(a.ledger) as editor, torch.no_grad():
+        facts = editor.facts_in_force()
+        steps = editor.ledger.last_step
         bare = edit_summary(editor.loaded, a.dataset, facts, References(None, None), a.batch_rows, cohort=a.cohort)
         chat = cohort_means(chat_metrics(editor.loaded, facts, a.batch_rows).records, a.cohort) if a.chat else None
-    editor.close()
     out = {"ledger": str(a.ledger), "dataset": a.dataset, "facts": len(facts), "steps": steps,
            "efficacy": bare["efficacy"], "generalization": bare["generalization"],
            "by_cohort": bare["by_cohort"], "chat_by_cohort": chat}
@@ -51,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
           f"generalization {100 * bare['generalization']:.1f}")
     print(f"{'facts':>12} {'Eff.':>6} {'Gen.':>6}" + (f" {'chat Eff.':>9} {'chat Gen.':>9}" if chat else ""))
     for i, c in enumerate(bare["by_cohort"]):
-        line = f"{c['facts'][0]:>5}–{c['facts'][1]:<6} {100 * c['efficacy']:6.1f} {100 * (c['generalization'] or 0):6.1f}"
+        line = f"{c['facts'][0]:>5}–{c['facts'][1]:<6} {_pct(c['efficacy']):>6} {_pct(c['generalization']):>6}"
         if chat:
-            line += f" {100 * chat[i]['efficacy']:9.1f} {100 * (chat[i]['generalization'] or 0):9.1f}"
+            line += f" {_pct(chat[i]['efficacy']):>9} {_pct(chat[i]['generalization']):>9}"
         print(line)
     if a.json is not None:
         a.json.write_text(json.dumps(out, indent=2) + "\n")

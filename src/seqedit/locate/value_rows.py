@@ -51,7 +51,7 @@ def build_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], promp
                 s = enc.subject_last
                 first = len(enc.ids) - 1 - s  # suffix position predicting tgt[0]
                 row = Row(fi, full[:s], full[s:], [first + j for j in range(len(tgt))], tgt, False,
-                           gi == 0 and ti == 0)
+                          gi == 0 and ti == 0)
                 if cont:
                     row.cont, row.cont_id = len(full) - 1 - s, fi * len(fmts) + gi
                 rows.append(row)
