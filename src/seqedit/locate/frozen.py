@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_write
 from ..facts import Fact
 from ..models.presets import EditHParams
-from ..paths import cache_dir
+from ..paths import build_lock, cache_dir
 from .keys import ContextRows, read_keys
 from .values import ValueResult, compute_values, delta_budget
 
@@ -140,10 +140,22 @@ def frozen_targets(
     path = cache_dir("frozen") / f"{_cache_key(loaded, facts, templates, hp, prompt_format)}.safetensors"
     if cache and path.exists():
         return FrozenTargets.load(path)
+    if not cache:
+        return _optimise(loaded, facts, templates, hp, progress, prompt_format)
+    with build_lock(path):  # a concurrent run of the same comparison optimises once, the other waits
+        if path.exists():
+            return FrozenTargets.load(path)
+        out = _optimise(loaded, facts, templates, hp, progress, prompt_format)
+        out.save(path)
+    return out
+
+
+def _optimise(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams,
+              progress: Callable[[int], None] | None, prompt_format: str) -> FrozenTargets:
     ctx = ContextRows.build(loaded.tokenizer, facts, templates, prompt_format)
     keys = read_keys(loaded, ctx, hp.layers, batch_rows=hp.key_batch_rows).keys
     values = compute_values(loaded, facts, templates, hp, progress=progress, prompt_format=prompt_format)
-    out = FrozenTargets(
+    return FrozenTargets(
         fact_ids=[f.id or f"#{i}" for i, f in enumerate(facts)],
         layers=tuple(hp.layers),
         keys={l: keys[l].to(torch.float64).contiguous() for l in hp.layers},
@@ -152,9 +164,6 @@ def frozen_targets(
         steps=list(values.steps),
         nll=list(values.nll),
     )
-    if cache:
-        out.save(path)
-    return out
 
 
 __all__ = ["FrozenTargets", "frozen_targets"]

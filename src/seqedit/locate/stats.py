@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_write
 from ..errors import PlacementError
 from ..models.placement import free_bytes
-from ..paths import cache_dir
+from ..paths import build_lock, cache_dir
 from .tokens import pad_id_of
 from .trace import capture_inputs, hooks, run_truncated, stop_after
 
@@ -69,10 +70,19 @@ def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, seed: int =
     return out
 
 
-def _cache_path(loaded, chash: str, layer: int, n_tokens: int, seq_len: int, seed: int) -> Path:
+def _cache_stem(loaded, chash: str, n_tokens: int, seq_len: int, seed: int) -> Path:
     # the tokenizer is part of the key: the same weights with another tokenizer see other keys
-    name = f"{loaded.cache_key}-{chash[:16]}-n{n_tokens}-s{seq_len}-seed{seed}-layer{layer}.safetensors"
-    return cache_dir("stats") / name
+    return cache_dir("stats") / f"{loaded.cache_key}-{chash[:16]}-n{n_tokens}-s{seq_len}-seed{seed}"
+
+
+def _read_cached(paths: dict[int, Path]) -> dict[int, LayerStats]:
+    """The layers of ``paths`` whose Σ₀ is in the cache."""
+    out = {}
+    for l, path in paths.items():
+        if path.exists():
+            t = load_file(str(path))
+            out[l] = LayerStats(l, t["gram"], int(t["count"].item()))
+    return out
 
 
 def _world() -> tuple[int, int]:
@@ -212,34 +222,39 @@ def layer_stats(
     if not corpus.is_file():
         raise FileNotFoundError(f"statistics corpus {corpus} does not exist")
     chash = corpus_hash(corpus)
-    out: dict[int, LayerStats] = {}
-    missing = []
-    for l in layers:
-        path = _cache_path(loaded, chash, l, n_tokens, seq_len, seed)
-        if path.exists():
-            t = load_file(str(path))
-            out[l] = LayerStats(l, t["gram"], int(t["count"].item()))
-        else:
-            missing.append(l)
-    if missing:
-        check_stats_fit(loaded, missing)  # before the corpus is even tokenised
-        windows = token_windows(loaded.tokenizer, corpus.read_text(encoding="utf-8"), n_tokens, seq_len, seed)
-        if on_total is not None:
-            on_total(sum(len(w) for w in windows))
-        t0 = time.perf_counter()
-        fresh = collect_stats(loaded, missing, windows, batch_size, progress)
-        rank, world = _world()
-        for l, st in fresh.items():
-            out[l] = st
-            if rank != 0:  # every rank holds the reduced Σ₀; one writes the cache
-                continue
-            path = _cache_path(loaded, chash, l, n_tokens, seq_len, seed)
-            tensors = {"gram": st.gram.contiguous(), "count": torch.tensor([st.count], dtype=torch.int64)}
-            meta = {"layer": str(l), "corpus_sha256": chash, "seconds": f"{time.perf_counter() - t0:.2f}",
-                    "ranks": str(world)}
-            atomic_write(path, lambda tmp, tensors=tensors, meta=meta: save_file(tensors, tmp, metadata=meta))
-        if world > 1:
-            import torch.distributed as dist
+    stem = _cache_stem(loaded, chash, n_tokens, seq_len, seed)
 
-            dist.barrier()  # the cache is complete before any rank goes on
+    def path(l: int) -> Path:
+        return stem.with_name(f"{stem.name}-layer{l}.safetensors")
+
+    out = _read_cached({l: path(l) for l in layers})
+    missing = [l for l in layers if l not in out]
+    if not missing:
+        return {l: out[l] for l in layers}
+    rank, world = _world()
+    # Ranks of one process group compute Σ₀ together (a lock would deadlock them); lone processes that
+    # miss the same entry at once compute it once: the others wait, then read the cache.
+    lock = build_lock(stem) if world == 1 else nullcontext()
+    with lock:
+        out.update(_read_cached({l: path(l) for l in missing}))
+        missing = [l for l in missing if l not in out]
+        if missing:
+            check_stats_fit(loaded, missing)  # before the corpus is even tokenised
+            windows = token_windows(loaded.tokenizer, corpus.read_text(encoding="utf-8"), n_tokens, seq_len, seed)
+            if on_total is not None:
+                on_total(sum(len(w) for w in windows))
+            t0 = time.perf_counter()
+            fresh = collect_stats(loaded, missing, windows, batch_size, progress)
+            for l, st in fresh.items():
+                out[l] = st
+                if rank != 0:  # every rank holds the reduced Σ₀; one writes the cache
+                    continue
+                tensors = {"gram": st.gram.contiguous(), "count": torch.tensor([st.count], dtype=torch.int64)}
+                meta = {"layer": str(l), "corpus_sha256": chash, "seconds": f"{time.perf_counter() - t0:.2f}",
+                        "ranks": str(world)}
+                atomic_write(path(l), lambda tmp, tensors=tensors, meta=meta: save_file(tensors, tmp, metadata=meta))
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # the cache is complete before any rank goes on
     return {l: out[l] for l in layers}

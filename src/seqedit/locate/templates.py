@@ -10,12 +10,13 @@ decoding (avoids Llama-3's double BOS).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_write_json
 from ..models.placement import input_device
-from ..paths import cache_dir
+from ..paths import build_lock, cache_dir
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -50,10 +51,23 @@ def context_templates(loaded, n: int = 5, length: int = 10, seed: int = 0) -> li
     if n <= 0:
         return ["{}"]
     path = cache_dir("templates") / f"{loaded.cache_key}-n{n}-len{length}-seed{seed}.json"
-    if path.exists():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, list) and len(data) == n + 1 and all(t.count("{}") == 1 for t in data):
-            return data
-    templates = ["{}", *_sample(loaded.model, loaded.tokenizer, n, length, seed)]
-    atomic_write_json(path, templates)
+    cached = _read_templates(path, n)
+    if cached is not None:
+        return cached
+    with build_lock(path):
+        cached = _read_templates(path, n)  # sampled by the process we waited for
+        if cached is not None:
+            return cached
+        templates = ["{}", *_sample(loaded.model, loaded.tokenizer, n, length, seed)]
+        atomic_write_json(path, templates)
     return templates
+
+
+def _read_templates(path: Path, n: int) -> list[str] | None:
+    """The cached templates at ``path`` if they are well-formed, else None (they are sampled again)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, list) and len(data) == n + 1 and all(t.count("{}") == 1 for t in data):
+        return data
+    return None
