@@ -3,6 +3,7 @@ direct Editor run, resuming after an interruption, settings clashes, every error
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -420,6 +421,58 @@ def test_folders_measured_alike_compare_as_one_report(tmp_path: Path) -> None:
     assert (tmp_path / "joint" / "edit_metrics_vs_edits.png").read_bytes().startswith(b"\x89PNG")
     result = invoke("compare", tmp_path / "aligned", tmp_path / "seed1", "--out", tmp_path / "bad")
     assert result.exit_code != 0 and "seed" in result.output and not (tmp_path / "bad").exists()
+
+
+def test_a_run_measured_in_parts_joins_into_one_curve(tmp_path: Path) -> None:
+    from seqedit.evaluate.compare import merge_results
+    from seqedit.report import markdown
+
+    lm = tiny_model("llama")
+    kw = dict(modes=("se",), alignments=("aligned",), drift_windows=1)
+    run_eval(light(**kw, retention_every=1, general_every=1), tmp_path / "whole", loaded=lm)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    entry = whole["configs"]["memit/aligned/se"]
+    n = whole["settings"]["n"]
+    assert [p["edits"] for p in entry["retention"]] == [2, 4] and n == 4
+    # A stopped run: its checkpoint holds the points so far and no final model.
+    part = copy.deepcopy(whole)
+    stopped = part["configs"]["memit/aligned/se"]
+    del stopped["final"]
+    stopped.update(status="running", retention=stopped["retention"][:1], curve=stopped["curve"][:1])
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "results.json").write_text(json.dumps(part))
+    # ... run again to its end, scoring only the final model.
+    run_eval(light(**kw), tmp_path / "end", loaded=lm, baseline_from=tmp_path / "whole")
+    end = json.loads((tmp_path / "end" / "results.json").read_text())["configs"]["memit/aligned/se"]
+
+    merged = merge_results([tmp_path / "part", tmp_path / "end"], join=True)
+    joined = merged["configs"]["memit/aligned/se"]
+    assert list(merged["configs"]) == ["memit/aligned/se"] and joined["status"] == "done"
+    assert joined["final"] == end["final"]
+    assert joined["retention"][0] == entry["retention"][0]  # the stopped run's point ...
+    assert joined["retention"][1] == {"edits": n, **end["final"]["edit"]}  # ... then the final model's
+    assert [p["edits"] for p in joined["curve"]] == [2, 4] and joined["curve"][1] == end["curve"][-1]
+    assert joined["joined_from"] == [str(tmp_path / "part"), str(tmp_path / "end")]
+    assert "one run measured in parts" in markdown(merged)
+    result = invoke("compare", tmp_path / "part", tmp_path / "end", "--join", "--out", tmp_path / "joint")
+    assert result.exit_code == 0, result.output
+    assert "one run measured in parts" in (tmp_path / "joint" / "report.md").read_text()
+    # Without --join the copies stay apart, one curve per folder.
+    assert list(merge_results([tmp_path / "part", tmp_path / "end"])["configs"]) == [
+        "memit (part)/aligned/se", "memit (end)/aligned/se"]
+    # Rival measurements are refused: two finals, two points at one edit count, other hyperparameters.
+    with pytest.raises(EvalSettingsError, match="both hold its final model"):
+        merge_results([tmp_path / "whole", tmp_path / "end"], join=True)
+    part2 = copy.deepcopy(part)
+    part2["configs"]["memit/aligned/se"]["retention"] = entry["retention"]
+    (tmp_path / "rival").mkdir()
+    (tmp_path / "rival" / "results.json").write_text(json.dumps(part2))
+    with pytest.raises(EvalSettingsError, match="both measured it at 4 edits"):
+        merge_results([tmp_path / "rival", tmp_path / "end"], join=True)
+    other = light(**kw, overrides=dict(OVERRIDES, lam=20.0))
+    run_eval(other, tmp_path / "lam20", loaded=lm, baseline_from=tmp_path / "whole")
+    with pytest.raises(EvalSettingsError, match="lam20 ran it otherwise"):
+        merge_results([tmp_path / "part", tmp_path / "lam20"], join=True)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

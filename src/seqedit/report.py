@@ -279,6 +279,10 @@ def _sources(data: dict) -> list[str]:
         hp = "; ".join(f"{k} = {new!r} (first: {old!r})" for k, (old, new) in s.get("hparams_vs_first", {}).items())
         out.append(f"| `{s['folder']}` | {', '.join(s['configs'])} | {s.get('values')} | {s.get('prompt_format')} | "
                    f"{s.get('batch_size')} | {s.get('preset') or 'default'} | {hp or '–'} | {(s.get('commit') or 'no git')[:10]} |")
+    for label, e in data.get("configs", {}).items():
+        if e.get("joined_from"):
+            out += ["", f"**{label}** is one run measured in parts (`--join`): its points along the run come from "
+                    + " and ".join(f"`{f}`" for f in e["joined_from"]) + ", its final model from the folder that has one."]
     return out
 
 

@@ -162,6 +162,9 @@ def compare(
     folders: list[Path] = typer.Argument(..., help="Two or more eval output folders measured on the same model, "
                                          "facts and metrics (e.g. the later ones made with --baseline-from the first)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the joint report.md and plots."),
+    join: bool = typer.Option(False, "--join", help="A configuration held by several folders is one run measured "
+                              "in parts (stopped, then run again to its end with the same settings): draw it as one "
+                              "curve instead of one per folder."),
     as_json: bool = JsonOpt,
 ) -> None:
     """One report.md and one set of plots over several eval folders (aligned vs naive run apart, presets side by side)."""
@@ -170,7 +173,7 @@ def compare(
     from ..report import render_data
 
     try:
-        paths = render_data(merge_results(folders), out_dir)
+        paths = render_data(merge_results(folders, join=join), out_dir)
     except (EvalSettingsError, OSError, ValueError, KeyError) as e:
         fail(f"cannot compare: {e}")
     if as_json:

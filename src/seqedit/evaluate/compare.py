@@ -30,15 +30,51 @@ def _hparams_vs(first: dict[str, Any], other: dict[str, Any]) -> dict[str, list[
     return {k: [first.get(k), other.get(k)] for k in sorted(set(first) | set(other)) if first.get(k) != other.get(k)}
 
 
-def merge_results(folders: Sequence[str | Path]) -> dict[str, Any]:
+def _run_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for two folders' copies of a configuration to be points of one run."""
+    settings = data.get("settings", {})
+    return {"hparams": data.get("hparams", {}), "values": data.get("protocol", {}).get("values"),
+            **{k: settings.get(k) for k in ("batch_size", "prompt_format", "preset", "n")}}
+
+
+def _join(entries: list[tuple[Path, dict[str, Any]]], label: str, n: int) -> dict[str, Any]:
+    """One entry whose ``curve`` and ``retention`` points come from every copy and whose final (and
+    step records) from the copy that has one; the final model's edit metrics are the retention point
+    at ``n`` edits when no copy scored one there. Refuses two finals or two points at one edit count:
+    the copies are then rival measurements, not parts of one run."""
+    finals = [(p, e) for p, e in entries if "final" in e]
+    if len(finals) > 1:
+        raise EvalSettingsError(f"cannot join {label}: {finals[0][0]} and {finals[1][0]} both hold its final model")
+    base = copy.deepcopy(finals[0][1] if finals else entries[-1][1])
+    for key in ("curve", "retention"):
+        points: dict[int, tuple[Path, dict]] = {}
+        for path, e in entries:
+            own = list(e.get(key) or [])
+            if key == "retention" and "final" in e and all(p["edits"] != n for p in own):
+                own.append({"edits": n, **e["final"]["edit"]})
+            for point in own:
+                if point["edits"] in points:
+                    raise EvalSettingsError(f"cannot join {label}: {points[point['edits']][0]} and {path} both "
+                                            f"measured it at {point['edits']} edits")
+                points[point["edits"]] = (path, point)
+        base[key] = [copy.deepcopy(points[n][1]) for n in sorted(points)]
+    base["joined_from"] = [str(p) for p, _ in entries]
+    return base
+
+
+def merge_results(folders: Sequence[str | Path], join: bool = False) -> dict[str, Any]:
     """One results dict holding the configurations of every folder in ``folders`` (at least two).
 
     The first folder gives the baseline, settings and protocol; each configuration keeps its label
     (``method/alignment/mode``) unless two folders hold the same one, in which case the method part
-    of every copy is tagged with its folder's name (``memit (both)/aligned/se``). ``sources`` lists,
-    per folder, its configurations, values protocol, prompt format, preset and the hyperparameters
-    that differ from the first folder's. Raises :class:`EvalSettingsError` naming the folder whose
-    baseline was measured otherwise, or whose tags would still collide.
+    of every copy is tagged with its folder's name (``memit (both)/aligned/se``). With ``join`` such
+    copies are instead one run measured in parts (a long run stopped and run again to its end): they
+    must have the same hyperparameters, values protocol, batch size, prompt format, preset and n, and
+    become one entry whose points along the run come from every copy (:func:`_join`). ``sources``
+    lists, per folder, its configurations, values protocol, prompt format, preset and the
+    hyperparameters that differ from the first folder's. Raises :class:`EvalSettingsError` naming the
+    folder whose baseline was measured otherwise, whose tags would still collide, or whose copy
+    cannot be joined.
     """
     paths = [Path(f) for f in folders]
     if len(paths) < 2:
@@ -48,6 +84,8 @@ def merge_results(folders: Sequence[str | Path]) -> dict[str, Any]:
     for path, data in zip(paths[1:], datas[1:]):
         if shown := baseline_differences(data, first):
             raise EvalSettingsError(f"{path} does not compare with {paths[0]}: {shown}")
+    if join:
+        return _merge_joined(paths, datas)
     counts: dict[str, int] = {}
     for data in datas:
         for label in data.get("configs", {}):
@@ -67,15 +105,44 @@ def merge_results(folders: Sequence[str | Path]) -> dict[str, Any]:
             merged["configs"][names[label]] = entry
         merged["planned"] += [names.get(label, label) for label in data.get("planned", [])]
         merged["skipped"] += [{**s, "config": f"{s['config']} ({tag})"} for s in data.get("skipped", [])]
-        settings = data.get("settings", {})
-        merged["sources"].append({
-            "folder": str(path), "configs": list(names.values()),
-            "values": data.get("protocol", {}).get("values"),
-            "prompt_format": settings.get("prompt_format", "bare"), "preset": settings.get("preset"),
-            "batch_size": settings.get("batch_size"), "commit": data.get("versions", {}).get("git_commit"),
-            "hparams_vs_first": _hparams_vs(first.get("hparams", {}), data.get("hparams", {})),
-        })
+        merged["sources"].append(_source(path, data, list(names.values()), first))
+    return _mark_mixed(merged)
+
+
+def _source(path: Path, data: dict[str, Any], configs: list[str], first: dict[str, Any]) -> dict[str, Any]:
+    """The ``sources`` record of one folder: its configurations and how it ran them."""
+    settings = data.get("settings", {})
+    return {
+        "folder": str(path), "configs": configs, "values": data.get("protocol", {}).get("values"),
+        "prompt_format": settings.get("prompt_format", "bare"), "preset": settings.get("preset"),
+        "batch_size": settings.get("batch_size"), "commit": data.get("versions", {}).get("git_commit"),
+        "hparams_vs_first": _hparams_vs(first.get("hparams", {}), data.get("hparams", {})),
+    }
+
+
+def _mark_mixed(merged: dict[str, Any]) -> dict[str, Any]:
     if len({s["values"] for s in merged["sources"]}) > 1:
         merged["protocol"] = {**merged.get("protocol", {}), "values": "mixed",
                               "values_description": "differs between the folders (see Sources)"}
     return merged
+
+
+def _merge_joined(paths: list[Path], datas: list[dict[str, Any]]) -> dict[str, Any]:
+    copies: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    identity: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path, data in zip(paths, datas):
+        for label, entry in data.get("configs", {}).items():
+            seen = identity.setdefault(label, (path, _run_identity(data)))
+            if seen[1] != _run_identity(data):
+                raise EvalSettingsError(f"cannot join {label}: {path} ran it otherwise than {seen[0]} "
+                                        "(hyperparameters, values protocol, batch size, prompt format, preset or n)")
+            copies.setdefault(label, []).append((path, entry))
+    merged = copy.deepcopy(datas[0])
+    configs = {}
+    for label, entries in copies.items():
+        if len(entries) > 1 and any(e.get("same_as") for _, e in entries):
+            raise EvalSettingsError(f"cannot join {label}: a copy reuses another configuration's result")
+        configs[label] = _join(entries, label, datas[0].get("settings", {}).get("n", 0)) if len(entries) > 1 else copy.deepcopy(entries[0][1])
+    merged.update(configs=configs, planned=[], skipped=[],
+                  sources=[_source(p, d, list(d.get("configs", {})), datas[0]) for p, d in zip(paths, datas)])
+    return _mark_mixed(merged)
