@@ -200,3 +200,36 @@ def test_a_run_still_going_shows_its_points_so_far(results: dict, tmp_path: Path
     paths = render_plots(results, tmp_path)
     # the curves so far, but no SE-vs-OTE bars without a final model
     assert [p.name for p in paths] == ["edit_metrics_vs_edits.png", "general_vs_edits.png"]
+
+
+def test_se_vs_ote_draws_only_the_modes_that_ran_and_no_bar_for_a_missing_metric(
+    results: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+
+    from seqedit import report as report_mod
+
+    figs = {}
+    real = report_mod.save_png
+
+    def keep(fig, path, tight=True):
+        figs[Path(path).name] = fig
+        return real(fig, path, tight)
+
+    monkeypatch.setattr(report_mod, "save_png", keep)
+
+    def bars(ax) -> dict[str, list[float]]:
+        return {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+
+    render_plots(results, tmp_path / "both")
+    panel = figs["se_vs_ote.png"].axes[0]  # efficacy: rows memit/aligned, memit/naive
+    assert bars(panel) == {"SE": [100.0, 50.0], "OTE": [97.5, 97.5]}
+    # An SE-only run (a long checkpointed run): no OTE bars and no OTE legend entry.
+    se_only = copy.deepcopy(results)
+    se_only["configs"] = {k: v for k, v in se_only["configs"].items() if k.endswith("/se")}
+    del se_only["configs"]["memit/naive/se"]["final"]["edit"]["efficacy"]  # a metric that was not measured
+    render_plots(se_only, tmp_path / "se")
+    panel = figs["se_vs_ote.png"].axes[0]
+    heights = bars(panel)
+    assert list(heights) == ["SE"] and [t.get_text() for t in panel.get_legend().get_texts()] == ["SE"]
+    assert heights["SE"][0] == 100.0 and math.isnan(heights["SE"][1])

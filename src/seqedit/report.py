@@ -379,12 +379,17 @@ def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
 
     rows = _rows(data)
     labels = [f"{m}/{a}" for m, a in rows]
+    # only the modes that ran get bars, and a metric not measured gets none (a 0 bar would read as a score)
+    modes = [(mode, color) for mode, color in (("se", "C0"), ("ote", "C1"))
+             if any(_get(e.get(mode), "final") for e in rows.values())]
+    width = 0.76 / max(1, len(modes))
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
     x = np.arange(len(rows))
     for ax, metric in zip(axes.flat, metrics):
-        for k, (mode, color) in enumerate((("se", "C0"), ("ote", "C1"))):
-            ys = [(_get(e.get(mode), "final", "edit", metric) or 0.0) * 100 for e in rows.values()]
-            ax.bar(x + (k - 0.5) * 0.38, ys, 0.38, label=mode.upper(), color=color)
+        for k, (mode, color) in enumerate(modes):
+            ys = [np.nan if (y := _get(e.get(mode), "final", "edit", metric)) is None else y * 100
+                  for e in rows.values()]
+            ax.bar(x + (k - (len(modes) - 1) / 2) * width, ys, width, label=mode.upper(), color=color)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(_SHORT.get(metric, metric) + " ×100", fontsize=9)
         ax.tick_params(labelsize=7)
