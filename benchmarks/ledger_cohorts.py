@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from seqedit.cli.common import progress_bars
 from seqedit.editor import Editor
 from seqedit.evaluate.chat import chat_metrics
 from seqedit.evaluate.measure import References, cohort_means, edit_summary
@@ -42,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cohort <= 0:
         ap.error(f"--cohort must be positive, got {a.cohort}")
-    with Editor.from_ledger(a.ledger) as editor, torch.no_grad():
+    with Editor.from_ledger(a.ledger) as editor, torch.no_grad(), progress_bars() as progress:
         facts = editor.facts_in_force()
         steps = editor.ledger.last_step
-        bare = edit_summary(editor.loaded, a.dataset, facts, References(None, None), a.batch_rows, cohort=a.cohort)
+        bare = edit_summary(editor.loaded, a.dataset, facts, References(None, None), a.batch_rows, cohort=a.cohort,
+                            progress=progress)
         chat = cohort_means(chat_metrics(editor.loaded, facts, a.batch_rows).records, a.cohort) if a.chat else None
     out = {"ledger": str(a.ledger), "dataset": a.dataset, "facts": len(facts), "steps": steps,
            "efficacy": bare["efficacy"], "generalization": bare["generalization"],

@@ -288,6 +288,27 @@ def test_zsre_batched_equals_unbatched_on_tiny_transformer():
     assert a == b and a.specificity_vs_pre_edit == 1.0
 
 
+
+def test_scoring_passes_report_progress_over_every_row():
+    from seqedit.evaluate.measure import References, edit_summary
+    from seqedit.progress import Phase
+
+    for dataset, family in (("counterfact", "gpt2"), ("zsre", "llama")):
+        loaded = tiny_model(family)
+        facts = FACTS if dataset == "counterfact" else [
+            Fact("The capital of {} is", s, t, paraphrases=(f"{s} has its capital in",),
+                 neighbors=(("nq question: who wrote hamlet?", "William Shakespeare"),))
+            for s, t in [("France", "Paris"), ("Italy", "Rome")]]
+        events = []
+        quiet = edit_summary(loaded, dataset, facts, References(None, None), batch_rows=2)
+        loud = edit_summary(loaded, dataset, facts, References(None, None), batch_rows=2, progress=events.append)
+        assert loud["efficacy"] == quiet["efficacy"] and loud["generalization"] == quiet["generalization"]
+        assert {e.phase for e in events} == {Phase.SCORING}
+        start, *steps = events
+        assert start.start and start.total > 0 and len(steps) > 1  # one advance per batch of 2 rows
+        assert not any(e.start for e in steps) and sum(e.advance for e in steps) == start.total
+
+
 # ---------------------------------------------------------------------------------------- general
 
 

@@ -23,6 +23,7 @@ class Phase(str, Enum):
     LAYERS = "layers"  # layer solves of one step
     STEPS = "steps"  # steps of one run
     CONFIGS = "configs"  # configurations of an evaluation
+    SCORING = "scoring"  # scored prompt rows of an evaluation pass
     STATUS = "status"  # a message only
 
     @property
@@ -36,6 +37,7 @@ _LABELS = {
     Phase.LAYERS: "layer solves",
     Phase.STEPS: "steps",
     Phase.CONFIGS: "configurations",
+    Phase.SCORING: "scoring (prompt rows)",
     Phase.STATUS: "status",
 }
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..facts import Fact
+from ..progress import ProgressCallback
 from .scoring import score_targets
 
 __all__ = ["CounterFactRecord", "CounterFactResult", "counterfact_metrics"]
@@ -77,10 +78,12 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def counterfact_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64) -> CounterFactResult:
+def counterfact_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64,
+                        progress: ProgressCallback | None = None) -> CounterFactResult:
     """Score every prompt of every record in one batched, de-duplicated pass on the current model.
 
-    ``loaded`` is a LoadedModel-like object (``.model``, ``.tokenizer``); ``batch_rows`` rows per forward.
+    ``loaded`` is a LoadedModel-like object (``.model``, ``.tokenizer``); ``batch_rows`` rows per forward;
+    ``progress`` gets the pass's scoring bar.
     """
     usable = [f for f in facts if f.true_target is not None]
     # One score per distinct (prefix, target): neighbours and paraphrases repeat across records.
@@ -96,7 +99,7 @@ def counterfact_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64) -> 
         paras = [(slot(p, f.target), slot(p, f.true_target)) for p in f.paraphrases]
         neigh = [(slot(p, f.target), slot(p, answer)) for p, answer in f.neighbors]
         plans.append((f, rewrite, paras, neigh))
-    scores = score_targets(loaded, list(index), batch_rows=batch_rows)
+    scores = score_targets(loaded, list(index), batch_rows=batch_rows, progress=progress)
     s = {pair: scores[i].mean_nll for pair, i in index.items()}
 
     def compare(new_pair, other_pair) -> tuple[float, float]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..atomic import atomic_write_json
 from ..facts import Fact
+from ..progress import ProgressCallback
 from .chat import chat_metrics
 from .counterfact import counterfact_metrics
 from .drift import DriftReference, drift_metrics, drift_reference
@@ -91,20 +92,22 @@ def cohort_means(records: Sequence[Any], size: int) -> list[dict[str, Any]]:
 
 
 def edit_summary(loaded, dataset: str, facts: Sequence[Fact], refs: References, batch_rows: int,
-                 chat: bool = False, cohort: int | None = None) -> dict[str, Any]:
+                 chat: bool = False, cohort: int | None = None,
+                 progress: ProgressCallback | None = None) -> dict[str, Any]:
     """CounterFact or ZsRE metrics of ``facts`` (means, ``n_records``), timing and throughput. ``facts``
     must be a prefix of the facts the references were computed for. With ``chat``, ``"chat"`` holds the
     same facts' metrics through the chat template (:mod:`seqedit.evaluate.chat`); with ``cohort``,
-    ``"by_cohort"`` holds the means over each block of that many facts (:func:`cohort_means`)."""
+    ``"by_cohort"`` holds the means over each block of that many facts (:func:`cohort_means`); ``progress``
+    gets the bare scoring pass's bar."""
     t = time.perf_counter()
     if dataset == "counterfact":
-        result = counterfact_metrics(loaded, facts, batch_rows)
+        result = counterfact_metrics(loaded, facts, batch_rows, progress)
     else:
         ref = refs.zsre
         if ref is not None:  # retention scores a prefix of the selected facts
             k = len(facts)
             ref = ZsreReference(ref.neighbors[:k], ref.predictions[:k])
-        result = zsre_metrics(loaded, facts, ref, batch_rows)
+        result = zsre_metrics(loaded, facts, ref, batch_rows, progress)
     res = result.summary()
     if cohort:
         res["by_cohort"] = cohort_means(result.records, cohort)

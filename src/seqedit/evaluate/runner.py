@@ -96,7 +96,8 @@ class _Run:
         c = self.cfg
         # retention cohorts: the facts edited between two retention points
         return edit_summary(self.lm, c.dataset, facts, self.refs, c.eval_batch_rows, chat=c.chat_metrics,
-                            cohort=c.retention_every * c.batch_size if c.retention_every else None)
+                            cohort=c.retention_every * c.batch_size if c.retention_every else None,
+                            progress=self.progress)
 
     def capability(self) -> dict[str, Any]:
         c = self.cfg

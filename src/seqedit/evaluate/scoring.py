@@ -15,6 +15,7 @@ import torch
 
 from ..locate.tokens import pad_id_of, pad_left, pad_right, target_ids
 from ..models.placement import input_device
+from ..progress import Phase, ProgressCallback, ProgressEvent, emit
 
 T = TypeVar("T")
 
@@ -153,6 +154,7 @@ def map_target_log_probs(
     spans: Sequence[tuple[int, tuple[int, ...]]],
     reduce: Callable[[int, torch.Tensor], T],
     batch_rows: int,
+    progress: ProgressCallback | None = None,
 ) -> list[T]:
     """``[reduce(i, logp_i) for each row i]``, where ``logp_i: [len(target_i), V]`` (float32, CPU) are the
     log-probs at row ``i``'s target positions. Results are in input order; rows run in length-sorted
@@ -166,7 +168,8 @@ def map_target_log_probs(
     memory than full logits. Models without an adapter (hand-built test models) form full logits. With
     an adapter, the token prefix that all rows of a batch share (:func:`shared_head`: a chat template's
     system prompt and turn markers, ~30 of the embedded model's ~45-token chat rows) runs once and its
-    KV cache serves the batch.
+    KV cache serves the batch. ``progress`` gets a :attr:`~seqedit.progress.Phase.SCORING` bar over the
+    rows (a scoring pass of ten thousand CounterFact records takes minutes).
     """
     model = loaded.model
     device = input_device(model)
@@ -177,6 +180,7 @@ def map_target_log_probs(
     for i, h in enumerate(host_of):
         served[h].append(i)
     out: list[Any] = [None] * len(rows)
+    emit(progress, ProgressEvent(Phase.SCORING, total=len(rows), start=True))
     for batch in length_batches([len(h) for h in hosts], batch_rows):
         members = [i for h in batch for i in served[h]]
         slot = {h: b for b, h in enumerate(batch)}
@@ -197,17 +201,18 @@ def map_target_log_probs(
         logp = torch.log_softmax(picked.float(), -1).cpu()
         for i, lp in zip(members, logp.split([len(spans[i][1]) for i in members])):
             out[i] = reduce(i, lp)
+        emit(progress, ProgressEvent(Phase.SCORING, advance=len(members), total=len(rows)))
     return out
 
 
 @torch.no_grad()
 def score_targets(
-    loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64
+    loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64, progress: ProgressCallback | None = None
 ) -> list[TargetScore]:
     """Score ``target`` after ``prompt`` for every ``(prompt, target)`` pair on the current model."""
     rows, spans = target_rows(loaded, pairs)
-
-    return map_target_log_probs(loaded, rows, spans, lambda i, logp: target_score(spans[i][1], logp), batch_rows)
+    return map_target_log_probs(loaded, rows, spans, lambda i, logp: target_score(spans[i][1], logp), batch_rows,
+                                progress)
 
 
 def target_score(target: Sequence[int], logp: torch.Tensor) -> TargetScore:

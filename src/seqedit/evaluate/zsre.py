@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..facts import Fact
+from ..progress import ProgressCallback
 from .scoring import map_target_log_probs, target_rows
 from .counterfact import _mean, _Summarised
 
@@ -37,7 +38,7 @@ __all__ = [
 
 @torch.no_grad()
 def teacher_forced_argmax(
-    loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64
+    loaded, pairs: Sequence[tuple[str, str]], batch_rows: int = 64, progress: ProgressCallback | None = None
 ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """For each ``(prompt, target)``: ``(argmax ids, target ids)``, both of length ``|tok(" "+target)|``.
 
@@ -45,7 +46,8 @@ def teacher_forced_argmax(
     """
     unique = list(dict.fromkeys(pairs))
     rows, spans = target_rows(loaded, unique)
-    preds = map_target_log_probs(loaded, rows, spans, lambda _, logp: tuple(logp.argmax(-1).tolist()), batch_rows)
+    preds = map_target_log_probs(loaded, rows, spans, lambda _, logp: tuple(logp.argmax(-1).tolist()), batch_rows,
+                                 progress)
     found = {pair: (pred, span[1]) for pair, pred, span in zip(unique, preds, spans)}
     return [found[pair] for pair in pairs]
 
@@ -107,7 +109,8 @@ class ZsreResult(_Summarised):
 
 
 def zsre_metrics(
-    loaded, facts: Sequence[Fact], reference: ZsreReference | None = None, batch_rows: int = 64
+    loaded, facts: Sequence[Fact], reference: ZsreReference | None = None, batch_rows: int = 64,
+    progress: ProgressCallback | None = None,
 ) -> ZsreResult:
     """Efficacy (edit prompt → ``target``), generalization (mean over paraphrases) and both
     specificities (mean over neighbours), in one batched pass over all prompts of all facts.
@@ -122,7 +125,7 @@ def zsre_metrics(
         pairs.append((f.text, f.target))
         pairs.extend((p, f.target) for p in f.paraphrases)
         pairs.extend(f.neighbors)
-    out = iter(teacher_forced_argmax(loaded, pairs, batch_rows))
+    out = iter(teacher_forced_argmax(loaded, pairs, batch_rows, progress))
     records = []
     for i, f in enumerate(facts):
         eff = _accuracy(*next(out))
