@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import platformdirs
 from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -43,3 +45,14 @@ def build_lock(target: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def build_once(target: Path, read: Callable[[], T | None], build: Callable[[], T]) -> T:
+    """``read()`` the cache entry ``target`` if it is there (not ``None``), else ``build()`` it under
+    :func:`build_lock`, reading again first: the process we waited for may have built it."""
+    found = read()
+    if found is not None:
+        return found
+    with build_lock(target):
+        found = read()
+        return found if found is not None else build()

@@ -57,7 +57,7 @@ def _join(entries: list[tuple[Path, dict[str, Any]]], label: str, n: int) -> dic
                     raise EvalSettingsError(f"cannot join {label}: {points[point['edits']][0]} and {path} both "
                                             f"measured it at {point['edits']} edits")
                 points[point["edits"]] = (path, point)
-        base[key] = [copy.deepcopy(points[n][1]) for n in sorted(points)]
+        base[key] = [copy.deepcopy(points[edits][1]) for edits in sorted(points)]
     base["joined_from"] = [str(p) for p, _ in entries]
     return base
 
@@ -138,11 +138,12 @@ def _merge_joined(paths: list[Path], datas: list[dict[str, Any]]) -> dict[str, A
                                         "(hyperparameters, values protocol, batch size, prompt format, preset or n)")
             copies.setdefault(label, []).append((path, entry))
     merged = copy.deepcopy(datas[0])
+    n = datas[0].get("settings", {}).get("n", 0)  # the same in every folder (_run_identity)
     configs = {}
     for label, entries in copies.items():
         if len(entries) > 1 and any(e.get("same_as") for _, e in entries):
             raise EvalSettingsError(f"cannot join {label}: a copy reuses another configuration's result")
-        configs[label] = _join(entries, label, datas[0].get("settings", {}).get("n", 0)) if len(entries) > 1 else copy.deepcopy(entries[0][1])
+        configs[label] = _join(entries, label, n) if len(entries) > 1 else copy.deepcopy(entries[0][1])
     merged.update(configs=configs, planned=[], skipped=[],
                   sources=[_source(p, d, list(d.get("configs", {})), datas[0]) for p, d in zip(paths, datas)])
     return _mark_mixed(merged)

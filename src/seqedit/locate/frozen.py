@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_write
 from ..facts import Fact
 from ..models.presets import EditHParams
-from ..paths import build_lock, cache_dir
+from ..paths import build_once, cache_dir
 from .keys import ContextRows, read_keys
 from .values import ValueResult, compute_values, delta_budget
 
@@ -138,16 +138,16 @@ def frozen_targets(
     if not facts:
         raise ValueError("frozen_targets needs at least one fact")
     path = cache_dir("frozen") / f"{_cache_key(loaded, facts, templates, hp, prompt_format)}.safetensors"
-    if cache and path.exists():
-        return FrozenTargets.load(path)
     if not cache:
         return _optimise(loaded, facts, templates, hp, progress, prompt_format)
-    with build_lock(path):  # a concurrent run of the same comparison optimises once, the other waits
-        if path.exists():
-            return FrozenTargets.load(path)
+
+    def optimise_and_save() -> FrozenTargets:
         out = _optimise(loaded, facts, templates, hp, progress, prompt_format)
         out.save(path)
-    return out
+        return out
+
+    # a concurrent run of the same comparison optimises once, the other waits and loads
+    return build_once(path, lambda: FrozenTargets.load(path) if path.exists() else None, optimise_and_save)
 
 
 def _optimise(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams,

@@ -16,7 +16,7 @@ import torch
 
 from ..atomic import atomic_write_json
 from ..models.placement import input_device
-from ..paths import build_lock, cache_dir
+from ..paths import build_once, cache_dir
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -51,16 +51,13 @@ def context_templates(loaded, n: int = 5, length: int = 10, seed: int = 0) -> li
     if n <= 0:
         return ["{}"]
     path = cache_dir("templates") / f"{loaded.cache_key}-n{n}-len{length}-seed{seed}.json"
-    cached = _read_templates(path, n)
-    if cached is not None:
-        return cached
-    with build_lock(path):
-        cached = _read_templates(path, n)  # sampled by the process we waited for
-        if cached is not None:
-            return cached
+
+    def sample() -> list[str]:
         templates = ["{}", *_sample(loaded.model, loaded.tokenizer, n, length, seed)]
         atomic_write_json(path, templates)
-    return templates
+        return templates
+
+    return build_once(path, lambda: _read_templates(path, n), sample)
 
 
 def _read_templates(path: Path, n: int) -> list[str] | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..paths import build_lock, cache_dir
+from ..paths import build_once, cache_dir
 
 __all__ = ["embedded_dir", "embedded_gguf", "ensure_cached_dir"]
 
@@ -132,17 +132,13 @@ def _remove_stale_tmp(parent: Path, prefix: str) -> None:
 def ensure_cached_dir(final: Path, build: Callable[[Path], None], stamp: dict) -> Path:
     """Return ``final``, first building it with ``build(tmp_dir)`` unless a complete copy exists.
 
-    Built once across processes (:func:`~seqedit.paths.build_lock`), and crash- and race-safe without
+    Built once across processes (:func:`~seqedit.paths.build_once`), and crash- and race-safe without
     the lock too: ``build`` writes into a temp dir beside ``final``, then a marker holding ``stamp`` is
     written last and the dir is renamed into place. A dir without a matching marker (crashed or
     foreign write, other source) is replaced; a concurrent writer that wins is kept.
     """
-    if _is_complete(final, stamp):
-        return final
-    with build_lock(final):
-        if _is_complete(final, stamp):  # built by the process we waited for
-            return final
-        return _build_and_publish(final, build, stamp)
+    return build_once(final, lambda: final if _is_complete(final, stamp) else None,
+                      lambda: _build_and_publish(final, build, stamp))
 
 
 def _build_and_publish(final: Path, build: Callable[[Path], None], stamp: dict) -> Path:
