@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import typer.exceptions
 
 from seqedit.cli import app
 
@@ -113,6 +114,6 @@ def test_every_seqedit_command_line_parses() -> None:
 def test_the_parse_check_catches_a_wrong_line(bad: str) -> None:
     group = typer.main.get_command(app)
     words = shlex.split(bad)
-    with pytest.raises(Exception):
+    with pytest.raises(typer.exceptions.TyperException):  # a usage error of the parser typer ships
         with group.make_context("seqedit", words[1:]) as ctx:
             group.get_command(ctx, words[1]).make_context(words[1], words[2:], parent=ctx)
