@@ -17,7 +17,7 @@ the edited weights exactly). ``OUT/<name>.json`` is written when a configuration
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --list
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --config custom:lam=3000,clamp_norm_factor=0.4
 
-Issue 30's sweep (``docs/stability.md``: the criterion, fixed before it ran) starts from the shipped
+Issue 30's sweep (``docs/experiments/stability.md``: the criterion, fixed before it ran) starts from the shipped
 ``long-run`` preset, measures every 1,000 edits and adds generation efficacy and ‖W_ℓ − W₀_ℓ‖_F:
 
     python benchmarks/long_sweep.py --out docs/results/sweep-2000 --n 2000 --preset long-run \

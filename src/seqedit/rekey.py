@@ -3,7 +3,7 @@ the one-time edit of the facts in force as a one-time editor computes it.
 
 Why. A layer's constraint holds the key its fact had when it was written. Later steps change the layers
 below, so the model comes to present another key at an upper layer (key drift,
-``docs/long-run-tuning.md``), and the old constraint stops acting on the fact. A one-time MEMIT of all
+``docs/experiments/long-run-tuning.md``), and the old constraint stops acting on the fact. A one-time MEMIT of all
 facts reads layer ℓ's keys after the layers below have absorbed every fact; sequential steps with frozen
 keys reproduce a one-time solve of the keys *as they were read*, which is another thing once keys move.
 
