@@ -180,3 +180,23 @@ def test_format_deltas_compares_the_formats_keys_and_deltas() -> None:
         assert -1 <= q["p10"] <= q["median"] <= q["p90"] <= 1 + 1e-9
     assert out["delta_over_h0"]["bare"]["p90"] <= 0.05 * (1 + 1e-5) and out["delta_over_h0"]["chat"]["p90"] <= 0.05 * (1 + 1e-5)
     assert 0.05 < out["delta_over_h0"]["both"]["p90"] <= 0.05 * 2**0.5 * (1 + 1e-5)
+
+
+def test_ledger_scale_smoke_mode_measures_every_size(tmp_path: Path) -> None:
+    """``benchmarks/ledger_scale.py --smoke``: two tiny ledgers built, every operation timed, the JSON
+    report and the plot written, and the facts in force those the steps put there."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    ledger_scale = _script("ledger_scale")
+    report = ledger_scale.main(["--smoke", "--out", str(tmp_path)])
+    rows = report["rows"]
+    assert [r["facts"] for r in rows] == [20, 60]
+    # each size: n built, 2 one-fact steps and 2 hundred-fact steps on fresh slots
+    assert [r["in_force_after"] for r in rows] == [20 + 2 + 200, 60 + 2 + 200]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("step_1_s", "step_100_s", "reopen_s", "log_s", "verify_s", "disk_bytes"))
+        assert len(r["step_1_all_s"]) == len(r["step_100_all_s"]) == 2
+    assert json.loads((tmp_path / "ledger_scale.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert (tmp_path / "ledger_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ledger_scale.table(rows).splitlines()[2].startswith("| 20 | ")
