@@ -97,7 +97,7 @@ class Journal:
         self.read_only = read_only
         db = path / DB_NAME
         self.conn: sqlite3.Connection | None = None
-        self._held = self._dirty = False
+        self._held = self._open = self._dirty = False
         self.lost_commit = False  # a held transaction whose parts were released failed to commit
         self._after: list[Callable[[], None]] = []
         with self.errors():
@@ -161,6 +161,9 @@ class Journal:
         :func:`~seqedit.ledger.chain.seal_step`); rolled back on any error. Inside :meth:`held` it is
         a savepoint of the held transaction instead."""
         if self._held:
+            if not self._open:  # the held transaction begins with its first write
+                self._begin()
+                self._open = True
             self.run("SAVEPOINT part")
             try:
                 yield
@@ -181,25 +184,27 @@ class Journal:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        """Make every :meth:`tx` in the block part of ONE transaction, committed when the block ends (an
-        apply step's commit and its annotation: one fsync'ed commit instead of two). On an error, what
-        the parts already released is committed all the same (the caller's state holds it), and the rest
-        is rolled back."""
+        """Make every :meth:`tx` in the block part of ONE transaction, begun by the first of them and
+        committed when the block ends (an apply step's commit and its annotation: one fsync'ed commit
+        instead of two; the write lock is not held while the step computes). On an error, what the
+        parts already released is committed all the same (the caller's state holds it), and the rest is
+        rolled back."""
         if self._held:
             yield
             return
-        self._begin()
-        self._held, self._dirty = True, False
+        self._held, self._open, self._dirty = True, False, False
         try:
             yield
         except BaseException:
-            self._held = False
             self._end_held(commit=self._dirty)
             raise
-        self._held = False
         self._end_held(commit=True)
 
     def _end_held(self, commit: bool) -> None:
+        self._held = False
+        if not self._open:  # nothing was written
+            return
+        self._open = False
         try:
             self._end(commit)
         except BaseException:
