@@ -210,3 +210,23 @@ def test_long_sweep_runs_a_configuration_with_issue_30_measurements(tmp_path: Pa
     again = long_sweep.run_config(lm, hp, facts, refs, 1, base_w, tmp_path / "L", tmp_path / "p.json", every=2,
                                   generation_n=2, method_options={"ridge": 5.0})
     assert len(again["steps"]) == 4 and [p["edits"] for p in again["points"]] == [2, 4]
+
+
+def test_ledger_scale_smoke_mode_measures_every_size(tmp_path: Path) -> None:
+    """``benchmarks/ledger_scale.py --smoke``: two tiny ledgers built, every operation timed, the JSON
+    report and the plot written, and the facts in force those the steps put there."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    ledger_scale = _script("ledger_scale")
+    report = ledger_scale.main(["--smoke", "--out", str(tmp_path)])
+    rows = report["rows"]
+    assert [r["facts"] for r in rows] == [20, 60]
+    # each size: n built, 2 one-fact steps and 2 hundred-fact steps on fresh slots
+    assert [r["in_force_after"] for r in rows] == [20 + 2 + 200, 60 + 2 + 200]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("step_1_s", "step_100_s", "reopen_s", "log_s", "verify_s", "disk_bytes"))
+        assert len(r["step_1_all_s"]) == len(r["step_100_all_s"]) == 2
+    assert json.loads((tmp_path / "ledger_scale.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert (tmp_path / "ledger_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ledger_scale.table(rows).splitlines()[2].startswith("| 20 | ")

@@ -7,6 +7,7 @@ name) unless ``--model`` says otherwise, and every one has ``--json``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -194,11 +195,11 @@ def log(
     with Ledger(ledger) as L:  # read-only: writes nothing, not even SQLite's shared-memory file
         man, steps, rows = L.manifest, L.steps(), L.in_force()
         first = [first_added(L, r) for r in rows]
-    if as_json:
-        out.print_json(data={
+    if as_json:  # plain json.dumps: Rich's highlighting of a long history took 95 % of the command's time
+        out.file.write(json.dumps({
             "ledger": str(ledger), "manifest": man, "steps": [s.to_dict() for s in steps],
             "in_force": [{"added": r.added, "first_added": a, **r.fact.to_dict()} for r, a in zip(rows, first)],
-        })
+        }, indent=2, ensure_ascii=False) + "\n")
         return
     t = Table(title=f"ledger {ledger}: {man['base']['name']}, {man['method_label']}, {len(steps)} steps")
     for col in ("step", "kind", "when", "+facts", "−facts", "note"):
