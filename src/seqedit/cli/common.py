@@ -206,11 +206,9 @@ def read_facts(path: str, n: Optional[int], split: Optional[str], fmt: str) -> l
     """The first ``n`` facts of ``path`` (after ``split``); a clean failure if the file is bad or missing."""
     from ..datasets import load_facts
     from ..errors import SeqEditError
-    from ..facts import check_distinct
 
     try:
-        facts = load_facts(path, format=fmt, split=split, limit=n)
-        check_distinct(facts, path)
+        facts = load_facts(path, format=fmt, split=split, limit=n, distinct=True)
     except (SeqEditError, OSError) as e:
         fail(str(e))
     if not facts:
