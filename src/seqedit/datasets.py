@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .atomic import atomic_write
 from .errors import FactError
-from .facts import Fact
+from .facts import Fact, check_distinct
 
 __all__ = ["FORMATS", "dump_facts", "load_facts"]
 
@@ -252,7 +252,7 @@ def load_facts(
     number of facts returned. An unusable record (missing field, subject not in the question, empty
     target, ...) raises a FactError naming its 1-based line (array element, for JSON arrays and
     iterables); with ``on_error="skip"`` it is dropped. Invalid JSON always raises. ``distinct``
-    refuses a list that holds one edit twice (:func:`seqedit.guards.check_batch`, as ``Editor.run``
+    refuses a list that holds one edit twice (:func:`~seqedit.facts.check_distinct`, as ``Editor.run``
     would; off by default because the shared CounterFact and ZsRE files repeat a few edits).
     """
     for name, value in (("on_error", on_error), ("zsre_target", zsre_target), ("format", format)):
@@ -295,10 +295,8 @@ def load_facts(
         except FactError as exc:
             if on_error == "raise":
                 raise FactError(f"{where}: {exc}") from exc
-    if distinct and facts:
-        from .guards import check_batch
-
-        check_batch(facts, str(path_or_records) if isinstance(path_or_records, (str, os.PathLike)) else "facts")
+    if distinct:  # the guard Editor.apply and run apply to a step (seqedit.guards.check_batch)
+        check_distinct(facts, str(path_or_records) if isinstance(path_or_records, (str, os.PathLike)) else "facts")
     return facts
 
 
