@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .bank import LayerBank
 from .ledger import Ledger, LedgerError, LedgerSession
-from .ledger.directory import check_writable, discard_empty
+from .ledger.directory import discard_empty
 
 __all__ = ["EditorLedger", "PendingLedger"]
 
@@ -33,10 +33,11 @@ class PendingLedger:
 
     @classmethod
     def check(cls, path: str | os.PathLike, manifest: dict, kv_dtype: str, snapshot_every: int) -> PendingLedger:
-        """Refuse now (nothing written) a path a writer could not create a ledger at: a file, a
-        non-empty directory that is no ledger (``LedgerError``)."""
+        """Refuse now (nothing written) a path no ledger can be created at: a file (``LedgerError``). A
+        directory holding other files may take one (the service keeps its queue beside the ledger)."""
         path = Path(path)
-        check_writable(path)
+        if path.exists() and not path.is_dir():
+            raise LedgerError(f"ledger {path} is a file; give a new or empty directory")
         return cls(path, manifest, kv_dtype, snapshot_every, path.exists())
 
     def create(self) -> Ledger:
