@@ -20,7 +20,7 @@ from typing import Any, Optional
 from .errors import SeqEditError, FactError
 from .facts import Fact, check_distinct, visible
 
-__all__ = ["InputError", "LedgerSettings", "check_batch", "check_editor_args", "check_fit", "check_mode", "check_path", "check_reopen",
+__all__ = ["InputError", "LedgerSettings", "check_batch", "check_editor_args", "check_fit", "check_mode", "check_overrides", "check_path", "check_reopen",
            "check_token_lengths", "check_visible", "context_length", "editor_options", "fact_texts", "ledger_settings"]
 
 
@@ -165,9 +165,52 @@ def editor_options(method_options: Optional[dict], overrides: dict[str, Any]) ->
     if method_options is not None and not isinstance(method_options, dict):
         raise TypeError(f"method_options must be a dict, got {type(method_options).__name__}")
     fields = set(EditHParams.__dataclass_fields__)
+    check_overrides({k: v for k, v in overrides.items() if k in fields})
     options = {**(method_options or {}), **{k: v for k, v in overrides.items()
                                             if k not in fields and k not in _CONSTRUCTOR_ARGS and v is not None}}
     return options, {k: v for k, v in overrides.items() if k in fields}
+
+
+# int fields that may be 0 (no context templates; a seed); every other int field counts something, >= 1
+_MAY_BE_ZERO = frozenset({"n_context_templates", "template_seed"})
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Each hyperparameter override has its field's type and a usable value (``InputError`` naming the
+    field): ``layers`` a sequence of ints, counts ints ≥ 1, weights finite reals ≥ 0, and so on. The
+    dataclass itself checks only some fields, and a string where a number goes fails later, unnamed."""
+    import math
+    import numbers
+    from dataclasses import fields
+
+    from .models.presets import EditHParams
+
+    kinds = {f.name: str(f.type) for f in fields(EditHParams)}
+    for name, v in overrides.items():
+        kind = kinds.get(name)
+        if v is None or kind is None:
+            continue
+        integral = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        if name == "layers":
+            ok = isinstance(v, (tuple, list, range)) and all(isinstance(x, numbers.Integral) and not isinstance(x, bool)
+                                                              for x in v)
+            want = "a sequence of ints"
+        elif kind == "int":
+            ok, want = integral and v >= (0 if name in _MAY_BE_ZERO else 1), "an int ≥ " + ("0" if name in _MAY_BE_ZERO else "1")
+        elif kind == "float":
+            ok = integral or isinstance(v, numbers.Real) and not isinstance(v, bool)
+            if name == "early_stop_loss":  # a negative loss never stops the optimisation early: allowed
+                ok, want = ok and not math.isnan(v), "a number"
+            else:
+                ok, want = ok and math.isfinite(v) and v >= 0, "a finite number ≥ 0"
+        elif kind == "bool":
+            ok, want = isinstance(v, bool), "true or false"
+        elif kind == "str":
+            ok, want = isinstance(v, str), "a string"
+        else:
+            ok, want = True, kind
+        if not ok:
+            raise InputError(f"hyperparameter {name} takes {want}, got {v!r:.80}")
 
 
 def check_reopen(path: Any, modes: Sequence[str], kwargs: dict[str, Any]) -> None:
