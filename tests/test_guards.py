@@ -208,3 +208,17 @@ def test_an_edit_and_a_generate_raise_no_warning(family: str) -> None:
         hf.removeHandler(logged)
     assert len(completions) == 1 and len(texts) == 1
     assert logged.seen == []  # transformers' logged deprecations (output.past_key_values) too
+
+
+def test_a_failed_first_run_with_rekey_every_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "L"
+    ed = make_editor(path)
+
+    def interrupt(event):
+        if event.phase.value == "layers":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ed.run([A], rekey_every=1, progress=interrupt)  # rekey_every asks for the session up front
+    assert not path.exists()
+    ed.close()

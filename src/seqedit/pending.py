@@ -83,13 +83,12 @@ class EditorLedger:
 
     @contextlib.contextmanager
     def first_step(self) -> Iterator[None]:
-        """A first step that fails or is interrupted (KeyboardInterrupt) takes the new ledger with it."""
-        first = self.pending is not None
+        """A first step that fails or is interrupted (KeyboardInterrupt) takes the new ledger with it
+        (a ledger not created here, or holding a committed step, stays)."""
         try:
             yield
         except BaseException:
-            if first:
-                self.discard_new()
+            self.discard_new()
             raise
 
     def close(self) -> None:
