@@ -4,24 +4,27 @@ comes in. Each check reads nothing but its arguments (and a ledger's manifest, r
 nothing, and raises a :class:`~seqedit.errors.SeqEditError` subclass naming the problem:
 
 - :func:`check_batch` — a step's facts: ``Fact`` objects, none twice (same id, or same slot and target);
-- :func:`check_token_lengths` / :func:`fact_texts` — texts longer than a limit or the model's context;
+- :func:`check_token_lengths` / :func:`check_fit` — texts longer than a limit or the model's context;
 - :func:`check_visible` — texts with no visible character (a ``Fact``'s own fields: ``Fact.__post_init__``);
-- :func:`ledger_settings` — method, alignment, options, objective hyperparameters and prompt format
-  that disagree with an existing ledger's manifest.
+- :func:`ledger_settings` / :func:`check_reopen` — method, alignment, options, objective hyperparameters
+  and prompt format that disagree with an existing ledger's manifest (``check_reopen``: also its lock);
+- :func:`check_editor_args` / :func:`check_overrides` — the Editor's mode, prompt format, ledger path and
+  hyperparameter overrides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import SeqEditError, FactError
+from .errors import FactError, SeqEditError
 from .facts import Fact, check_distinct, visible
 
-__all__ = ["InputError", "LedgerSettings", "check_batch", "check_editor_args", "check_fit", "check_mode", "check_overrides", "check_path", "check_reopen",
-           "check_token_lengths", "check_visible", "context_length", "editor_options", "fact_texts", "ledger_settings"]
+__all__ = ["InputError", "LedgerSettings", "check_batch", "check_editor_args", "check_fit", "check_mode",
+           "check_overrides", "check_path", "check_reopen", "check_token_lengths", "check_visible", "context_length",
+           "editor_options", "fact_texts", "ledger_settings"]
 
 
 class InputError(SeqEditError, ValueError):
