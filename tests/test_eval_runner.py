@@ -550,3 +550,24 @@ def test_bit_identical_final_weights_are_scored_once(tmp_path: Path) -> None:
     grown = run_eval(config(n=4, batch_size=4, general_every=0, retention_every=0, alignments=("aligned",)),
                      tmp_path / "grow", loaded=lm)
     assert grown["configs"]["memit/aligned/ote"]["final_reused_from"] == "memit/aligned/se"
+
+
+def test_generation_efficacy_and_weight_drift_at_every_measurement(tmp_path: Path) -> None:
+    """``generation_n`` adds generation efficacy to the baseline, each retention point and the final
+    measurement; every step records ‖W_ℓ − W₀_ℓ‖_F, which grows as the facts accumulate."""
+    lm = tiny_model("llama")
+    data = run_eval(light(modes=("se",), alignments=("aligned",), retention_every=1, generation_n=3,
+                          batch_size=1), tmp_path / "r", loaded=lm)
+    entry = data["configs"]["memit/aligned/se"]
+    points = [data["baseline"]["edit"], *entry["retention"], entry["final"]["edit"]]
+    for point in points:
+        gen = point["generation"]
+        assert 0.0 <= gen["generation_efficacy"] <= 1.0 and gen["n_records"] <= 3
+    assert [p["generation"]["n_records"] for p in entry["retention"]] == [1, 2, 3, 3]
+    drift = [s["drift_norms"] for s in entry["steps"]]
+    assert [sorted(d) for d in drift] == [["1", "2"]] * 4
+    first, last = (sum(d.values()) for d in (drift[0], drift[-1]))
+    assert 0 < first < last
+    with pytest.raises(EvalSettingsError, match="generation_n must be >= 0"):
+        run_eval(light(generation_n=-1), tmp_path / "bad", loaded=lm)
+    assert "generation_n" not in light().settings()  # folders made before the option stay resumable

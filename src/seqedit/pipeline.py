@@ -20,7 +20,7 @@ from .ledger.session import Constraints, LedgerSession
 from .ledger.store import StepRecord
 from .locate.chat import formats
 from .locate.keys import ContextRows, KeyReader
-from .locate.values import ValueResult, compute_values
+from .locate.values import ValueResult, clean_h0_norms, compute_values
 from .models.load import LoadedModel
 from .models.presets import EditHParams
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
@@ -88,9 +88,15 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
     value_work: dict[str, float] = {}
     if values is None:
         emit(progress, ProgressEvent(Phase.VALUES, total=len(facts), start=True))
+        ref = (clean_h0_norms(loaded, facts, hp, {l: bank.w0[l] for l in hp.layers}, prompt_format)
+               if hp.budget_anchor == "clean" else None)
         values = compute_values(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES),
-                                prompt_format=prompt_format)
+                                prompt_format=prompt_format, h0_norm_ref=ref)
         value_work = {
+            "mean_delta_norm": sum(values.delta_norms) / len(facts),
+            "mean_budget_norm": sum(values.budget_norms) / len(facts),
+            "mean_h0_norm": float(values.h0.norm(dim=0).mean()),
+            "clamped_fraction": values.clamped_fraction(),
             "iterations": values.iterations,
             "suffix_tokens": values.row_tokens,
             "padded_tokens": values.padded_tokens,
@@ -152,6 +158,7 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
         value_steps=values.steps,
         value_loss=values.loss,
         update_norms=update_norms,
+        drift_norms={l: float(bank.delta(l).norm()) for l in hp.layers},
         value_work=value_work,
         removed=[r.fact.id for r in plan.remove] if plan is not None else [],
         constraints=constraints,

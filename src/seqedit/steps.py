@@ -24,6 +24,9 @@ class StepReport:
 
     ``residual_norms[layer]`` is ‖Z − H‖_F at the z-layer just before that layer was solved;
     ``final_residual`` the same after the last layer (what the edit left unexplained).
+    ``drift_norms[layer]`` is ‖W_ℓ − W₀_ℓ‖_F after the step (how far the layer has moved from its base
+    weight in all); ``value_work`` adds the mean ‖δ‖, its mean budget, the mean ‖h0‖ and the share of
+    facts whose δ ended on the budget when the step optimised its values.
     ``seconds`` has ``templates, values, keys, solve, apply, total`` (and ``commit`` with a ledger).
     With a ledger, ``removed`` lists the ids of the facts the step replaced (or, for memorize_latest,
     forgot) and ``constraints[layer] = (K: [d_in, n], V: [d_out, n])`` the stored per-layer keys and
@@ -39,7 +42,8 @@ class StepReport:
     target_norm: float  # ‖Z − H_0‖_F, the residual before any layer was edited
     value_steps: list[int]
     value_loss: list[float]
-    update_norms: dict[int, float] = field(default_factory=dict)  # ‖Δ_ℓ‖_F
+    update_norms: dict[int, float] = field(default_factory=dict)  # ‖Δ_ℓ‖_F of this step
+    drift_norms: dict[int, float] = field(default_factory=dict)  # ‖W_ℓ − W₀_ℓ‖_F after this step
     value_work: dict[str, float] = field(default_factory=dict)  # tokens, padding, δ-dependent GFLOP
     removed: list[str] = field(default_factory=list)
     constraints: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -56,6 +60,7 @@ class StepReport:
             "target_norm": self.target_norm,
             "mean_value_steps": sum(self.value_steps) / max(1, len(self.value_steps)),
             "update_norms": {str(k): v for k, v in self.update_norms.items()},
+            "drift_norms": {str(k): v for k, v in self.drift_norms.items()},
             "value_work": self.value_work,
             "removed": list(self.removed),
         }

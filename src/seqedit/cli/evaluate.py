@@ -50,6 +50,8 @@ def eval_(
     drift_windows: int = typer.Option(32, "--drift-windows", help="256-token WikiText-2 test windows for drift (0: off)."),
     fluency_n: int = typer.Option(50, "--fluency-n", help="CounterFact records whose generations are scored (0: off)."),
     fluency_tokens: int = typer.Option(100, "--fluency-tokens", help="Tokens per generation, prompt included (ROME: 100)."),
+    generation_n: int = typer.Option(0, "--generation-n", help="Facts (spread over the editing order) whose greedy "
+        "continuations must begin with the target, at every edit measurement: generation efficacy (0: off)."),
     layout: str = typer.Option("knowedit", help="CounterFact layout: knowedit (20k cases) | rome (1,115-case subset)."),
     split: str = typer.Option("auto", help="CounterFact split: auto (= edit) | edit | train | all."),
     zsre_file: str = typer.Option("mend-eval", "--zsre-file", help="ZsRE file: mend-eval | mend-train | knowedit."),
@@ -87,7 +89,7 @@ def eval_(
         alignments=parse_csv(alignment, "--alignment"), modes=parse_csv(modes, "--modes"), values=values, seed=seed,
         general_every=general_every, general_n=general_n, general_scoring=general_scoring,
         official_rte_inversion=rte_inversion, retention_every=retention_every, drift_windows=drift_windows,
-        fluency_n=fluency_n, fluency_tokens=fluency_tokens, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
+        fluency_n=fluency_n, fluency_tokens=fluency_tokens, generation_n=generation_n, layout=layout, split=split, zsre_file=zsre_file, zsre_target=zsre_target,
         facts_path=facts, overrides=overrides,
         eval_batch_rows=eval_batch_rows, dtype=dtype, device_map=device_map, checkpoint=checkpoint,
         prompt_format=prompt_format, chat_eval=chat_eval, preset=preset, rekey_every=rekey_every,

@@ -51,7 +51,8 @@ class EvalConfig:
     step; the selection then holds one fact per slot (subject, prompt), since a ledger replaces a
     slot's earlier fact. ``general_every``/``retention_every``/``rekey_every``
     (re-read every fact's keys and re-solve, :mod:`seqedit.rekey`; needs ``checkpoint``) are in steps, 0 = final model only. ``general_n``/``drift_windows``/``fluency_n`` = 0 turn that
-    metric off. ``fluency_tokens`` is ROME's ``max_out_len`` (tokens per generation, prompt included).
+    metric off. ``generation_n`` > 0 adds generation efficacy (``evaluate/generation_efficacy.py``) on that
+    many facts, spread over the editing order, to every edit measurement. ``fluency_tokens`` is ROME's ``max_out_len`` (tokens per generation, prompt included).
     ``prompt_format`` is the editors' (``bare``, ``chat``, ``both``; ``locate/chat.py``); the edit
     metrics are also measured through the chat template (``evaluate/chat.py``, under ``edit.chat``)
     when it is not ``bare`` or when ``chat_eval`` is set (bare-trained edits asked in chat).
@@ -76,6 +77,7 @@ class EvalConfig:
     drift_windows: int = 32
     fluency_n: int = 50
     fluency_tokens: int = 100
+    generation_n: int = 0  # facts (evenly spread) whose greedy generations are scored at each edit measurement
     layout: str = "knowedit"
     split: Optional[str] = "auto"
     zsre_file: str = "mend-eval"
@@ -131,7 +133,8 @@ class EvalConfig:
             need(t in TASKS, f"unknown general task {t!r}; expected some of {', '.join(TASKS)}")
         need(not self.rekey_every or self.checkpoint,
              "rekey_every re-reads the keys of the facts in a ledger: it needs checkpoint (--checkpoint)")
-        for name in ("general_every", "general_n", "retention_every", "drift_windows", "fluency_n", "seed", "rekey_every"):
+        for name in ("general_every", "general_n", "retention_every", "drift_windows", "fluency_n", "seed", "rekey_every",
+                     "generation_n"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.drift_window >= 2 and self.eval_batch_rows >= 1 and self.fluency_tokens >= 2,
              "drift_window and fluency_tokens must be >= 2 and eval_batch_rows >= 1")
@@ -178,7 +181,7 @@ def baseline_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 # settings fields added after results.json files were written; omitted from settings() at their default
 _ADDED_LATER = {"rekey_every": 0, "checkpoint": False, "dtype": None, "device_map": None, "prompt_format": "bare", "chat_eval": False,
-                "preset": None}
+                "preset": None, "generation_n": 0}
 
 
 def _union(old: list, new) -> list:

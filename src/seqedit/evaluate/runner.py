@@ -31,6 +31,7 @@ from ..rekey import rekey_due
 from ..steps import RunPosition, StepReport
 from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
 from .fluency import CONSISTENCY_UNAVAILABLE
+from .generation_efficacy import generation_efficacy
 from .measure import References, drift_summary, edit_summary, general_summary
 from .results import ResultsStore, _now, baseline_differences, differences, read_measured, _scored_finals, _versions, _weights_sha
 from .selection import Selection, select_facts
@@ -95,9 +96,14 @@ class _Run:
         self.say(f"{self.cfg.dataset} metrics on {len(facts)} facts")
         c = self.cfg
         # retention cohorts: the facts edited between two retention points
-        return edit_summary(self.lm, c.dataset, facts, self.refs, c.eval_batch_rows, chat=c.chat_metrics,
-                            cohort=c.retention_every * c.batch_size if c.retention_every else None,
-                            progress=self.progress)
+        out = edit_summary(self.lm, c.dataset, facts, self.refs, c.eval_batch_rows, chat=c.chat_metrics,
+                           cohort=c.retention_every * c.batch_size if c.retention_every else None,
+                           progress=self.progress)
+        if c.generation_n:
+            self.say(f"generation efficacy on {min(c.generation_n, len(facts))} facts")
+            gen = generation_efficacy(self.lm, facts, limit=c.generation_n, batch_rows=c.eval_batch_rows)
+            out["generation"] = {k: gen[k] for k in ("generation_efficacy", "generation_generalization", "n_records")}
+        return out
 
     def capability(self) -> dict[str, Any]:
         c = self.cfg

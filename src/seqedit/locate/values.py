@@ -8,8 +8,12 @@ and one KL row ``"{subject} is a"``). The loss of fact f is
              [+ κ_c·mean_formats KL(p_δ ‖ p_0) after the whole target]
 
 with p at the subject's last token of the KL row, optimised by Adam with per-fact early stopping
-(loss < ``early_stop_loss``, checked before the step), norm clamp ‖δ‖ ≤ c·√F·‖h0‖ after each step, and
-at most ``v_steps − 1`` updates. The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
+checked before each step (``hp.stop_rule``: ``"nll"``, loss < ``early_stop_loss``; or
+``"most_probable"``, the new target is the argmax at every target token of every rewriting row with a
+lead of more than ``stop_margin`` nats over the runner-up), norm clamp ‖δ‖ ≤ c·√F·‖h0‖ after each
+step, and at most ``v_steps − 1`` updates. With ``hp.budget_anchor="clean"`` the ‖h0‖ of the clamp is
+read on the unedited model (:func:`clean_h0_norms`), so a residual stream that earlier edits inflated
+does not widen later facts' budgets (the norm feedback loop NAS, arXiv 2602.02543, describes). The output is ``z_f = h0_f + δ_f``. F is the number of prompt formats
 the rows are written in (``prompt_format="both"``: 2): one δ then has to move the answer in two quite
 different contexts, whose demands add roughly orthogonally, so the budget of one format (c) grows by √F.
 The bracketed term (``hp.continuation_kl`` = κ_c > 0) scores one more position on each format's
@@ -40,7 +44,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -69,6 +73,15 @@ class ValueResult:
     head_positions: int = 0  # positions whose vocabulary logits were formed (labels + KL)
     stepped_tokens: int = 0  # suffix tokens of the passes followed by a backward pass
     stepped_heads: int = 0  # scored positions of those passes
+    delta_norms: list[float] = field(default_factory=list)  # ‖δ_f‖ = ‖z_f − h0_f‖ per fact
+    budget_norms: list[float] = field(default_factory=list)  # the clamp limit each δ_f was held to
+
+    def clamped_fraction(self, tol: float = 1e-3) -> float | None:
+        """The share of facts whose δ ends on its norm clamp (within ``tol`` relative); ``None`` if unknown."""
+        if not self.delta_norms:
+            return None
+        hit = sum(d >= (1 - tol) * b for d, b in zip(self.delta_norms, self.budget_norms))
+        return hit / len(self.delta_norms)
 
     def delta_flops(self, loaded, z_layer: int) -> float:
         """FLOPs of the work that truly depends on δ (real tokens, no padding).
@@ -117,151 +130,234 @@ def delta_budget(hp: EditHParams, prompt_format: str) -> float:
     return hp.clamp_norm_factor * math.sqrt(len(formats(prompt_format)))
 
 
-def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams, prompt_format: str):
+@dataclass
+class _ChunkState:
+    """What the optimisation of one chunk of ``n`` facts carries between iterations (``d`` = model width,
+    ``V`` = vocabulary): δ and Adam's moments ``[n, d]``, ``h0 [n, d]`` (filled by the first forward), the
+    iteration-0 distributions the KL terms compare against, and per-fact bookkeeping."""
+
+    delta: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+    h0: torch.Tensor
+    h0_seen: torch.Tensor
+    kl_init: torch.Tensor  # [n, V]
+    cont_init: torch.Tensor  # [n·F, V] (empty without continuation KL)
+    steps: list[int]
+    final_loss: list[float]
+    final_nll: list[float]
+    counts: dict[str, int]
+
+    @classmethod
+    def zeros(cls, n: int, d: int, vocab: int, n_cont: int, device) -> _ChunkState:
+        delta = torch.zeros((n, d), dtype=torch.float32, device=device)
+        return cls(delta, torch.zeros_like(delta), torch.zeros_like(delta), torch.zeros_like(delta),
+                   torch.zeros(n, dtype=torch.bool), torch.zeros((n, vocab), dtype=torch.float32, device=device),
+                   torch.zeros((n_cont, vocab), dtype=torch.float32, device=device),
+                   [0] * n, [math.nan] * n, [math.nan] * n, dict.fromkeys(_COUNTS, 0))
+
+
+_COUNTS = ("row_tokens", "padded_tokens", "head_positions", "stepped_tokens", "stepped_heads")
+
+
+@dataclass
+class _IterationLoss:
+    """One forward pass over the active facts (``[a]`` each, in ``active`` order): the total loss (with
+    graph), its NLL part, the number of target tokens the fact does not yet win (argmax with the
+    required lead), and the work done."""
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    misses: torch.Tensor
+    tokens: int
+    heads: int
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """The optimised chunk: ``z, h0: [n, d]`` float64 (CPU), per-fact diagnostics (``delta_norm`` = ‖δ_f‖,
+    ``budget_norm`` = the clamp limit c·√F·‖h0_ref,f‖ it was held to), and the work counters."""
+
+    z: torch.Tensor
+    h0: torch.Tensor
+    steps: list[int]
+    loss: list[float]
+    nll: list[float]
+    delta_norm: list[float]
+    budget_norm: list[float]
+    iterations: int
+    counts: dict[str, int]
+
+
+def _label_misses(logp: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """1 where the label does not lead every other token by more than ``margin`` nats (``logp: [m, V]``,
+    ``labels: [m]``), else 0, as float ``[m]``."""
+    top2 = logp.detach().topk(2, dim=-1)
+    lab = logp.detach().gather(1, labels[:, None])[:, 0]
+    rival = torch.where(top2.indices[:, 0] == labels, top2.values[:, 1], top2.values[:, 0])
+    return (lab - rival <= margin).float()
+
+
+def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkState, active: list[int],
+                    d_act: torch.Tensor, first: bool, n_templates: int, n_formats: int) -> _IterationLoss:
+    """Forward every length group with δ injected at the z-layer and form the per-fact loss
+    (module docstring). ``first``: iteration 0, which records h0 and the KL references."""
+    device = d_act.device
+    unembed = loaded.adapter.unembed
+    local = {f: j for j, f in enumerate(active)}
+
+    def inject(out, group: RowGroup):
+        h = block_hidden(out)
+        if group.replay.hidden is None:
+            group.replay.record(out)
+            bare = [i for i, r in enumerate(group.rows) if r.bare]
+            if bare:
+                facts_b = torch.tensor([group.rows[i].fact for i in bare], device=device)
+                st.h0[facts_b] = h[bare, 0].detach().float()
+                st.h0_seen[facts_b.cpu()] = True
+        rows_local = torch.tensor([local[r.fact] for r in group.rows], device=device)
+        add = torch.zeros_like(h)
+        add[:, 0] = d_act[rows_local].to(h.device, h.dtype)
+        return replace_block_hidden(out, h + add)
+
+    a = len(active)
+    nll, kl, cont_kl, misses = (torch.zeros(a, device=device) for _ in range(4))
+    tokens = heads = 0
+    for group in groups:
+        if not group.rows:
+            continue
+        hidden = group.forward(loaded, hp.z_layer, inject)
+        tokens += int(group.tokens.sum())
+        st.counts["padded_tokens"] += group.suf_ids.numel()
+        lab_r, lab_p, lab_y, lab_w, lab_f = [], [], [], [], []
+        kl_r, kl_f = [], []
+        cont_r, cont_p, cont_ids, cont_f = [], [], [], []
+        for j, r in enumerate(group.rows):
+            if r.kl:
+                kl_r.append(j)
+                kl_f.append(r.fact)
+                continue
+            if r.cont >= 0:
+                cont_r.append(j)
+                cont_p.append(r.cont)
+                cont_ids.append(r.cont_id)
+                cont_f.append(local[r.fact])
+            for pos, y in zip(r.label_pos, r.labels):
+                lab_r.append(j)
+                lab_p.append(pos)
+                lab_y.append(y)
+                lab_w.append(1.0 / (len(r.labels) * n_templates))
+                lab_f.append(local[r.fact])
+        heads += len(lab_r) + len(kl_r) + len(cont_r)
+        if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
+            logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
+            y = torch.tensor(lab_y, device=logp.device)
+            tok_nll = -logp.gather(1, y[:, None])[:, 0]
+            f_idx = torch.tensor(lab_f, device=device)
+            nll = nll.index_add(0, f_idx, (tok_nll * torch.tensor(lab_w, device=logp.device)).to(device))
+            misses = misses.index_add(0, f_idx, _label_misses(logp, y, hp.stop_margin).to(device))
+        if kl_r:  # KL(p_δ ‖ p_0) of the next token after the subject
+            kl_logp = torch.log_softmax(unembed(hidden[kl_r, 0]).float(), -1)
+            fidx = torch.tensor(kl_f, device=device)
+            if first:
+                st.kl_init[fidx] = kl_logp.detach().to(device)
+            vals = _kl(kl_logp, st.kl_init[fidx])
+            kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
+        if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
+            c_logp = torch.log_softmax(unembed(hidden[cont_r, cont_p]).float(), -1)
+            cidx = torch.tensor(cont_ids, device=device)
+            if first:
+                st.cont_init[cidx] = c_logp.detach().to(device)
+            vals = _kl(c_logp, st.cont_init[cidx]) / n_formats
+            cont_kl = cont_kl.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
+    act_idx = torch.tensor(active, device=device)
+    wd = hp.v_weight_decay * d_act.norm(dim=-1) / st.h0[act_idx].norm(dim=-1) ** 2
+    loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl
+    return _IterationLoss(loss, nll, misses, tokens, heads)
+
+
+def _stopped(hp: EditHParams, it: _IterationLoss) -> torch.Tensor:
+    """``[a]`` bool: the facts whose optimisation is over before this step (``hp.stop_rule``)."""
+    if hp.stop_rule == "most_probable":
+        return it.misses.detach() == 0
+    return it.loss.detach() < hp.early_stop_loss
+
+
+def _adam_clamped(st: _ChunkState, upd: torch.Tensor, grad: torch.Tensor, t: int, lr: float,
+                  limit: torch.Tensor) -> None:
+    """One Adam update of the facts ``upd`` (rows of the chunk) followed by the norm clamp
+    ‖δ_f‖ ≤ ``limit[f]`` (``limit: [n]``)."""
+    p, m_, v_ = st.delta[upd], st.m[upd], st.v[upd]
+    _adam_step(p, grad, m_, v_, t, lr)
+    max_norm = limit[upd][:, None]
+    p = p * torch.clamp(max_norm / p.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
+    st.delta[upd], st.m[upd], st.v[upd] = p, m_, v_
+    for f in upd.tolist():
+        st.steps[f] += 1
+
+
+def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams, prompt_format: str,
+                    h0_norm_ref: torch.Tensor | None = None) -> ChunkResult:
+    """δ for each of ``facts`` (module docstring); ``h0_norm_ref: [n]`` replaces ‖h0_f‖ in the norm
+    budget (the clean model's norms with ``hp.budget_anchor="clean"``)."""
     adapter = loaded.adapter
     device = adapter.device(hp.z_layer)  # δ lives where it is injected
-    unembed = adapter.unembed
     autocast = _reduced_precision(loaded, hp)
     compute = autocast if autocast is not None else nullcontext()
     continuation = hp.continuation_kl > 0
     rows = build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation)
     with compute:
-        groups = [
-            RowGroup(loaded, [rows[i] for i in g], hp.z_layer)
-            for g in length_groups([len(r.suffix) for r in rows])
-        ]
-    n, n_templates = len(facts), len(templates) * len(formats(prompt_format))  # rewriting rows per fact
-    budget = delta_budget(hp, prompt_format)
-    d = adapter.dims(hp.z_layer)[0]
-    delta = torch.zeros((n, d), dtype=torch.float32, device=device)
-    m_state, v_state = torch.zeros_like(delta), torch.zeros_like(delta)
-    h0 = torch.zeros((n, d), dtype=torch.float32, device=device)
-    h0_seen = torch.zeros(n, dtype=torch.bool)
-    kl_init = torch.zeros((n, adapter.unembed.weight.shape[0]), dtype=torch.float32, device=device)
-    # the continuation positions' log-probabilities before δ (iteration 0): one per fact and format
+        groups = [RowGroup(loaded, [rows[i] for i in g], hp.z_layer) for g in length_groups([len(r.suffix) for r in rows])]
     n_formats = len(formats(prompt_format))
-    cont_init = torch.zeros((n * n_formats if continuation else 0, kl_init.shape[1]), dtype=torch.float32,
-                            device=device)
-    steps = [0] * n
-    final_loss = [math.nan] * n
-    final_nll = [math.nan] * n
+    n, n_templates = len(facts), len(templates) * n_formats  # rewriting rows per fact
+    st = _ChunkState.zeros(n, adapter.dims(hp.z_layer)[0], adapter.unembed.weight.shape[0],
+                           n * n_formats if continuation else 0, device)
+    budget = delta_budget(hp, prompt_format)
+    limit: torch.Tensor | None = None  # ‖δ_f‖ bound, known once h0 has been read (first forward)
 
     active = list(range(n))  # facts still optimised
-    iterations = tokens = padded = heads = stepped_tokens = stepped_heads = 0
+    iterations = 0
     for it in range(hp.v_steps):
         iterations += 1
-        it_tokens = it_heads = 0
         act_idx = torch.tensor(active, device=device)
-        local = {f: j for j, f in enumerate(active)}
         # δ of the active facts as a leaf, so the graph and the gradient cover only them
-        d_act = delta[act_idx].clone().requires_grad_(True)
-
-        def inject(out, group: RowGroup):
-            h = block_hidden(out)
-            if group.replay.hidden is None:
-                group.replay.record(out)
-                bare = [i for i, r in enumerate(group.rows) if r.bare]
-                if bare:
-                    facts_b = torch.tensor([group.rows[i].fact for i in bare], device=device)
-                    h0[facts_b] = h[bare, 0].detach().float()
-                    h0_seen[facts_b.cpu()] = True
-            rows_local = torch.tensor([local[r.fact] for r in group.rows], device=device)
-            add = torch.zeros_like(h)
-            add[:, 0] = d_act[rows_local].to(h.device, h.dtype)
-            return replace_block_hidden(out, h + add)
-
-        nll = torch.zeros(len(active), device=device)
-        kl = torch.zeros(len(active), device=device)
-        cont_kl = torch.zeros(len(active), device=device)
+        d_act = st.delta[act_idx].clone().requires_grad_(True)
         with torch.enable_grad(), compute:
-            for group in groups:
-                if not group.rows:
-                    continue
-                hidden = group.forward(loaded, hp.z_layer, inject)
-                it_tokens += int(group.tokens.sum())
-                padded += group.suf_ids.numel()
-                lab_r, lab_p, lab_y, lab_w, lab_f = [], [], [], [], []
-                kl_r, kl_f = [], []
-                cont_r, cont_p, cont_ids, cont_f = [], [], [], []
-                for j, r in enumerate(group.rows):
-                    if r.kl:
-                        kl_r.append(j)
-                        kl_f.append(r.fact)
-                        continue
-                    if r.cont >= 0:
-                        cont_r.append(j)
-                        cont_p.append(r.cont)
-                        cont_ids.append(r.cont_id)
-                        cont_f.append(local[r.fact])
-                    for p, y in zip(r.label_pos, r.labels):
-                        lab_r.append(j)
-                        lab_p.append(p)
-                        lab_y.append(y)
-                        lab_w.append(1.0 / (len(r.labels) * n_templates))
-                        lab_f.append(local[r.fact])
-                it_heads += len(lab_r) + len(kl_r) + len(cont_r)
-                if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
-                    logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
-                    tok_nll = -logp.gather(1, torch.tensor(lab_y, device=logp.device)[:, None])[:, 0]
-                    w = torch.tensor(lab_w, device=logp.device)
-                    nll = nll.index_add(0, torch.tensor(lab_f, device=device), (tok_nll * w).to(device))
-                if kl_r:  # KL(p_δ ‖ p_0) of the next token after the subject
-                    kl_logp = torch.log_softmax(unembed(hidden[kl_r, 0]).float(), -1)
-                    fidx = torch.tensor(kl_f, device=device)
-                    if it == 0:
-                        kl_init[fidx] = kl_logp.detach().to(device)
-                    vals = _kl(kl_logp, kl_init[fidx])
-                    kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
-                if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
-                    c_logp = torch.log_softmax(unembed(hidden[cont_r, cont_p]).float(), -1)
-                    cidx = torch.tensor(cont_ids, device=device)
-                    if it == 0:
-                        cont_init[cidx] = c_logp.detach().to(device)
-                    vals = _kl(c_logp, cont_init[cidx]) / n_formats
-                    cont_kl = cont_kl.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
-            wd = hp.v_weight_decay * d_act.norm(dim=-1) / h0[act_idx].norm(dim=-1) ** 2
-            loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl
-
-        tokens += it_tokens
-        heads += it_heads
-        loss_d = loss.detach()
+            step = _iteration_loss(loaded, hp, groups, st, active, d_act, it == 0, n_templates, n_formats)
+        st.counts["row_tokens"] += step.tokens
+        st.counts["head_positions"] += step.heads
+        if limit is None:
+            ref = st.h0.norm(dim=-1) if h0_norm_ref is None else h0_norm_ref.to(device, torch.float32)
+            limit = budget * ref
+        loss_d = step.loss.detach()
         for j, f in enumerate(active):
-            final_loss[f] = float(loss_d[j])
-            final_nll[f] = float(nll[j].detach())
-        done = loss_d < hp.early_stop_loss
+            st.final_loss[f] = float(loss_d[j])
+            st.final_nll[f] = float(step.nll[j].detach())
+        done = _stopped(hp, step)
         if it == hp.v_steps - 1 or bool(done.all()):
             break
         keep = (~done).nonzero()[:, 0]
         # the sum of per-fact losses: ∂/∂δ_f only sees fact f's own loss
-        (grad,) = torch.autograd.grad(loss[keep].sum(), d_act)
-        stepped_tokens += it_tokens
-        stepped_heads += it_heads
-        upd = act_idx[keep]
-        p, m_, v_ = delta[upd], m_state[upd], v_state[upd]
-        _adam_step(p, grad[keep], m_, v_, it + 1, hp.v_lr)
-        max_norm = budget * h0[upd].norm(dim=-1, keepdim=True)
-        p = p * torch.clamp(max_norm / p.norm(dim=-1, keepdim=True).clamp(min=1e-12), max=1.0)
-        delta[upd], m_state[upd], v_state[upd] = p, m_, v_
-        for f in upd.tolist():
-            steps[f] += 1
+        (grad,) = torch.autograd.grad(step.loss[keep].sum(), d_act)
+        st.counts["stepped_tokens"] += step.tokens
+        st.counts["stepped_heads"] += step.heads
+        _adam_clamped(st, act_idx[keep], grad[keep], it + 1, hp.v_lr, limit)
         if bool(done.any()):
             active = [active[j] for j in keep.tolist()]
             alive = set(active)
             for group in groups:
                 group.keep(alive)
 
-    assert bool(h0_seen.all()), "every fact has a bare row"
+    assert bool(st.h0_seen.all()), "every fact has a bare row"
+    h0, delta = st.h0, st.delta
     if autocast is None:
         z, h0 = (h0 + delta).to(torch.float64).cpu(), h0.to(torch.float64).cpu()
     else:  # h0 in the model's precision (see the module docstring)
         bare = ContextRows.build(loaded.tokenizer, facts, ["{}"], formats(prompt_format)[0])
         h0 = read_keys(loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden.T
         z = h0 + delta.to(torch.float64).cpu()
-    counts = {
-        "row_tokens": tokens, "padded_tokens": padded, "head_positions": heads,
-        "stepped_tokens": stepped_tokens, "stepped_heads": stepped_heads,
-    }
-    return z, h0, steps, final_loss, final_nll, iterations, counts
+    return ChunkResult(z, h0, st.steps, st.final_loss, st.final_nll, delta.norm(dim=-1).tolist(), limit.tolist(),
+                       iterations, st.counts)
 
 
 @contextmanager
@@ -284,41 +380,58 @@ def compute_values(
     hp: EditHParams,
     progress: Callable[[int], None] | None = None,
     prompt_format: str = "bare",
+    h0_norm_ref: torch.Tensor | None = None,
 ) -> ValueResult:
     """Optimise target values for ``facts`` on the current model, ``hp.v_batch_facts`` at a time, over
     the rows of ``prompt_format`` (``locate/chat.py``; the NLL is the mean over all rewriting rows).
 
     Returns ``z, h0: [d_out, n]`` in float64 (block output of the z-layer at the subject's last token
     of each fact's primary row: the bare one, or the chat one for ``prompt_format="chat"``).
+    ``h0_norm_ref: [n]`` are the norms the δ budget is measured on instead of ‖h0‖ (``hp.budget_anchor``
+    ``"clean"``: :func:`clean_h0_norms`).
     """
+    if h0_norm_ref is not None and h0_norm_ref.shape != (len(facts),):
+        raise ValueError(f"h0_norm_ref must have one norm per fact ({len(facts)}), got shape {tuple(h0_norm_ref.shape)}")
     t0 = time.perf_counter()
-    zs, hs, steps, losses, nlls = [], [], [], [], []
-    iterations = 0
-    counts = dict.fromkeys(("row_tokens", "padded_tokens", "head_positions", "stepped_tokens", "stepped_heads"), 0)
+    chunks: list[ChunkResult] = []
     for lo in range(0, len(facts), hp.v_batch_facts):
         chunk = facts[lo : lo + hp.v_batch_facts]
+        ref = None if h0_norm_ref is None else h0_norm_ref[lo : lo + hp.v_batch_facts]
         with _frozen_parameters(loaded.model):
-            z, h0, st, lo_, nl, its, tk = _optimise_chunk(loaded, chunk, templates, hp, prompt_format)
-        zs.append(z)
-        hs.append(h0)
-        steps += st
-        losses += lo_
-        nlls += nl
-        iterations = max(iterations, its)
-        for k, v in tk.items():
-            counts[k] += v
+            chunks.append(_optimise_chunk(loaded, chunk, templates, hp, prompt_format, ref))
         if progress is not None:
             progress(len(chunk))
     return ValueResult(
-        z=torch.cat(zs).T.contiguous(),
-        h0=torch.cat(hs).T.contiguous(),
-        steps=steps,
-        loss=losses,
-        nll=nlls,
+        z=torch.cat([c.z for c in chunks]).T.contiguous(),
+        h0=torch.cat([c.h0 for c in chunks]).T.contiguous(),
+        steps=[x for c in chunks for x in c.steps],
+        loss=[x for c in chunks for x in c.loss],
+        nll=[x for c in chunks for x in c.nll],
         seconds=time.perf_counter() - t0,
-        iterations=iterations,
-        **counts,
+        iterations=max(c.iterations for c in chunks),
+        delta_norms=[x for c in chunks for x in c.delta_norm],
+        budget_norms=[x for c in chunks for x in c.budget_norm],
+        **{k: sum(c.counts[k] for c in chunks) for k in _COUNTS},
     )
 
 
-__all__ = ["KL_PROMPT", "ValueResult", "compute_values", "delta_budget"]
+def clean_h0_norms(loaded, facts: Sequence[Fact], hp: EditHParams, base_weights: dict[int, torch.Tensor],
+                   prompt_format: str = "bare") -> torch.Tensor:
+    """‖h0_f‖ ``[n]`` at the z-layer on each fact's primary row with the edited layers set to
+    ``base_weights`` (``{layer: W₀ [d_out, d_in]}`` in math layout): the unedited model's norms, which
+    ``hp.budget_anchor="clean"`` measures the δ budget on. The model's weights are restored afterwards,
+    also on error."""
+    adapter = loaded.adapter
+    edited = {l: adapter.weight(l).detach().clone() for l in base_weights}
+    primary = ContextRows.build(loaded.tokenizer, facts, ["{}"], formats(prompt_format)[0])
+    try:
+        for l, w in base_weights.items():
+            adapter.set_weight(l, w)
+        h = read_keys(loaded, primary, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden
+    finally:
+        for l, w in edited.items():
+            adapter.set_weight(l, w)
+    return h.to(torch.float64).norm(dim=0).cpu()  # z_hidden: [d_out, n]
+
+
+__all__ = ["KL_PROMPT", "ChunkResult", "ValueResult", "clean_h0_norms", "compute_values", "delta_budget"]

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+STOP_RULES = ("nll", "most_probable")
+BUDGET_ANCHORS = ("current", "clean")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,16 @@ class EditHParams:
     continuation_kl: float = 0.0
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp·‖h0‖
     early_stop_loss: float = 5e-2
+    # when a fact's value optimisation stops (checked before each Adam step): "nll" once its loss is
+    # below early_stop_loss; "most_probable" once the new target is the argmax continuation at every
+    # target token of every rewriting row, with a log-probability lead of at least stop_margin (nats)
+    # over the runner-up: a fact stops spending its δ budget as soon as it wins
+    stop_rule: str = "nll"
+    stop_margin: float = 0.0
+    # what the δ norm budget c·√F·‖h0‖ is measured on: "current" (h0 read on the edited model being
+    # edited now) or "clean" (h0 of the same rows read with every edited layer at its base weight W₀):
+    # an edited residual stream whose norm grew does not buy later facts a larger δ
+    budget_anchor: str = "current"
     v_batch_facts: int = 50  # facts optimised together (memory bound, results do not depend on it)
     # matmul precision of the value optimisation: "float32", or "bfloat16"/"float16" autocast (the
     # optimised δ and every returned value stay float32/float64; see locate/values.py)
@@ -71,6 +83,12 @@ class EditHParams:
             raise ValueError(f"v_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.v_compute_dtype!r}")
         if not isinstance(self.format_columns, bool):
             raise ValueError(f"format_columns must be true or false, got {self.format_columns!r}")
+        if self.stop_rule not in STOP_RULES:
+            raise ValueError(f"stop_rule must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+        if not self.stop_margin >= 0:
+            raise ValueError(f"stop_margin must be >= 0 (nats), got {self.stop_margin}")
+        if self.budget_anchor not in BUDGET_ANCHORS:
+            raise ValueError(f"budget_anchor must be one of {', '.join(BUDGET_ANCHORS)}, got {self.budget_anchor!r}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
 
@@ -147,7 +165,8 @@ class EditHParams:
         return cls(**{**_ADDED_LATER, **data})
 
 
-_ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0}  # field -> the value that older stored dicts imply
+_ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0, "stop_rule": "nll", "stop_margin": 0.0,
+                "budget_anchor": "current"}  # field -> the value that older stored dicts imply
 
 
 def _as_bool(raw: str) -> bool:
@@ -230,4 +249,4 @@ def preset_for(name: str, n_layers: int, variant: str | None = None) -> EditHPar
     return EditHParams(layers=default_layers(n_layers))
 
 
-__all__ = ["EditHParams", "check_variant", "preset_for", "preset_variants", "default_layers"]
+__all__ = ["BUDGET_ANCHORS", "STOP_RULES", "EditHParams", "check_variant", "preset_for", "preset_variants", "default_layers"]
