@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("seqedit.methods", "seqedit.locate"),
     ("seqedit.bank",),
     ("seqedit.ledger",),
-    ("seqedit.editor", "seqedit.steps", "seqedit.pipeline", "seqedit.rekey"),
+    ("seqedit.editor", "seqedit.steps", "seqedit.pipeline", "seqedit.rekey", "seqedit.guards", "seqedit.pending"),
     ("seqedit.evaluate", "seqedit.report", "seqedit.testing", "seqedit.refresh"),
     ("seqedit.cli", "seqedit.serve", "seqedit"),
 )

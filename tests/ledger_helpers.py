@@ -22,6 +22,13 @@ def make_editor(path, lm=None, **kw) -> Editor:
     return Editor(lm if lm is not None else tiny_model("llama"), ledger=path, **kw)
 
 
+def committed_ledger(path, **kw) -> None:
+    """A ledger at ``path`` holding one committed step (a new ledger exists only from its first step)."""
+    ed = make_editor(path, **kw)
+    apply_facts(ed, [fact(99)])
+    ed.close()
+
+
 def fact(slot: int, variant: int = 0) -> Fact:
     return Fact(prompt="{} is located in", subject=f"Place {slot}", target=f"Town {slot}-{variant}",
                 id=f"f{slot}-{variant}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ledger_helpers import make_editor
+from ledger_helpers import committed_ledger, make_editor
 
 from seqedit import Editor, Fact, LedgerError
 from seqedit.errors import LocateError
@@ -144,7 +144,7 @@ def test_chat_format_without_a_chat_template_is_refused_before_any_work() -> Non
 
 
 def test_a_chat_ledger_on_a_tokenizer_without_template_is_refused_and_released(tmp_path: Path) -> None:
-    make_editor(tmp_path / "L", prompt_format="chat").close()
+    committed_ledger(tmp_path / "L", prompt_format="chat")
     lm = tiny_model("llama")
     lm.tokenizer.chat_template = None
     with pytest.raises(LocateError, match="needs a chat template") as refused:

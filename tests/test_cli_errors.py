@@ -372,3 +372,10 @@ def test_an_unreachable_hub_fails_fast_naming_the_model(monkeypatch: pytest.Monk
     assert_refused(invoke("generate", "Hi", "--model", "someorg/no-such-model"),
                    "'someorg/no-such-model' is no local directory", "cannot be reached")
     assert time.perf_counter() - t < 5
+
+
+def test_eval_reads_its_facts_file_before_the_model(tmp_path: Path, model_dir: Path, no_model_load) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "{} is in", "subject": "Paris", "target": "\\u200b"}\n')
+    assert_refused(invoke("eval", "--model", model_dir, "--out", tmp_path / "run", "--facts", bad, "--n", "1"),
+                   str(bad), "no visible character")

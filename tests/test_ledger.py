@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ledger_helpers import LAYERS, apply_facts, columns, fact, make_editor, ote_gap
+from ledger_helpers import LAYERS, apply_facts, columns, committed_ledger, fact, make_editor, ote_gap
 from typer.testing import CliRunner
 
 import seqedit
@@ -79,7 +79,7 @@ def test_reopen_restores_weights_bitwise_and_continues(tmp_path: Path) -> None:
 
 
 def test_reopen_takes_method_and_hparams_from_the_ledger(tmp_path: Path) -> None:
-    make_editor(tmp_path / "L", method="rlsedit").close()
+    committed_ledger(tmp_path / "L", method="rlsedit")
     ed = seqedit.Editor(tiny_model("llama"), ledger=tmp_path / "L")
     assert ed.spec.label == "rlsedit/aligned" and ed.hparams.layers == LAYERS and ed.hparams.lam == 10.0
     ed.close()
@@ -122,14 +122,14 @@ def test_a_ledger_written_before_the_method_registry_reopens(tmp_path: Path) -> 
     ],
 )
 def test_reopen_with_another_method_or_objective_is_refused(tmp_path: Path, kwargs, message) -> None:
-    make_editor(tmp_path / "L").close()
+    committed_ledger(tmp_path / "L")
     with pytest.raises(LedgerError, match=message):
         make_editor(tmp_path / "L", **kwargs)
     make_editor(tmp_path / "L").close()  # the refusal released the ledger
 
 
 def test_reopen_on_another_base_model_is_refused(tmp_path: Path) -> None:
-    make_editor(tmp_path / "L").close()
+    committed_ledger(tmp_path / "L")
     with pytest.raises(LedgerError, match=r"built on base model 'tiny-llama'.*fingerprint.*load that base model"):
         make_editor(tmp_path / "L", lm=tiny_model("llama", seed=1))
 
@@ -156,6 +156,7 @@ def test_a_new_ledger_on_an_already_edited_model_object_is_refused(tmp_path: Pat
 
 def test_second_writer_is_refused(tmp_path: Path) -> None:
     ed = make_editor(tmp_path / "L")
+    apply_facts(ed, [fact(0)])
     with pytest.raises(LedgerError, match="open for writing by another editor"):
         make_editor(tmp_path / "L")
     ed.close()

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .atomic import atomic_write
 from .errors import FactError
-from .facts import Fact
+from .facts import Fact, check_distinct
 
 __all__ = ["FORMATS", "dump_facts", "load_facts"]
 
@@ -232,6 +232,7 @@ def load_facts(
     on_error: Literal["raise", "skip"] = "raise",
     zsre_target: Literal["answers", "alt"] = "answers",
     splits_file: str | os.PathLike[str] | None = None,
+    distinct: bool = False,
 ) -> list[Fact]:
     """Read facts from a JSON array or JSON Lines file, or from an iterable of records.
 
@@ -250,8 +251,19 @@ def load_facts(
     default ``easyedit_splits.json`` next to the data file or one folder up. ``limit`` caps the
     number of facts returned. An unusable record (missing field, subject not in the question, empty
     target, ...) raises a FactError naming its 1-based line (array element, for JSON arrays and
-    iterables); with ``on_error="skip"`` it is dropped. Invalid JSON always raises.
+    iterables); with ``on_error="skip"`` it is dropped. Invalid JSON always raises. ``distinct``
+    refuses a list that holds one edit twice (:func:`~seqedit.facts.check_distinct`, as ``Editor.run``
+    would; off by default because the shared CounterFact and ZsRE files repeat a few edits).
     """
+    for name, value in (("on_error", on_error), ("zsre_target", zsre_target), ("format", format)):
+        if not isinstance(value, str):
+            raise FactError(f"{name} must be a string, got {type(value).__name__}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise FactError(f"limit must be an int or None, got {type(limit).__name__}")
+    if split is not None and not isinstance(split, str):
+        raise FactError(f"split must be a string or None, got {type(split).__name__}")
+    if not isinstance(path_or_records, (str, os.PathLike, Iterable)) or isinstance(path_or_records, (bytes, Mapping)):
+        raise FactError(f"load_facts reads a path or an iterable of records, got {type(path_or_records).__name__}")
     if on_error not in ("raise", "skip"):
         raise FactError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if zsre_target not in ("answers", "alt"):
@@ -283,6 +295,8 @@ def load_facts(
         except FactError as exc:
             if on_error == "raise":
                 raise FactError(f"{where}: {exc}") from exc
+    if distinct:  # the guard Editor.apply and run apply to a step (seqedit.guards.check_batch)
+        check_distinct(facts, str(path_or_records) if isinstance(path_or_records, (str, os.PathLike)) else "facts")
     return facts
 
 

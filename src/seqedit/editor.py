@@ -27,14 +27,14 @@ import torch
 from .bank import LayerBank
 from .errors import SeqEditError
 from .facts import Fact
+from .guards import check_batch, check_editor_args, check_fit, check_reopen, editor_options, ledger_settings
 from .ledger import export as ledger_export
-from .ledger.manifest import (build_manifest, check_base, check_storage, recorded_base, reconcile,
-                              reconcile_prompt_format, requested_method)
+from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile
 from .ledger.session import Constraints, LedgerSession, check_journalable
 from .ledger.store import Ledger, StepRecord
 from .ledger.fit import FitReport, constraint_fit, key_drift
 from .ledger.verify import VerifyReport
-from .locate.chat import check_chat_template, check_prompt_format, formats
+from .locate.chat import check_chat_template, formats
 from .locate.keys import ContextRows, KeyReader
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
@@ -42,6 +42,7 @@ from .locate.values import ValueResult
 from .methods import parse_method
 from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
+from .pending import EditorLedger, PendingLedger
 from .pipeline import edit_step, layer_delta
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .rekey import check_exact, rekey_due, rekey_step
@@ -116,29 +117,26 @@ class Editor:
         mix_prompt_formats: bool = False,
         **overrides: Any,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        if prompt_format is not None:
-            check_prompt_format(prompt_format)
+        check_editor_args(MODES, mode, prompt_format, ledger)
         self.loaded = as_loaded(model, tokenizer)
         if preset is not None:  # a named preset variant is a way to spell ``hparams``
             if hparams is not None:
                 raise ValueError("give hparams= or preset=, not both")
             hparams = preset_for(self.loaded.name, self.loaded.adapter.n_layers, preset)
-        hp_fields = set(EditHParams.__dataclass_fields__)
-        options = {**(method_options or {}), **{k: v for k, v in overrides.items() if k not in hp_fields and v is not None}}
-        overrides = {k: v for k, v in overrides.items() if k in hp_fields}
-        self.ledger: Ledger | None = None
+        options, overrides = editor_options(method_options, overrides)
+        self._lh = lh = EditorLedger()
         if ledger is not None and Ledger.exists(ledger):
-            self.ledger = Ledger.open_for_writing(ledger)
-            man = self.ledger.manifest
+            lh.ledger = Ledger.open_for_writing(ledger)
+            man = lh.ledger.manifest
             try:
-                spec = requested_method(man, method, alignment, options)
-                self.spec, self.hparams = reconcile(man, self.loaded, spec, hparams, overrides, ledger)
-                prompt_format = reconcile_prompt_format(man, prompt_format, mix_prompt_formats, ledger)
+                agreed = ledger_settings(man, ledger, method=method, alignment=alignment, options=options,
+                                         hparams=hparams, overrides=overrides, prompt_format=prompt_format,
+                                         mix_prompt_formats=mix_prompt_formats)
+                self.spec, self.hparams = reconcile(man, self.loaded, agreed.requested, hparams, overrides, ledger)
+                prompt_format = agreed.prompt_format
                 check_chat_template(self.loaded.tokenizer, prompt_format)
             except BaseException:
-                self.ledger.close()
+                lh.ledger.close()
                 raise
             kv_dtype, snapshot_every = man["kv_dtype"], man["snapshot_every"]
         else:
@@ -156,7 +154,6 @@ class Editor:
         self.callbacks = list(callbacks)
         self.bank = LayerBank(self.loaded.adapter, self.spec, self.hparams.layers, self.hparams.lam,
                               keep_sigma0=ledger is not None, solve_device=solve_device)
-        self.session: LedgerSession | None = None
         self.steps: list[StepReport] = []
         self.setup_seconds: dict[str, float] = {}
         self.last_record: StepRecord | None = None
@@ -171,7 +168,9 @@ class Editor:
         """Reopen the ledger at ``path`` on a freshly loaded base model: ``model`` (a name or directory;
         default the name the ledger records) in ``dtype`` (default the dtype the ledger records, which
         its base fingerprint includes) placed by ``device_map`` (:func:`~seqedit.load_model`).
-        ``kwargs`` go to the constructor (``solve_device``, ``callbacks``, ...)."""
+        ``kwargs`` go to the constructor (``solve_device``, ``callbacks``, ...). What the ledger would
+        refuse (its lock taken, another method, options or objective) is refused before the model loads."""
+        check_reopen(path, MODES, kwargs)
         base = recorded_base(path)
         lm = load_model(model or base["name"], dtype=dtype or base.get("dtype"), device_map=device_map)
         return cls(lm, ledger=path, **kwargs)
@@ -179,24 +178,37 @@ class Editor:
     def _open_ledger(self, path: str | os.PathLike, kv_dtype: str, snapshot_every: int) -> None:
         check_storage(kv_dtype, snapshot_every)
         check_journalable(self.spec)  # before a new ledger directory is created
-        if self.ledger is None:
+        lh = self._lh
+        if lh.ledger is None:
             check_base(self.loaded, path)
             man = build_manifest(self.loaded, self.spec, self.hparams, self.stats_corpus, kv_dtype, snapshot_every,
                                  self.prompt_format)
-            self.ledger = Ledger.open_for_writing(path, man)
+            lh.pending = PendingLedger.check(path, man, kv_dtype, snapshot_every)
+            return
         try:
-            self.session = LedgerSession(self.ledger, self.bank, kv_dtype, snapshot_every)
-            if self.ledger.last_step:
+            lh.session = LedgerSession(lh.ledger, self.bank, kv_dtype, snapshot_every)
+            if lh.ledger.last_step:
                 self.prepare()
-                self.session.restore()
+                lh.session.restore()
         except BaseException:
             self.close()
             raise
 
+    @property
+    def ledger(self) -> Ledger | None:
+        """The ledger (``None`` without one); a new one is created by the first step, or here."""
+        self._lh.create(self.bank)
+        return self._lh.ledger
+
+    @property
+    def session(self) -> LedgerSession | None:
+        self._lh.create(self.bank)
+        return self._lh.session
+
     def close(self) -> None:
-        """Release the ledger (its lock and journal connection); the model keeps its weights."""
-        if self.ledger is not None:
-            self.ledger.close()
+        """Release the ledger (its lock and journal connection); the model keeps its weights. A ledger
+        this editor created and never committed to is removed."""
+        self._lh.close()
 
     def __enter__(self) -> Editor:
         return self
@@ -242,7 +254,7 @@ class Editor:
             return
         hp = self.hparams
         t0 = time.perf_counter()
-        sigma0 = self.session.sigma0() if self.session is not None else None
+        sigma0 = self._lh.session.sigma0() if self._lh.session is not None else None
         if sigma0 is None:
             corpus = self.stats_corpus or wikitext_path("valid")
             stats = layer_stats(
@@ -251,8 +263,8 @@ class Editor:
                 on_total=(lambda n: emit(progress, ProgressEvent(Phase.STATS, total=n, start=True))),
             )
             sigma0 = {layer: stats[layer].sigma0 for layer in hp.layers}
-            if self.session is not None:
-                self.session.store_sigma0(sigma0)
+            if self._lh.session is not None:
+                self._lh.session.store_sigma0(sigma0)
         t1 = time.perf_counter()
         self.bank.init(sigma0)
         self.setup_seconds = {"stats": t1 - t0, "factorise": time.perf_counter() - t1}
@@ -271,7 +283,9 @@ class Editor:
         """One editing step on ``facts`` (all solved together). Returns its :class:`StepReport`.
 
         ``values`` reuses target values computed earlier for exactly these facts (e.g. on the
-        original model, to compare sequential and one-time editing on the same targets).
+        original model, to compare sequential and one-time editing on the same targets). Refused
+        before any work (:mod:`seqedit.guards`): no facts, one edit twice, a fact longer than the
+        model's context.
         """
         report = self._apply(facts, progress, values)
         self._step_end(report, RunPosition(1, 1, len(report.facts), len(report.facts)))
@@ -286,14 +300,15 @@ class Editor:
                 "use mode='sequential' for further steps"
             )
         facts = self._with_ids(facts)
-        plan = self.session.plan_apply(facts) if self.session is not None else None
-        self.prepare(progress)
-        with self.session.one_transaction() if self.session is not None else contextlib.nullcontext():
-            report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
-                                       values, plan, len(self.steps) + 1, progress, self.prompt_format)
-            if record is not None:
-                self.last_record = record
-                self.ledger.annotate(record.id, {"report": report.to_dict()})
+        with self._lh.first_step():
+            plan = self.session.plan_apply(facts) if self.session is not None else None
+            self.prepare(progress)
+            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext():
+                report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
+                                           values, plan, len(self.steps) + 1, progress, self.prompt_format)
+                if record is not None:
+                    self.last_record = record
+                    self.ledger.annotate(record.id, {"report": report.to_dict()})
         # the step's (K, V) are in the ledger (and on the returned report); a long run must not hold them all
         self.steps.append(dataclasses.replace(report, constraints={}))
         return report
@@ -321,7 +336,8 @@ class Editor:
         if rekey_every:
             self._need_session("rekey_every")
             check_exact(self.spec)
-        facts = list(facts)
+        facts = check_batch(facts, "facts", allow_empty=True)
+        check_fit(self.loaded, facts)
         n = len(facts)
         size = n if self.mode == "one_time" else batch_size
         # an empty sequential run has no step; an empty one-time run is refused by its single step
@@ -366,15 +382,19 @@ class Editor:
         """
         if (V is None) == (R is None):
             raise ValueError("apply_kv takes exactly one of V (absolute targets) and R= (residuals)")
-        plan = None
-        if self.session is not None:
+        if self._lh.session is not None or self._lh.pending is not None:
             if facts is None:
                 raise ValueError("with a ledger, apply_kv needs facts=[...] (one per key column) to record")
-            facts = self._with_ids(facts)
+            facts = self._with_ids(facts, checked=False)
             n = {int(k.shape[1]) for k in K.values()}
             if n != {len(facts)}:
                 raise ValueError(f"apply_kv got {len(facts)} facts but key columns {sorted(n)}")
-            plan = self.session.plan_apply(facts)
+        with self._lh.first_step():
+            return self._apply_kv(K, V, R, facts)
+
+    def _apply_kv(self, K: dict[int, torch.Tensor], V: dict[int, torch.Tensor] | None,
+                  R: dict[int, torch.Tensor] | None, facts: list[Fact] | None) -> dict[int, torch.Tensor]:
+        plan = self.session.plan_apply(facts) if self.session is not None else None
         self.prepare()
         removed = self.session.removed_kv(plan) if plan is not None else None
         constraints: Constraints = {}
@@ -471,12 +491,11 @@ class Editor:
             return ledger_export.export_delta(self.loaded, self.bank, session.ledger, path, dtype=delta_dtype)
         return ledger_export.export_model(self.loaded, session.ledger, path)
 
-    def _with_ids(self, facts: Iterable[Fact]) -> list[Fact]:
-        facts = list(facts)
-        if not facts:
-            raise ValueError("a step needs at least one fact")
-        for f in facts:
-            if not isinstance(f, Fact):
-                raise TypeError(f"expected seqedit.Fact, got {type(f).__name__}")
-        base = (self.ledger.last_step if self.ledger is not None else len(self.steps)) + 1
+    def _with_ids(self, facts: Iterable[Fact], checked: bool = True) -> list[Fact]:
+        # apply_kv reads no tokens: only its plan (the ledger's, if any) vets the facts' ids and slots
+        facts = check_batch(facts, "facts", distinct=checked)
+        if checked:
+            check_fit(self.loaded, facts)
+        base = (self._lh.ledger.last_step if self._lh.ledger is not None else len(self.steps)) + 1
         return [f if f.id else f.with_id(f"s{base}-{i}") for i, f in enumerate(facts)]
+

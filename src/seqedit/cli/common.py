@@ -12,7 +12,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
@@ -66,8 +65,6 @@ class _Group(TyperGroup):
         from ..errors import SeqEditError
 
         _debug["on"] = os.environ.get("SEQEDIT_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
-        # transformers' own deprecation (its generate passes the old argument): noise on every edit
-        warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
         code: int
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -206,11 +203,9 @@ def read_facts(path: str, n: Optional[int], split: Optional[str], fmt: str) -> l
     """The first ``n`` facts of ``path`` (after ``split``); a clean failure if the file is bad or missing."""
     from ..datasets import load_facts
     from ..errors import SeqEditError
-    from ..facts import check_distinct
 
     try:
-        facts = load_facts(path, format=fmt, split=split, limit=n)
-        check_distinct(facts, path)
+        facts = load_facts(path, format=fmt, split=split, limit=n, distinct=True)
     except (SeqEditError, OSError) as e:
         fail(str(e))
     if not facts:

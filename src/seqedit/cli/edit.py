@@ -55,7 +55,6 @@ def edit(
     """Edit FACTS into a model, step by step, and report each step."""
     from ..editor import Editor
     from ..ledger import Ledger
-    from ..ledger.directory import discard_empty
     from ..ledger.manifest import recorded_base
     fs = read_facts(facts, n, split, fmt)
     edited_layers = parse_layers(layers)
@@ -65,22 +64,16 @@ def edit(
     check_prompt_tokens(model, [(f"fact {f.id or i}", f"{f.text} {f.target}") for i, f in enumerate(fs, 1)],
                         max_prompt_tokens)
     check_prompt_tokens(model, [(f"prompt {i}", p) for i, p in enumerate(prompt, 1)], max_prompt_tokens, 12)
-    new_ledger = ledger is not None and not Ledger.exists(ledger)
-    dir_existed = ledger is not None and ledger.exists()
-    if dtype is None and not new_ledger and ledger is not None:
+    if dtype is None and ledger is not None and Ledger.exists(ledger):
         dtype = recorded_base(ledger).get("dtype")  # the base fingerprint includes the dtype
     lm, _ = load(model, dtype, device_map)
-    try:
-        editor = Editor(
-            lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
-            ledger=ledger, prompt_format=prompt_format, mix_prompt_formats=mix_prompt_formats, preset=preset,
-        )
-        with editor, progress_bars(not as_json) as cb:
-            reports = editor.run(fs, batch_size=batch_size, progress=cb)
-    except BaseException:
-        if new_ledger:  # a failed first run leaves no empty ledger behind
-            discard_empty(ledger, remove_dir=not dir_existed)
-        raise
+    # a new ledger appears with the run's first commit: a failed first step leaves none (seqedit.pending)
+    editor = Editor(
+        lm, method=method, mode=mode, alignment=alignment, layers=edited_layers, lam=lam, v_steps=v_steps,
+        ledger=ledger, prompt_format=prompt_format, mix_prompt_formats=mix_prompt_formats, preset=preset,
+    )
+    with editor, progress_bars(not as_json) as cb:
+        reports = editor.run(fs, batch_size=batch_size, progress=cb)
     completions = dict(zip(prompt, _complete(lm, prompt, 12, chat))) if prompt else {}
     if save:
         lm.model.save_pretrained(save)

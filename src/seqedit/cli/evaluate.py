@@ -78,7 +78,7 @@ def eval_(
     from ..errors import SeqEditError
     from ..evaluate.config import EvalConfig
     from ..evaluate.results import check_out_dir
-    from ..evaluate.runner import run_eval
+    from ..evaluate.runner import config_selection, run_eval
     from ..report import render, rendered
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -97,6 +97,7 @@ def eval_(
     try:
         t = time.perf_counter()
         check_out_dir(config, out_dir)  # bad settings or a clash with earlier results fail before loading
+        config_selection(config)  # so does a bad --facts file
         lm, _ = load(model, dtype, device_map)
         with progress_bars(not as_json, _LABELS) as cb:
             data = run_eval(config, out_dir, cb, loaded=lm, baseline_from=baseline_from)

@@ -10,22 +10,14 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from ..errors import SeqEditError
+from ..guards import InputError, check_token_lengths, check_visible, context_length, ledger_settings
 
 __all__ = ["check_edit", "check_ledger", "check_new_dir", "check_prompt_tokens", "check_prompts", "context_length"]
 
 
-class InputError(SeqEditError, ValueError):
-    """A command-line input is unusable (named in the message)."""
-
-
 def check_prompts(prompts: list[str], what: str = "prompt") -> None:
-    """Every prompt must show at least one character."""
-    from ..facts import visible
-
-    for i, p in enumerate(prompts, start=1):
-        if not visible(p):
-            raise InputError(f"{what} {i} ({p!r}) has no visible character")
+    """Every prompt must show at least one character (:func:`seqedit.guards.check_visible`)."""
+    check_visible(prompts, what)
 
 
 def check_new_dir(path: Path, what: str) -> None:
@@ -50,7 +42,6 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
     from ..editor import DEFAULT_METHOD, MODES
     from ..ledger import Ledger
     from ..ledger.directory import check_writable
-    from ..ledger.manifest import reconcile_prompt_format, reconcile_settings, requested_method
     from ..ledger.session import check_journalable
     from ..locate.chat import check_prompt_format
     from ..methods import parse_method
@@ -76,10 +67,10 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
         check_writable(ledger)
     if ledger is not None and Ledger.exists(ledger):
         with Ledger(ledger) as L:
-            spec = requested_method(L.manifest, method, alignment, {})
             wanted = preset_for(name, n_layers, preset) if preset is not None and n_layers else None
-            _, hp = reconcile_settings(L.manifest, spec, wanted, overrides, ledger)
-            reconcile_prompt_format(L.manifest, prompt_format, mix_prompt_formats, ledger)
+            hp = ledger_settings(L.manifest, ledger, method=method, alignment=alignment, hparams=wanted,
+                                 overrides=overrides, prompt_format=prompt_format,
+                                 mix_prompt_formats=mix_prompt_formats).hparams
     else:
         spec = parse_method(method or DEFAULT_METHOD, alignment)
         if ledger is not None:
@@ -90,12 +81,6 @@ def check_edit(model: str, method: Optional[str], alignment: Optional[str], mode
             raise InputError(f"--layers {','.join(map(str, bad))}: {name} has {n_layers} layers (0–{n_layers - 1})")
 
 
-def context_length(config: Any) -> Optional[int]:
-    """The model's context in tokens (``max_position_embeddings``), if its config says."""
-    n = getattr(config, "max_position_embeddings", None)
-    return n if isinstance(n, int) and n > 0 else None
-
-
 def check_prompt_tokens(model: str, texts: Sequence[tuple[str, str]], max_tokens: int, extra: int = 0) -> None:
     """Each ``(label, text)`` must fit ``max_tokens`` and, with ``extra`` tokens to generate, the
     model's context (only the tokenizer and config are read). A runaway prompt would otherwise run
@@ -103,19 +88,7 @@ def check_prompt_tokens(model: str, texts: Sequence[tuple[str, str]], max_tokens
     from ..models.load import model_config, model_tokenizer
 
     name, config = model_config(model)
-    context = context_length(config)
-    limit = max_tokens if context is None else min(max_tokens, context - extra)
-    if limit < 1:
-        raise InputError(f"{name}: a context of {context} tokens leaves no room for {extra} new tokens")
-    tok = model_tokenizer(model)
-    for label, text in texts:
-        if len(text) <= limit:  # a token spans at least one character
-            continue
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
-        if n > limit:
-            why = ("--max-prompt-tokens" if limit == max_tokens else
-                   f"the model's context of {context} tokens" + (f" minus {extra} to generate" if extra else ""))
-            raise InputError(f"{label} is {n} tokens long; the limit is {limit} ({why})")
+    check_token_lengths(name, model_tokenizer(model), config, texts, max_tokens, extra)
 
 
 def check_ledger(ledger: Path, *, write: bool) -> dict:

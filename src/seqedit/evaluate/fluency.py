@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..locate.tokens import pad_id_of
+from ..models.cache import cache_arg, returned_cache
 from ..models.placement import input_device
 
 __all__ = [
@@ -113,15 +114,14 @@ def _sample_chunk(loaded, chunk: list[list[int]], max_total: int, top_k: int, ge
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     past = None
     for step in range(max(need)):
-        kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                  past_key_values=past, use_cache=True)
+        kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=True)
         if adapter is None:  # hand-built test models: plain logits
-            out = model(**kw)
+            out = model(**kw, **cache_arg(model, past))
             logits = out.logits[:, -1].float().cpu()
         else:
-            out = model.base_model(**kw)
+            out = model.base_model(**kw, **cache_arg(model.base_model, past))
             logits = adapter.unembed(out.last_hidden_state[:, -1]).float().cpu()
-        past = getattr(out, "past_key_values", None)
+        past = returned_cache(out)
         top, which = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         pick = torch.multinomial(torch.softmax(top, -1), 1, generator=gen).squeeze(-1)
         nxt = which[torch.arange(B), pick]

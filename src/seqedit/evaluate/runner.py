@@ -273,6 +273,16 @@ def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: d
     return {**other["baseline"], "adopted_from": str(source)}, refs
 
 
+def config_selection(config: EvalConfig):
+    """The facts ``config`` edits (a facts file is parsed once per version: the CLI reads it before the
+    model loads, the run reads it back from the cache)."""
+    return select_facts(
+        config.dataset, config.n, config.seed, layout=config.layout, split=config.resolved_split(),
+        zsre_file=config.zsre_file, zsre_target=config.zsre_target, path=config.facts_path,
+        unique_slots=config.checkpoint,
+    )
+
+
 def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback | None = None, *,
              loaded=None, baseline_from: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) the evaluation ``config`` into ``out_dir``; returns the results dict.
@@ -292,11 +302,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     folder.mkdir(parents=True, exist_ok=True)
     settings = config.settings()
     store = ResultsStore(folder, settings)  # a settings clash fails before any slow work
-    selection = select_facts(
-        config.dataset, config.n, config.seed, layout=config.layout, split=config.resolved_split(),
-        zsre_file=config.zsre_file, zsre_target=config.zsre_target, path=config.facts_path,
-        unique_slots=config.checkpoint,
-    )
+    selection = config_selection(config)
     lm = _load_model(config, loaded)
     try:
         hp = (preset_for(lm.name, lm.adapter.n_layers, config.preset).override(**config.overrides)

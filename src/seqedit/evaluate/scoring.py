@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from ..locate.tokens import pad_id_of, pad_left, pad_right, target_ids
+from ..models.cache import cache_arg, returned_cache
 from ..models.placement import input_device
 from ..progress import Phase, ProgressCallback, ProgressEvent, emit
 
@@ -106,12 +107,12 @@ def _forward_after_head(base, head: Sequence[int], ids: torch.Tensor, mask: torc
     from transformers import DynamicCache
 
     dev, c, (B, S) = ids.device, len(head), ids.shape
-    cache = base(input_ids=torch.tensor([list(head)], device=dev), use_cache=True).past_key_values
+    cache = returned_cache(base(input_ids=torch.tensor([list(head)], device=dev), use_cache=True))
     shared = DynamicCache(ddp_cache_data=[(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
                                           for layer in cache.layers])
     full_mask = torch.cat([torch.ones((B, c), dtype=mask.dtype, device=dev), mask], 1)
     pos = (c + torch.arange(S, device=dev)).expand(B, S)
-    return base(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=shared,
+    return base(input_ids=ids, attention_mask=full_mask, position_ids=pos, **cache_arg(base, shared),
                 use_cache=True).last_hidden_state
 
 

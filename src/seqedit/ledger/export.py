@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..bank import LayerBank
 from ..models.load import LoadedModel, load_model
+from ..models.placement import write_target
 from .store import Ledger, LedgerError
 
 __all__ = ["apply_delta", "export_delta", "export_model", "load_delta"]
@@ -166,17 +168,26 @@ def apply_delta(model: Any, delta_dir: str | os.PathLike, *, check_fingerprint: 
             f"the deltas in {delta_dir} were made for base {meta['base']['name']!r} "
             f"(fingerprint {meta['base']['fingerprint'][:16]}…), not {getattr(model, 'name', '?')!r} ({fp[:16]}…)"
         )
+    # Every name, shape and place is checked from the file's header before a tensor is read or written:
+    # an offloaded parameter (on meta) is written in its in-memory host copy, a disk-offloaded or
+    # quantized one is refused (models.placement.write_target), and then nothing has changed.
     params = dict(hf.named_parameters())
-    deltas = load_file(str(delta_dir / DELTA_FILE))
-    missing = sorted(set(deltas) - set(params))
+    with safe_open(str(delta_dir / DELTA_FILE), framework="pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    missing = sorted(set(shapes) - set(params))
     if missing:
         raise LedgerError(f"the model has no parameters {missing} named in {delta_dir / DELTA_FILE}")
+    targets = {}
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise LedgerError(f"{name}: delta shape {shape} does not fit the parameter {tuple(params[name].shape)}")
+        owner, _, leaf = name.rpartition(".")
+        targets[name] = write_target(hf.get_submodule(owner), leaf, name)
+    deltas = load_file(str(delta_dir / DELTA_FILE))
     with torch.no_grad():
         for name, d in deltas.items():
-            p = params[name]
-            if p.shape != d.shape:
-                raise LedgerError(f"{name}: delta shape {tuple(d.shape)} does not fit the parameter {tuple(p.shape)}")
-            p.copy_((p.double() + d.double().to(p.device)).to(p.dtype))
+            t = targets[name]
+            t.copy_((t.double() + d.double().to(t.device)).to(t.dtype))
     return model
 
 

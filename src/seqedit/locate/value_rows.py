@@ -13,6 +13,7 @@ import torch
 from ..facts import Fact
 from .chat import answer_ids, encode_row, formats
 from .tokens import encode_prompt, pad_id_of, pad_left
+from ..models.cache import cache_arg, returned_cache
 from .trace import LowerBlocksReplay, hooks
 
 KL_PROMPT = "{} is a"  # the KL row: the distribution right after the subject, which δ should keep
@@ -81,12 +82,12 @@ class PrefixCache:
                 continue
             ids, mask = pad_left([rows[i].prefix for i in sub], pad)
             with torch.no_grad():
-                cache = base(
+                cache = returned_cache(base(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     position_ids=(torch.cumsum(mask, 1) - 1).clamp(min=0).to(device),
                     use_cache=True,
-                ).past_key_values
+                ))
             index = torch.tensor(sub, device=device)
             if kv is None:
                 kv = [
@@ -185,7 +186,7 @@ class RowGroup:
                 input_ids=self.suf_ids.to(dev),
                 attention_mask=self.full_mask.to(dev),
                 position_ids=self.suf_pos.to(dev),
-                past_key_values=self.prefix.fresh() if self.prefix is not None else None,
+                **cache_arg(loaded.model.base_model, self.prefix.fresh() if self.prefix is not None else None),
                 use_cache=self.prefix is not None,
             ).last_hidden_state
 
