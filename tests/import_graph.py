@@ -19,8 +19,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("seqedit.methods", "seqedit.locate"),
     ("seqedit.bank",),
     ("seqedit.ledger",),
-    ("seqedit.editor", "seqedit.steps", "seqedit.pipeline", "seqedit.rekey", "seqedit.guards", "seqedit.pending"),
-    ("seqedit.evaluate", "seqedit.report", "seqedit.testing", "seqedit.refresh"),
+    ("seqedit.editor", "seqedit.editor_ledger", "seqedit.steps", "seqedit.pipeline", "seqedit.rekey", "seqedit.guards",
+     "seqedit.pending"),
+    ("seqedit.evaluate", "seqedit.report", "seqedit.report_data", "seqedit.report_plots", "seqedit.testing",
+     "seqedit.refresh"),
     ("seqedit.cli", "seqedit.serve", "seqedit"),
 )
 

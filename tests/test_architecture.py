@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from import_graph import LAYERS, cycles, graph, layer_of, upward  # noqa: E402
 
-MAX_LINES = 500  # a module past this has more than one job; the aim is ~400
+MAX_LINES = 450  # a module past this has more than one job; the aim is ~400
 
 
 def test_no_import_cycles() -> None:

@@ -207,7 +207,7 @@ def test_se_vs_ote_draws_only_the_modes_that_ran_and_no_bar_for_a_missing_metric
 ) -> None:
     import math
 
-    from seqedit import report as report_mod
+    from seqedit import report_plots as report_mod  # where the plots save their figures
 
     figs = {}
     real = report_mod.save_png

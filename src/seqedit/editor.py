@@ -19,33 +19,28 @@ import contextlib
 import dataclasses
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
 from .bank import LayerBank
-from .errors import SeqEditError
+from .editor_ledger import LedgerOperations
 from .facts import Fact
 from .guards import check_batch, check_editor_args, check_fit, check_reopen, editor_options, ledger_settings
-from .ledger import export as ledger_export
-from .ledger.manifest import build_manifest, check_base, check_storage, recorded_base, reconcile
-from .ledger.session import Constraints, LedgerSession, check_journalable
+from .ledger.manifest import recorded_base, reconcile
+from .ledger.session import Constraints
 from .ledger.store import Ledger, StepRecord
-from .ledger.fit import FitReport, constraint_fit, key_drift
-from .ledger.verify import VerifyReport
 from .locate.chat import check_chat_template, formats
-from .locate.keys import ContextRows, KeyReader
 from .locate.stats import layer_stats
 from .locate.templates import context_templates
 from .locate.values import ValueResult
 from .methods import parse_method
 from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
-from .pending import EditorLedger, PendingLedger
+from .pending import EditorLedger
 from .pipeline import edit_step, layer_delta
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
-from .rekey import check_exact, rekey_due, rekey_step
+from .rekey import check_exact, rekey_due
 from .shared_data import wikitext_path
 from .steps import EditorCallback, RunPosition, StepReport
 
@@ -61,7 +56,7 @@ class ValueSource(Protocol):
     def value_result(self, lo: int = 0, hi: int | None = None) -> ValueResult: ...
 
 
-class Editor:
+class Editor(LedgerOperations):
     """Edits facts into a model, keeping the exact normal-equation state of each edited layer.
 
     ``Editor(model, tokenizer=None, method="memit", mode="sequential")`` with ``model`` a
@@ -82,7 +77,8 @@ class Editor:
     ``"float32"``) is the storage precision of per-fact keys/values of a new ledger; the solve uses
     the stored values, so a reopened ledger reproduces the live weights. ``snapshot_every``: steps
     between snapshots of the per-layer state (reopen replays at most that many steps).
-    :meth:`from_ledger` reopens a ledger on its recorded base model and dtype.
+    :meth:`from_ledger` reopens a ledger on its recorded base model and dtype; the operations that need a
+    ledger are :class:`~seqedit.editor_ledger.LedgerOperations`.
 
     ``prompt_format`` (``"bare"``, ``"chat"`` or ``"both"``, ``locate/chat.py``) is how each fact is
     written for its keys and values: as a bare completion, as a question through the tokenizer's chat
@@ -174,41 +170,6 @@ class Editor:
         base = recorded_base(path)
         lm = load_model(model or base["name"], dtype=dtype or base.get("dtype"), device_map=device_map)
         return cls(lm, ledger=path, **kwargs)
-
-    def _open_ledger(self, path: str | os.PathLike, kv_dtype: str, snapshot_every: int) -> None:
-        check_storage(kv_dtype, snapshot_every)
-        check_journalable(self.spec)  # before a new ledger directory is created
-        lh = self._lh
-        if lh.ledger is None:
-            check_base(self.loaded, path)
-            man = build_manifest(self.loaded, self.spec, self.hparams, self.stats_corpus, kv_dtype, snapshot_every,
-                                 self.prompt_format)
-            lh.pending = PendingLedger.check(path, man, kv_dtype, snapshot_every)
-            return
-        try:
-            lh.session = LedgerSession(lh.ledger, self.bank, kv_dtype, snapshot_every)
-            if lh.ledger.last_step:
-                self.prepare()
-                lh.session.restore()
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def ledger(self) -> Ledger | None:
-        """The ledger (``None`` without one); a new one is created by the first step, or here."""
-        self._lh.create(self.bank)
-        return self._lh.ledger
-
-    @property
-    def session(self) -> LedgerSession | None:
-        self._lh.create(self.bank)
-        return self._lh.session
-
-    def close(self) -> None:
-        """Release the ledger (its lock and journal connection); the model keeps its weights. A ledger
-        this editor created and never committed to is removed."""
-        self._lh.close()
 
     def __enter__(self) -> Editor:
         return self
@@ -411,86 +372,6 @@ class Editor:
         return out
 
     # ------------------------------------------------------------------ ledger
-    def _need_session(self, what: str) -> LedgerSession:
-        if self.session is None:
-            raise SeqEditError(f"{what} needs a ledger: Editor(model, ledger='dir/')")
-        self.session.open()
-        return self.session
-
-    def facts_in_force(self) -> list[Fact]:
-        """The facts whose constraints the edited weights hold, oldest first."""
-        return [r.fact for r in self._need_session("facts_in_force").in_force()]
-
-    def applied_steps(self) -> int:
-        """How many apply steps the ledger holds (rekey, forget and undo steps not counted)."""
-        return self._need_session("applied_steps").ledger.count_steps("apply")
-
-    def rekey(self, progress: ProgressCallback | None = None) -> StepRecord:
-        """Re-read the keys of every fact in force on the current model and re-solve every edited layer from
-        W₀ on them and the facts' stored z-layer targets: the weights become the one-time edit of the
-        facts in force as a one-time editor would read their keys (:mod:`seqedit.rekey`). Exact forms only;
-        committed as a ``rekey`` step (undo restores the keys it replaced)."""
-        session = self._need_session("rekey")
-        self.prepare(progress)
-        record = rekey_step(self.loaded, self.bank, session, self.hparams, self.templates, progress)
-        self.last_record = record
-        return record
-
-    def forget(self, ids: str | Iterable[str]) -> StepRecord:
-        """Remove the facts ``ids`` (exactly: the weights become the one-time solution without them)."""
-        session = self._need_session("forget")
-        self.prepare()
-        return session.forget([ids] if isinstance(ids, str) else list(ids))
-
-    def undo(self, step: int | StepReport | StepRecord) -> StepRecord:
-        """Revert ``step`` (an id or a report): the facts it added leave, those it replaced or forgot
-        come back. Undoing an undo redoes the step."""
-        session = self._need_session("undo")
-        step_id = getattr(step, "id", step)
-        if isinstance(step_id, bool) or not isinstance(step_id, int):
-            raise ValueError(f"undo needs a step id (int) or a step report, got {step!r}")
-        session.ledger.step(step_id)  # an unknown step fails before any work
-        self.prepare()
-        return session.undo(step_id)
-
-    def verify(self, tol: float = 1e-8) -> VerifyReport:
-        """Re-solve the one-time problem of the facts in force and compare with the live weights; check
-        the ledger's file checksums (:class:`~seqedit.ledger.VerifyReport`)."""
-        session = self._need_session("verify")
-        self.prepare()
-        return session.verify(tol)
-
-    def constraint_fit(self, groups: int = 10, at_step: int | None = None) -> FitReport:
-        """How much of each stored constraint of the facts in force the live weights (or, ``at_step``, the
-        weights after that step) leave unmet, per layer and by the step that wrote it
-        (:func:`~seqedit.ledger.fit.constraint_fit`)."""
-        session = self._need_session("constraint_fit")
-        self.prepare()
-        return constraint_fit(self.bank, session.open(), groups, at_step)
-
-    def key_drift(self, groups: int = 10) -> FitReport:
-        """How far the keys the live model computes for the facts in force have moved from the keys their
-        constraints hold, and what that leaves unmet, per layer and by writing step
-        (:func:`~seqedit.ledger.fit.key_drift`)."""
-        session = self._need_session("key_drift")
-        self.prepare()
-        layers = list(self.hparams.layers)
-
-        def reread(facts: Sequence[Fact], fmt: str, split: bool) -> dict[int, torch.Tensor]:
-            ctx = ContextRows.build(self.loaded.tokenizer, facts, self.templates(), fmt, split)
-            return KeyReader(self.loaded, ctx, self.hparams.key_batch_rows).read(layers).keys
-
-        return key_drift(self.bank, session.open(), reread, groups)
-
-    def export(self, path: str | os.PathLike, *, delta: bool = False, delta_dtype: str = "float32") -> Path:
-        """Write the edited model as a plain HF directory, or with ``delta=True`` only the edited
-        matrices' ``W − W₀`` and a loader (:mod:`seqedit.ledger.export`)."""
-        session = self._need_session("export")
-        self.prepare()
-        if delta:
-            return ledger_export.export_delta(self.loaded, self.bank, session.ledger, path, dtype=delta_dtype)
-        return ledger_export.export_model(self.loaded, session.ledger, path)
-
     def _with_ids(self, facts: Iterable[Fact], checked: bool = True) -> list[Fact]:
         # apply_kv reads no tokens: only its plan (the ledger's, if any) vets the facts' ids and slots
         facts = check_batch(facts, "facts", distinct=checked)

@@ -17,49 +17,15 @@ off each panel. Rates are ×100 in the table, as in the paper.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write_text
+from .report_data import EDIT_METRICS, SHORT_NAMES, cohort_points, config_rows, get_path, load_results
+from .report_plots import PLOTS, render_plots, save_png
 
-__all__ = ["EDIT_METRICS", "PLOTS", "markdown", "render", "render_data", "render_plots", "rendered"]
-
-EDIT_METRICS = {
-    "counterfact": ("efficacy", "generalization", "specificity"),
-    "zsre": ("efficacy", "generalization", "specificity_vs_pre_edit", "specificity_vs_gold"),
-}
-_SHORT = {"efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe.", "specificity_vs_pre_edit":
-          "Spe. (vs pre-edit)", "specificity_vs_gold": "Spe. (vs gold)", "fluency": "Flu.", "consistency": "Consis."}
-
-
-def load_results(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no results.json in {folder}")
-    return json.loads(path.read_text("utf-8"))
-
-
-def _rows(data: dict[str, Any], running: bool = False) -> dict[tuple[str, str], dict[str, dict]]:
-    """``{(method, alignment): {"se": entry, "ote": entry}}`` of the completed configurations, and with
-    ``running`` also of those still running that have points along the run (a checkpointed run saves
-    them after every step)."""
-    out: dict[tuple[str, str], dict[str, dict]] = {}
-    for label, e in data.get("configs", {}).items():
-        going = running and e.get("status") == "running" and bool(e.get("retention") or e.get("curve"))
-        if e.get("status") == "done" or going:
-            m, a, mode = label.split("/")
-            out.setdefault((m, a), {})[mode] = e
-    return out
-
-
-def _get(d: dict | None, *path: str) -> Any:
-    for k in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
+__all__ = ["EDIT_METRICS", "PLOTS", "load_results", "markdown", "render", "render_data", "render_plots", "rendered",
+           "save_png"]
 
 def _fmt(x: Any, scale: float = 100.0, digits: int = 1) -> str:
     return "–" if x is None else f"{x * scale:.{digits}f}"
@@ -68,12 +34,12 @@ def _fmt(x: Any, scale: float = 100.0, digits: int = 1) -> str:
 def _mark(entry: dict | None) -> str:
     """† the run itself was not made (identical to another); ‡ its final model was bit-identical to
     another configuration's, whose final-model scores it shares."""
-    return "†" if _get(entry, "same_as") else "‡" if _get(entry, "final_reused_from") else ""
+    return "†" if get_path(entry, "same_as") else "‡" if get_path(entry, "final_reused_from") else ""
 
 
 def _cell(e: dict[str, dict], path: tuple[str, ...], scale: float, digits: int) -> str:
-    se = _fmt(_get(e.get("se"), *path), scale, digits) + _mark(e.get("se")) if "se" in e else "·"
-    ote = _fmt(_get(e.get("ote"), *path), scale, digits) + _mark(e.get("ote")) if "ote" in e else "·"
+    se = _fmt(get_path(e.get("se"), *path), scale, digits) + _mark(e.get("se")) if "se" in e else "·"
+    ote = _fmt(get_path(e.get("ote"), *path), scale, digits) + _mark(e.get("ote")) if "ote" in e else "·"
     return f"{se} \\| {ote}"
 
 
@@ -81,8 +47,8 @@ def _table(data: dict, columns: list[tuple[str, tuple[str, ...], float, int]]) -
     head = "| Method | Alignment | " + " | ".join(c[0] for c in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 2)]
     base = data.get("baseline", {})
-    lines.append("| pre-edit | – | " + " | ".join(_fmt(_get(base, *p), s, d) for _, p, s, d in columns) + " |")
-    for (m, a), e in _rows(data).items():
+    lines.append("| pre-edit | – | " + " | ".join(_fmt(get_path(base, *p), s, d) for _, p, s, d in columns) + " |")
+    for (m, a), e in config_rows(data).items():
         lines.append(f"| {m} | {a} | " + " | ".join(_cell(e, p, s, d) for _, p, s, d in columns) + " |")
     return lines
 
@@ -122,18 +88,18 @@ def markdown(data: dict[str, Any]) -> str:
         "## Editing metrics (final model)",
         "",
     ]
-    cols = [(_SHORT[m], ("final", "edit", m), 100.0, 1) for m in EDIT_METRICS.get(ds, ())]
+    cols = [(SHORT_NAMES[m], ("final", "edit", m), 100.0, 1) for m in EDIT_METRICS.get(ds, ())]
     fluency_on = ds == "counterfact" and bool(st.get("fluency_n", 1))
     if fluency_on:
         cols.append(("Flu. (×100)", ("final", "fluency", "fluency"), 100.0, 1))
     lines += _table(_unwrap_baseline(data), cols)
-    if _get(data, "baseline", "edit", "chat") is not None:  # evaluate/chat.py: the facts asked as questions
+    if get_path(data, "baseline", "edit", "chat") is not None:  # evaluate/chat.py: the facts asked as questions
         lines += ["", f"Asked through the chat template (editing prompt format **{st.get('prompt_format', 'bare')}**; "
                       "Ans. = the greedy reply's first sentence names the new target):", ""]
-        lines += _table(_unwrap_baseline(data), [(f"Chat {_SHORT.get(m, 'Ans.')}", ("final", "edit", "chat", m), 100.0, 1)
+        lines += _table(_unwrap_baseline(data), [(f"Chat {SHORT_NAMES.get(m, 'Ans.')}", ("final", "edit", "chat", m), 100.0, 1)
                                                  for m in ("efficacy", "generalization", "specificity", "answer_new")])
     if ds == "counterfact":
-        flu = _get(data, "baseline", "fluency") or {}
+        flu = get_path(data, "baseline", "fluency") or {}
         missing = flu.get("n_without_prompts", 0)
         what = (f"Fluency on {flu.get('n_records', 0)} records' ROME generation prompts "
                 f"({flu.get('n_texts', 0)} sampled texts"
@@ -184,7 +150,7 @@ def markdown(data: dict[str, Any]) -> str:
             continue
         s = e.get("seconds", {})
         lines.append(f"| {label} | {e.get('n_steps')} | {s.get('edit', 0):.1f} | {s.get('mean_step', 0):.1f} | "
-                     f"{s.get('evaluation', 0):.1f} | {_fmt(_get(e, 'final', 'edit', 'records_per_second'), 1, 1)} |")
+                     f"{s.get('evaluation', 0):.1f} | {_fmt(get_path(e, 'final', 'edit', 'records_per_second'), 1, 1)} |")
     v = data.get("versions", {})
     lines += ["", f"Versions: seqedit {v.get('seqedit')} ({v.get('git_commit') or 'no git'}), torch {v.get('torch')}, "
                   f"transformers {v.get('transformers')}, python {v.get('python')}, {v.get('torch_threads')} threads."]
@@ -197,9 +163,9 @@ def _along_the_run(data: dict) -> list[str]:
     one row per number of edits, the final model last. Empty when no configuration recorded any."""
     st, ds = data.get("settings", {}), data.get("settings", {}).get("dataset", "counterfact")
     metrics = EDIT_METRICS.get(ds, ())
-    base_ppl = _get(data, "baseline", "drift", "ppl")
+    base_ppl = get_path(data, "baseline", "drift", "ppl")
     out: list[str] = []
-    for (m, a), e in _rows(data, running=True).items():
+    for (m, a), e in config_rows(data, running=True).items():
         se = e.get("se")
         if not se or not (se.get("retention") or se.get("curve")):
             continue
@@ -213,17 +179,17 @@ def _along_the_run(data: dict) -> list[str]:
         if not out:
             out += ["", "## Along the run (sequential edits; edit metrics of all facts edited so far)", ""]
         out += [f"**{m} / {a}**" + _unfinished(se, st), "",
-                "| edits | " + " | ".join(_SHORT[k] for k in metrics) + " | PPL | ΔPPL | top-1 agree | mean F1 |",
+                "| edits | " + " | ".join(SHORT_NAMES[k] for k in metrics) + " | PPL | ΔPPL | top-1 agree | mean F1 |",
                 "|---:|" + "---:|" * (len(metrics) + 4)]
         base = data.get("baseline", {})
         rows = [(0, {**base, "pre": True})] + sorted(points.items())
         for edits, p in rows:
-            ppl = _get(p, "drift", "ppl")
+            ppl = get_path(p, "drift", "ppl")
             rel = "–" if ppl is None or not base_ppl or p.get("pre") else f"{100 * (ppl / base_ppl - 1):+.1f} %"
             label = "pre-edit" if p.get("pre") else f"{edits:,}" + (" (final)" if p.get("final") else "")
-            out.append(f"| {label} | " + " | ".join(_fmt(_get(p, "edit", k)) for k in metrics)
-                       + f" | {_fmt(ppl, 1, 2)} | {rel} | {_fmt(_get(p, 'drift', 'agreement'))} | "
-                       f"{_fmt(_get(p, 'general', 'mean_f1'))} |")
+            out.append(f"| {label} | " + " | ".join(_fmt(get_path(p, "edit", k)) for k in metrics)
+                       + f" | {_fmt(ppl, 1, 2)} | {rel} | {_fmt(get_path(p, 'drift', 'agreement'))} | "
+                       f"{_fmt(get_path(p, 'general', 'mean_f1'))} |")
         out.append("")
     return out[:-1] if out else out
 
@@ -235,24 +201,19 @@ def _unfinished(se: dict, settings: dict) -> str:
     return f" (unfinished: {se.get('edited', 0):,} of {settings.get('n', 0):,} facts edited so far)"
 
 
-def _cohort_points(se: dict) -> list[dict]:
-    """The retention points of an SE entry that carry per-cohort means, in order of edits."""
-    return sorted((p for p in se.get("retention") or [] if p.get("by_cohort")), key=lambda p: p["edits"])
-
-
 def _by_cohort(data: dict) -> list[str]:
     """Retention of early against late edits: one row per cohort (the facts edited between two retention
     points), one column per retention point, cells ``Eff. / Gen.`` of that cohort on that model."""
     metrics = EDIT_METRICS.get(data.get("settings", {}).get("dataset", "counterfact"), ())[:2]
     out: list[str] = []
-    for (m, a), e in _rows(data, running=True).items():
-        points = _cohort_points(e.get("se") or {})
+    for (m, a), e in config_rows(data, running=True).items():
+        points = cohort_points(e.get("se") or {})
         if len(points) < 2:  # one point has one cohort, which the table along the run already shows
             continue
         if not out:
-            out += ["", "## Retention by cohort (" + " / ".join(_SHORT[k] for k in metrics)
+            out += ["", "## Retention by cohort (" + " / ".join(SHORT_NAMES[k] for k in metrics)
                     + " of the facts edited in each stretch, re-scored at each retention point)", ""]
-        base = {tuple(c["facts"]): c for c in _get(data, "baseline", "edit", "by_cohort") or []}
+        base = {tuple(c["facts"]): c for c in get_path(data, "baseline", "edit", "by_cohort") or []}
         heads = (["pre-edit"] if base else []) + [f"after {p['edits']:,}" for p in points]
         out += [f"**{m} / {a}**" + _unfinished(e["se"], data.get("settings", {})), "",
                 "| facts | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
@@ -289,176 +250,6 @@ def _sources(data: dict) -> list[str]:
 def _unwrap_baseline(data: dict) -> dict:
     """The baseline under the same ``final`` path as the configurations, for :func:`_table`."""
     return {**data, "baseline": {"final": data.get("baseline", {})}}
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def _style(rows: dict) -> dict[tuple[str, str], dict]:
-    colors = "C0 C1 C2 C3 C4 C5 C6 C7 C8 C9".split()
-    methods = list(dict.fromkeys(m for m, _ in rows))
-    return {(m, a): {"color": colors[methods.index(m) % 10], "linestyle": "-" if a == "aligned" else "--"}
-            for m, a in rows}
-
-
-def _series(points: list[dict], *path: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for p in points:
-        y = _get(p, *path)
-        if y is not None:
-            xs.append(p["edits"])
-            ys.append(y)
-    return xs, ys
-
-
-def save_png(fig, path: Path, tight: bool = True) -> Path:
-    """Write matplotlib ``fig`` to ``path`` atomically (72 dpi) and close it."""
-    if tight:
-        fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
-def _points(entry: dict, source: str, n: int) -> list[dict]:
-    """Curve points of one configuration: ``retention`` (edit metrics, else the final one) or ``curve``."""
-    if "final" not in entry:  # still running: the points so far
-        return entry.get(source) or []
-    if source == "retention":
-        return entry.get("retention") or [{"edits": n, **entry["final"]["edit"]}]
-    return entry.get("curve") or [{"edits": n, **entry["final"]}]
-
-
-def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], path: Path,
-                  scales: dict[str, float]) -> Path:
-    """One panel per ``(title, source, value path)``; ``source`` is ``retention`` (path inside the edit
-    metrics) or ``curve`` (path inside a general/drift point)."""
-    import matplotlib.pyplot as plt
-
-    rows, n = _rows(data, running=True), data.get("settings", {}).get("n", 0)
-    style = _style(rows)
-    cols = min(4, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows + (0 if cols * nrows > len(panels) else 0.8)),
-                             squeeze=False)
-    for ax, (title, source, vpath) in zip(axes.flat, panels):
-        scale = scales.get(title, 100.0)
-        inner = ("edit", *vpath) if source == "retention" else vpath
-        b = _get(data.get("baseline"), *inner)
-        for (m, a), e in rows.items():
-            if e.get("se"):
-                xs, ys = _series(_points(e["se"], source, n), *vpath)
-                if b is not None:
-                    xs, ys = [0, *xs], [b, *ys]
-                ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, label=f"{m}/{a} SE", **style[(m, a)])
-            if (y := _get(e.get("ote"), "final", *inner)) is not None:
-                ax.plot([n], [y * scale], marker="x", ms=8, ls="none", color=style[(m, a)]["color"],
-                        label=f"{m}/{a} OTE")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("edits", fontsize=8)
-        ax.tick_params(labelsize=7)
-    spare = list(axes.flat)[len(panels):]
-    for ax in spare:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if spare and handles:  # the legend fills the unused panels
-        spare[0].legend(handles, labels, fontsize=7, loc="upper left", frameon=False, ncol=1 + len(spare) // 2)
-        fig.tight_layout()
-    elif handles:
-        rows_of_legend = -(-len(labels) // 4)
-        fig.tight_layout(rect=(0, 0.05 + 0.05 * rows_of_legend, 1, 1))
-        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
-    return save_png(fig, path, tight=False)
-
-
-def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rows = _rows(data)
-    labels = [f"{m}/{a}" for m, a in rows]
-    # only the modes that ran get bars, and a metric not measured gets none (a 0 bar would read as a score)
-    modes = [(mode, color) for mode, color in (("se", "C0"), ("ote", "C1"))
-             if any(_get(e.get(mode), "final") for e in rows.values())]
-    width = 0.76 / max(1, len(modes))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
-    x = np.arange(len(rows))
-    for ax, metric in zip(axes.flat, metrics):
-        for k, (mode, color) in enumerate(modes):
-            ys = [np.nan if (y := _get(e.get(mode), "final", "edit", metric)) is None else y * 100
-                  for e in rows.values()]
-            ax.bar(x + (k - (len(modes) - 1) / 2) * width, ys, width, label=mode.upper(), color=color)
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
-        ax.set_title(_SHORT.get(metric, metric) + " ×100", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.set_ylim(0, 100)
-    axes.flat[0].legend(fontsize=7)
-    return save_png(fig, path)
-
-
-def _cohort_curves(data: dict, metrics: tuple[str, ...], path: Path) -> Path | None:
-    """Per SE configuration with cohort data, one panel per metric: one line per cohort (the facts edited
-    between two retention points, early ones dark) against the number of edits."""
-    import matplotlib.pyplot as plt
-
-    rows = [((m, a), _cohort_points(e["se"])) for (m, a), e in _rows(data, running=True).items() if e.get("se")]
-    rows = [(key, pts) for key, pts in rows if len(pts) >= 2]
-    if not rows:
-        return None
-    fig, axes = plt.subplots(len(rows), len(metrics), figsize=(3.2 * len(metrics), 2.6 * len(rows)), squeeze=False)
-    cmap = plt.get_cmap("viridis")
-    for r, ((m, a), points) in enumerate(rows):
-        cohorts = [tuple(c["facts"]) for c in points[-1]["by_cohort"]]
-        for ax, metric in zip(axes[r], metrics):
-            for i, key in enumerate(cohorts):
-                xs, ys = [], []
-                for p in points:
-                    c = next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None)
-                    if c is not None and c.get(metric) is not None:
-                        xs.append(p["edits"])
-                        ys.append(100 * c[metric])
-                ax.plot(xs, ys, marker="o", ms=3, color=cmap(i / max(1, len(cohorts) - 1)),
-                        label=f"facts {key[0]:,}–{key[1]:,}")
-            ax.set_title(f"{m}/{a}: {_SHORT.get(metric, metric)} by cohort", fontsize=9)
-            ax.set_xlabel("edits", fontsize=8)
-            ax.tick_params(labelsize=7)
-        axes[r][0].legend(fontsize=6, frameon=False)
-    return save_png(fig, path)
-
-
-def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
-    """Write the PNG plots of ``data`` into ``folder``; returns their paths (none if nothing is done)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    folder = Path(folder)
-    if not _rows(data, running=True):
-        return []
-    ds = data.get("settings", {}).get("dataset", "counterfact")
-    metrics = EDIT_METRICS.get(ds, ())
-    out = [
-        _curve_panels(data, [(_SHORT[m], "retention", (m,)) for m in metrics],
-                      folder / "edit_metrics_vs_edits.png", {}),
-    ]
-    if _rows(data):  # final models to compare
-        out.append(_se_vs_ote(data, metrics, folder / "se_vs_ote.png"))
-    st = data.get("settings", {})
-    panels: list[tuple[str, str, tuple[str, ...]]] = []
-    if st.get("general_n"):
-        panels.append(("mean F1", "curve", ("general", "mean_f1")))
-        panels += [(f"{t} F1", "curve", ("general", "tasks", t, "f1")) for t in st.get("general_tasks", [])]
-    if st.get("drift_windows"):
-        panels += [("PPL", "curve", ("drift", "ppl")), ("top-1 agree", "curve", ("drift", "agreement"))]
-    if panels:
-        out.append(_curve_panels(data, panels, folder / "general_vs_edits.png", {"PPL": 1.0}))
-    if (cohorts := _cohort_curves(data, metrics, folder / "retention_by_cohort.png")) is not None:
-        out.append(cohorts)
-    return out
-
-
-PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png", "retention_by_cohort.png")
 
 
 def rendered(folder: str | Path) -> dict[str, Any] | None:

@@ -1,0 +1,178 @@
+"""The PNG plots of an evaluation run (matplotlib, Agg backend), drawn from ``results.json`` alone; see
+:mod:`seqedit.report` for what each shows. Colour = method, line style = alignment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write
+from .report_data import EDIT_METRICS, SHORT_NAMES, cohort_points, config_rows, get_path
+
+__all__ = ["PLOTS", "render_plots", "save_png"]
+
+def _style(rows: dict) -> dict[tuple[str, str], dict]:
+    colors = "C0 C1 C2 C3 C4 C5 C6 C7 C8 C9".split()
+    methods = list(dict.fromkeys(m for m, _ in rows))
+    return {(m, a): {"color": colors[methods.index(m) % 10], "linestyle": "-" if a == "aligned" else "--"}
+            for m, a in rows}
+
+
+def _series(points: list[dict], *path: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for p in points:
+        y = get_path(p, *path)
+        if y is not None:
+            xs.append(p["edits"])
+            ys.append(y)
+    return xs, ys
+
+
+def save_png(fig, path: Path, tight: bool = True) -> Path:
+    """Write matplotlib ``fig`` to ``path`` atomically (72 dpi) and close it."""
+    if tight:
+        fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _points(entry: dict, source: str, n: int) -> list[dict]:
+    """Curve points of one configuration: ``retention`` (edit metrics, else the final one) or ``curve``."""
+    if "final" not in entry:  # still running: the points so far
+        return entry.get(source) or []
+    if source == "retention":
+        return entry.get("retention") or [{"edits": n, **entry["final"]["edit"]}]
+    return entry.get("curve") or [{"edits": n, **entry["final"]}]
+
+
+def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], path: Path,
+                  scales: dict[str, float]) -> Path:
+    """One panel per ``(title, source, value path)``; ``source`` is ``retention`` (path inside the edit
+    metrics) or ``curve`` (path inside a general/drift point)."""
+    import matplotlib.pyplot as plt
+
+    rows, n = config_rows(data, running=True), data.get("settings", {}).get("n", 0)
+    style = _style(rows)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows + (0 if cols * nrows > len(panels) else 0.8)),
+                             squeeze=False)
+    for ax, (title, source, vpath) in zip(axes.flat, panels):
+        scale = scales.get(title, 100.0)
+        inner = ("edit", *vpath) if source == "retention" else vpath
+        b = get_path(data.get("baseline"), *inner)
+        for (m, a), e in rows.items():
+            if e.get("se"):
+                xs, ys = _series(_points(e["se"], source, n), *vpath)
+                if b is not None:
+                    xs, ys = [0, *xs], [b, *ys]
+                ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, label=f"{m}/{a} SE", **style[(m, a)])
+            if (y := get_path(e.get("ote"), "final", *inner)) is not None:
+                ax.plot([n], [y * scale], marker="x", ms=8, ls="none", color=style[(m, a)]["color"],
+                        label=f"{m}/{a} OTE")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("edits", fontsize=8)
+        ax.tick_params(labelsize=7)
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if spare and handles:  # the legend fills the unused panels
+        spare[0].legend(handles, labels, fontsize=7, loc="upper left", frameon=False, ncol=1 + len(spare) // 2)
+        fig.tight_layout()
+    elif handles:
+        rows_of_legend = -(-len(labels) // 4)
+        fig.tight_layout(rect=(0, 0.05 + 0.05 * rows_of_legend, 1, 1))
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, frameon=False)
+    return save_png(fig, path, tight=False)
+
+
+def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = config_rows(data)
+    labels = [f"{m}/{a}" for m, a in rows]
+    # only the modes that ran get bars, and a metric not measured gets none (a 0 bar would read as a score)
+    modes = [(mode, color) for mode, color in (("se", "C0"), ("ote", "C1"))
+             if any(get_path(e.get(mode), "final") for e in rows.values())]
+    width = 0.76 / max(1, len(modes))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
+    x = np.arange(len(rows))
+    for ax, metric in zip(axes.flat, metrics):
+        for k, (mode, color) in enumerate(modes):
+            ys = [np.nan if (y := get_path(e.get(mode), "final", "edit", metric)) is None else y * 100
+                  for e in rows.values()]
+            ax.bar(x + (k - (len(modes) - 1) / 2) * width, ys, width, label=mode.upper(), color=color)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(SHORT_NAMES.get(metric, metric) + " ×100", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 100)
+    axes.flat[0].legend(fontsize=7)
+    return save_png(fig, path)
+
+
+def _cohort_curves(data: dict, metrics: tuple[str, ...], path: Path) -> Path | None:
+    """Per SE configuration with cohort data, one panel per metric: one line per cohort (the facts edited
+    between two retention points, early ones dark) against the number of edits."""
+    import matplotlib.pyplot as plt
+
+    rows = [((m, a), cohort_points(e["se"])) for (m, a), e in config_rows(data, running=True).items() if e.get("se")]
+    rows = [(key, pts) for key, pts in rows if len(pts) >= 2]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), len(metrics), figsize=(3.2 * len(metrics), 2.6 * len(rows)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for r, ((m, a), points) in enumerate(rows):
+        cohorts = [tuple(c["facts"]) for c in points[-1]["by_cohort"]]
+        for ax, metric in zip(axes[r], metrics):
+            for i, key in enumerate(cohorts):
+                xs, ys = [], []
+                for p in points:
+                    c = next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None)
+                    if c is not None and c.get(metric) is not None:
+                        xs.append(p["edits"])
+                        ys.append(100 * c[metric])
+                ax.plot(xs, ys, marker="o", ms=3, color=cmap(i / max(1, len(cohorts) - 1)),
+                        label=f"facts {key[0]:,}–{key[1]:,}")
+            ax.set_title(f"{m}/{a}: {SHORT_NAMES.get(metric, metric)} by cohort", fontsize=9)
+            ax.set_xlabel("edits", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[r][0].legend(fontsize=6, frameon=False)
+    return save_png(fig, path)
+
+
+def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write the PNG plots of ``data`` into ``folder``; returns their paths (none if nothing is done)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    folder = Path(folder)
+    if not config_rows(data, running=True):
+        return []
+    ds = data.get("settings", {}).get("dataset", "counterfact")
+    metrics = EDIT_METRICS.get(ds, ())
+    out = [
+        _curve_panels(data, [(SHORT_NAMES[m], "retention", (m,)) for m in metrics],
+                      folder / "edit_metrics_vs_edits.png", {}),
+    ]
+    if config_rows(data):  # final models to compare
+        out.append(_se_vs_ote(data, metrics, folder / "se_vs_ote.png"))
+    st = data.get("settings", {})
+    panels: list[tuple[str, str, tuple[str, ...]]] = []
+    if st.get("general_n"):
+        panels.append(("mean F1", "curve", ("general", "mean_f1")))
+        panels += [(f"{t} F1", "curve", ("general", "tasks", t, "f1")) for t in st.get("general_tasks", [])]
+    if st.get("drift_windows"):
+        panels += [("PPL", "curve", ("drift", "ppl")), ("top-1 agree", "curve", ("drift", "agreement"))]
+    if panels:
+        out.append(_curve_panels(data, panels, folder / "general_vs_edits.png", {"PPL": 1.0}))
+    if (cohorts := _cohort_curves(data, metrics, folder / "retention_by_cohort.png")) is not None:
+        out.append(cohorts)
+    return out
+
+
+PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png", "retention_by_cohort.png")
