@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch

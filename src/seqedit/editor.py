@@ -380,7 +380,6 @@ class Editor:
         """
         if (V is None) == (R is None):
             raise ValueError("apply_kv takes exactly one of V (absolute targets) and R= (residuals)")
-        plan = None
         if self._lh.session is not None or self._lh.pending is not None:
             if facts is None:
                 raise ValueError("with a ledger, apply_kv needs facts=[...] (one per key column) to record")
