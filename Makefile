@@ -28,6 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not integration"
 
+# ruff is pinned by the dev extra; the rules live in pyproject.toml ([tool.ruff])
+lint: $(STAMP)
+	$(PY) -m pip install --quiet "ruff>=0.6"
+	$(VENV)/bin/ruff check src tests benchmarks
+
 bench: $(STAMP)
 	$(VENV)/bin/seqedit bench --model smollm2-135m --n 200 --batch-size 100
 

@@ -5,7 +5,7 @@ of the model and score efficacy (edit prompt), generalization (the paraphrase) a
 neighbourhood prompt keeps its true answer) by CounterFact's length-normalised NLL comparison. Target
 values depend only on the z-layer, so they are optimised once per z-layer and reused across λ.
 
-    python benchmarks/layer_sweep.py --n 50 --out docs/layer-sweep.md
+    python benchmarks/layer_sweep.py --n 50 --out docs/experiments/layer-sweep.md
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--starts", default="2,4,6,8")
     ap.add_argument("--lams", default="5000,15000,50000")
     ap.add_argument("--v-steps", default="", help="comma-separated value-step budgets to compare")
-    ap.add_argument("--out", default="docs/layer-sweep.md")
+    ap.add_argument("--out", default="docs/experiments/layer-sweep.md")
     args = ap.parse_args()
 
     lm = seqedit.load_model("smollm2-135m")

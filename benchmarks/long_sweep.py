@@ -16,6 +16,12 @@ the edited weights exactly). ``OUT/<name>.json`` is written when a configuration
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --only base,lam5k
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --list
     python benchmarks/long_sweep.py --out docs/results/sweep-1000 --config custom:lam=3000,clamp_norm_factor=0.4
+
+Issue 30's sweep (``docs/experiments/stability.md``: the criterion, fixed before it ran) starts from the shipped
+``long-run`` preset, measures every 1,000 edits and adds generation efficacy and ‖W_ℓ − W₀_ℓ‖_F:
+
+    python benchmarks/long_sweep.py --out docs/results/sweep-2000 --n 2000 --preset long-run \
+        --every 1000 --generation-n 500 --only s30-base,s30-mp,s30-clean,s30-mp-clean,s30-mp-m1,s30-ridge
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ import torch
 
 import seqedit
 from seqedit.atomic import atomic_write_json, atomic_write_text
+from seqedit.evaluate.generation_efficacy import generation_efficacy
 from seqedit.evaluate.measure import References, drift_summary, edit_summary
 from seqedit.evaluate.selection import select_facts
-from seqedit.locate.values import compute_values
 from seqedit.models.presets import EditHParams
 
 # name -> overrides of the preset; every configuration of the sweep is listed here, in run order
@@ -66,21 +72,40 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # key drift (stop 24): with layers 4-10, later edits of the lower layers move old facts' keys at the
     # upper ones (by 70 % at layer 10 after 5,500 edits); one edited layer has no edited layer below it
     "L10-clamp0.4-t2": {"layers": (10,), "clamp_norm_factor": 0.4, "n_context_templates": 2},
+    # issue 30 (run with --preset long-run): spend less per fact. Most-probable early stopping (a fact stops
+    # once its target is the argmax at every target token of every rewriting row, optionally by a margin),
+    # a δ budget measured on the clean model's ‖h0‖, both, and a ridge ρI in A = λΣ₀ + ρI + Σkkᵀ (norm
+    # control that keeps sequential ≡ one-time); "method_options" go to the method, the rest to the preset
+    "s30-base": {},
+    "s30-mp": {"stop_rule": "most_probable"},
+    "s30-mp-m1": {"stop_rule": "most_probable", "stop_margin": 1.0},
+    "s30-clean": {"budget_anchor": "clean"},
+    "s30-mp-clean": {"stop_rule": "most_probable", "budget_anchor": "clean"},
+    "s30-ridge": {"method_options": {"ridge": 100.0}},
 }
 # fixed for every configuration (none: the preset's float32 value optimisation, the fastest on a CPU)
 COMMON: dict[str, Any] = {}
 
 
-def _metrics(lm, facts, refs) -> dict[str, Any]:
+def _metrics(lm, facts, refs, generation_n: int = 0, base_w: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
+    t = time.perf_counter()
     edit = edit_summary(lm, "counterfact", facts, refs, 64)
     drift = drift_summary(lm, refs)
-    return {"edits": len(facts), **{k: edit[k] for k in ("efficacy", "generalization", "specificity")},
-            "ppl": drift["ppl"], "top1_agreement": drift["agreement"],
-            "seconds": edit["seconds"] + drift["seconds"]}
+    out = {"edits": len(facts), **{k: edit[k] for k in ("efficacy", "generalization", "specificity")},
+           "ppl": drift["ppl"], "top1_agreement": drift["agreement"]}
+    if generation_n:
+        gen = generation_efficacy(lm, facts, limit=generation_n)
+        out.update({k: gen[k] for k in ("generation_efficacy", "generation_generalization")})
+    if base_w:
+        out["delta_w_fro"] = {str(l): float((lm.adapter.weight(l).double() - w.double()).norm())
+                              for l, w in sorted(base_w.items())}
+    out["seconds"] = time.perf_counter() - t
+    return out
 
 
 def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[int, torch.Tensor],
-               ledger: Path, partial: Path) -> dict[str, Any]:
+               ledger: Path, partial: Path, every: int = 0, generation_n: int = 0,
+               method_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One sequential run from the base weights (restored afterwards), journalled in ``ledger``.
 
     After every step the measurements so far go to ``partial`` (atomically); a rerun reopens the
@@ -91,7 +116,7 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
     touched = set(hp.layers)
     base_w.update({l: lm.adapter.weight(l).detach().clone() for l in touched - set(base_w)})
     prior = json.loads(partial.read_text()) if partial.is_file() and ledger.exists() else {}
-    editor = seqedit.Editor(lm, hparams=hp, ledger=ledger, kv_dtype="float32")
+    editor = seqedit.Editor(lm, hparams=hp, ledger=ledger, kv_dtype="float32", method_options=method_options)
     committed = editor.ledger.last_step
     steps, points = prior.get("steps", [])[:committed], [p for p in prior.get("points", [])
                                                           if p["edits"] <= committed * batch_size]
@@ -101,26 +126,27 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
     t_run = time.perf_counter()
 
     def measure(done: int) -> None:
-        if (done == len(facts) // 2 or done == len(facts)) and not any(p["edits"] == done for p in points):
-            points.append(_metrics(lm, facts[:done], refs))
+        due = done % every == 0 if every else done == len(facts) // 2
+        if done and (due or done == len(facts)) and not any(p["edits"] == done for p in points):
+            points.append(_metrics(lm, facts[:done], refs, generation_n, {l: base_w[l] for l in hp.layers}))
             print(json.dumps(points[-1]), flush=True)
 
     try:
         measure(committed * batch_size)
         for lo in range(committed * batch_size, len(facts), batch_size):
             batch = facts[lo:lo + batch_size]
-            t = time.perf_counter()
-            values = compute_values(lm, batch, editor.templates(), hp)  # on the current model: the real protocol
-            v_s = time.perf_counter() - t
-            report = editor.apply(batch, values=values)
-            ratio = (values.z - values.h0).norm(dim=0) / values.h0.norm(dim=0)
+            report = editor.apply(batch)  # values optimised on the current model: the real protocol
+            work = report.value_work
             steps.append({
-                "edits": lo + len(batch), "values_s": v_s, "step_s": v_s + report.seconds["total"],
-                "mean_value_steps": sum(values.steps) / len(values.steps),
-                "delta_over_h0": float(ratio.mean()),
-                "clamped": float((ratio >= hp.clamp_norm_factor * (1 - 1e-3)).float().mean()),
+                "edits": lo + len(batch), "values_s": report.seconds["values"], "step_s": report.seconds["total"],
+                "mean_value_steps": sum(report.value_steps) / len(report.value_steps),
+                "delta_over_h0": work["mean_delta_norm"] / work["mean_h0_norm"],
+                "clamped": work["clamped_fraction"],
+                "mean_delta_norm": work["mean_delta_norm"], "mean_budget_norm": work["mean_budget_norm"],
+                "mean_h0_norm": work["mean_h0_norm"],
                 "residual_left": report.final_residual / report.target_norm,
                 "update_norm": sum(report.update_norms.values()),
+                "drift_norms": {str(k): v for k, v in report.drift_norms.items()},
             })
             print(json.dumps(steps[-1]), flush=True)
             measure(lo + len(batch))
@@ -144,29 +170,36 @@ def render(out: Path, args_line: str) -> None:
     lines = [
         f"# Long-run sweep: {base['n']} CounterFact `train` edits in steps of {base['batch_size']}, real protocol",
         "",
-        f"Command: `{args_line}`. Aligned MEMIT on {base['model']}, overrides of its `one-step` preset (layers 6–10, λ = 1500, clamp 0.75, 12 value steps at lr 2.0); each configuration starts from the base "
+        f"Command: `{args_line}`. Aligned MEMIT on {base['model']}, overrides of its `{base.get('preset', 'one-step')}` preset"
+        + (" (layers 6–10, λ = 1500, clamp 0.75, 12 value steps at lr 2.0)" if base.get("preset", "one-step") == "one-step" else "")
+        + "; each configuration starts from the base "
         "weights; target values optimised on the current model at every step. Metrics ×100 on "
         "ALL facts edited so far (CounterFact length-normalised NLL comparisons); PPL and top-1 agreement on "
         f"{base['drift_windows']} WikiText-2 test windows of 256 tokens. `clamped`: share of facts whose δ ends "
-        "on the norm clamp; `δ/h0`: mean ‖δ‖/‖h0‖.",
+        "on the norm clamp; `δ/h0`: mean ‖δ‖/‖h0‖; `G-eff`: generation efficacy (the greedy continuation begins "
+        "with the target); `‖ΔW‖`: the largest ‖W_ℓ − W₀_ℓ‖_F over the edited layers.",
         "",
         f"Pre-edit on these facts: efficacy {100 * base['efficacy']:.1f}, generalization "
         f"{100 * base['generalization']:.1f}, specificity {100 * base['specificity']:.1f}, PPL {base['ppl']:.2f}.",
         "",
-        "| config | overrides | edits | Eff. | Gen. | Spe. | PPL | ΔPPL % | top-1 | δ/h0 | clamped | s/step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | overrides | edits | Eff. | Gen. | Spe. | G-eff | PPL | ΔPPL % | top-1 | ‖ΔW‖ | δ/h0 | clamped | s/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     stopped = [(name, r) for name, r in rows if r.get("stopped")]
     rows = [(name, r) for name, r in rows if not r.get("stopped")]
     for name, r in rows:
-        ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items() if k not in COMMON) or "one-step preset"
+        ov = ", ".join([f"{k}={v}" for k, v in r["overrides"].items() if k not in COMMON]
+                       + [f"{k}={v}" for k, v in (r.get("method_options") or {}).items()]) or "the preset"
         s = r["steps"]
         for pt in r["points"]:
             part = [x for x in s if x["edits"] <= pt["edits"]]
+            g = pt.get("generation_efficacy")
+            dw = max(pt["delta_w_fro"].values()) if pt.get("delta_w_fro") else None
             lines.append(
                 f"| {name} | {ov} | {pt['edits']} | {100 * pt['efficacy']:.1f} | {100 * pt['generalization']:.1f} | "
-                f"{100 * pt['specificity']:.1f} | {pt['ppl']:.2f} | {100 * (pt['ppl'] / base['ppl'] - 1):+.1f} | "
-                f"{100 * pt['top1_agreement']:.1f} | {sum(x['delta_over_h0'] for x in part) / len(part):.3f} | "
+                f"{100 * pt['specificity']:.1f} | {'–' if g is None else f'{100 * g:.1f}'} | {pt['ppl']:.2f} | "
+                f"{100 * (pt['ppl'] / base['ppl'] - 1):+.1f} | {100 * pt['top1_agreement']:.1f} | "
+                f"{'–' if dw is None else f'{dw:.1f}'} | {sum(x['delta_over_h0'] for x in part) / len(part):.3f} | "
                 f"{sum(x['clamped'] for x in part) / len(part):.2f} | "
                 f"{sum(x['step_s'] for x in part) / len(part):.0f} |"
             )
@@ -216,6 +249,9 @@ def main() -> None:
     ap.add_argument("--drift-windows", type=int, default=32)
     ap.add_argument("--only", default="", help="comma list of configuration names (default: all)")
     ap.add_argument("--config", action="append", default=[], help="NAME:key=value,key=value (added to the sweep)")
+    ap.add_argument("--preset", default="one-step", help="the preset the configurations override (issue 30: long-run)")
+    ap.add_argument("--every", type=int, default=0, help="measure every K edits (default: half-way and the end)")
+    ap.add_argument("--generation-n", type=int, default=0, help="facts whose greedy generations are scored")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     for spec in args.config:
@@ -231,6 +267,9 @@ def main() -> None:
         raise SystemExit(f"unknown configuration(s): {', '.join(unknown)}")
     args.out.mkdir(parents=True, exist_ok=True)
     args_line = "python benchmarks/long_sweep.py --out " + str(args.out) + (f" --n {args.n}" if args.n != 1000 else "")
+    args_line += "".join(f" --{k} {v}" for k, v in (("preset", args.preset), ("every", args.every),
+                                                      ("generation-n", args.generation_n))
+                         if v != {"preset": "one-step"}.get(k, 0))
 
     lm = seqedit.load_model("smollm2-135m")
     sel = select_facts("counterfact", args.n, args.seed, split="train", unique_slots=True)
@@ -240,9 +279,10 @@ def main() -> None:
     if not base_file.is_file():
         atomic_write_json(base_file, {"model": lm.name, "n": args.n, "batch_size": args.batch_size,
                                       "drift_windows": args.drift_windows, "selection": sel.to_dict(),
-                                      **_metrics(lm, facts, refs)})
-    # every configuration is an override of the FIRST preset, so results stay comparable across sessions
-    preset = seqedit.preset_for(lm.name, lm.adapter.n_layers, "one-step")
+                                      "preset": args.preset, **_metrics(lm, facts, refs, args.generation_n)})
+    # every configuration is an override of one named preset (the FIRST, one-step, unless --preset says
+    # otherwise), so results stay comparable across sessions
+    preset = seqedit.preset_for(lm.name, lm.adapter.n_layers, args.preset)
     base_w: dict[int, torch.Tensor] = {}
     for name in names:
         path = args.out / f"{name}.json"
@@ -250,12 +290,13 @@ def main() -> None:
             print(f"{name}: done, skipped", flush=True)
             continue
         overrides = {**COMMON, **CONFIGS[name]}
+        method_options = overrides.pop("method_options", None)
         hp = preset.override(**overrides).for_formats(1)  # bare edits: the record states what the editor uses
         print(f"== {name}: {overrides}", flush=True)
         res = run_config(lm, hp, facts, refs, args.batch_size, base_w, args.out / "ledgers" / name,
-                         args.out / f"{name}.partial.json")
-        atomic_write_json(path, {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                             for k, v in overrides.items()},
+                         args.out / f"{name}.partial.json", args.every, args.generation_n, method_options)
+        atomic_write_json(path, {"name": name, "preset": args.preset, "method_options": method_options,
+                                 "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
                                  "hparams": hp.to_dict(), **res})
         (args.out / f"{name}.partial.json").unlink(missing_ok=True)  # the final record supersedes it
         render(args.out, args_line)

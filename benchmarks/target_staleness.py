@@ -60,7 +60,7 @@ def efficacy(editor: Editor, facts, Z: torch.Tensor | None, batch: int = 32) -> 
         ids, mask = pad_right(rows[lo : lo + batch], pad_id_of(tok))
         part = where[lo : lo + batch]
 
-        def inject(_m, _a, out):
+        def inject(_m, _a, out, part=part):
             h = block_hidden(out)
             for b, (i, pos) in enumerate(part):
                 h[b, pos] = Z[:, i].to(h.dtype)

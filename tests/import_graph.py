@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("seqedit.bank",),
     ("seqedit.ledger",),
     ("seqedit.editor", "seqedit.steps", "seqedit.pipeline", "seqedit.rekey", "seqedit.guards", "seqedit.pending"),
-    ("seqedit.evaluate", "seqedit.report", "seqedit.testing"),
+    ("seqedit.evaluate", "seqedit.report", "seqedit.testing", "seqedit.refresh"),
     ("seqedit.cli", "seqedit.serve", "seqedit"),
 )
 

@@ -180,3 +180,53 @@ def test_format_deltas_compares_the_formats_keys_and_deltas() -> None:
         assert -1 <= q["p10"] <= q["median"] <= q["p90"] <= 1 + 1e-9
     assert out["delta_over_h0"]["bare"]["p90"] <= 0.05 * (1 + 1e-5) and out["delta_over_h0"]["chat"]["p90"] <= 0.05 * (1 + 1e-5)
     assert 0.05 < out["delta_over_h0"]["both"]["p90"] <= 0.05 * 2**0.5 * (1 + 1e-5)
+
+
+def test_long_sweep_runs_a_configuration_with_issue_30_measurements(tmp_path: Path) -> None:
+    """One tiny sequential configuration: points every 2 edits with generation efficacy and ‖W − W₀‖,
+    per-step δ bookkeeping, a method option, and a rerun that continues from the ledger."""
+    from seqedit.datasets import load_facts
+    from seqedit.evaluate.measure import References
+    from seqedit.models.presets import EditHParams
+    from seqedit.shared_data import counterfact_path
+    from seqedit.testing import tiny_model
+
+    long_sweep = _script("long_sweep")
+    lm = tiny_model("llama")
+    facts = load_facts(counterfact_path(), limit=4)
+    refs = References.compute(lm, "counterfact", facts, 16, 1, 16)
+    hp = EditHParams(layers=(1, 2), stats_tokens=2000, v_steps=3, lam=10.0, stop_rule="most_probable",
+                     budget_anchor="clean")
+    base_w: dict[int, torch.Tensor] = {}
+    res = long_sweep.run_config(lm, hp, facts, refs, 1, base_w, tmp_path / "L", tmp_path / "p.json", every=2,
+                                generation_n=2, method_options={"ridge": 5.0})
+    assert [p["edits"] for p in res["points"]] == [2, 4]
+    for p in res["points"]:
+        assert 0.0 <= p["generation_efficacy"] <= 1.0 and sorted(p["delta_w_fro"]) == ["1", "2"]
+    assert res["points"][0]["delta_w_fro"]["2"] < res["points"][1]["delta_w_fro"]["2"]
+    step = res["steps"][-1]
+    assert step["mean_delta_norm"] <= step["mean_budget_norm"] * (1 + 1e-5) and 0.0 <= step["clamped"] <= 1.0
+    assert torch.equal(lm.adapter.weight(1), base_w[1])  # the base weights are restored afterwards
+    again = long_sweep.run_config(lm, hp, facts, refs, 1, base_w, tmp_path / "L", tmp_path / "p.json", every=2,
+                                  generation_n=2, method_options={"ridge": 5.0})
+    assert len(again["steps"]) == 4 and [p["edits"] for p in again["points"]] == [2, 4]
+
+
+def test_ledger_scale_smoke_mode_measures_every_size(tmp_path: Path) -> None:
+    """``benchmarks/ledger_scale.py --smoke``: two tiny ledgers built, every operation timed, the JSON
+    report and the plot written, and the facts in force those the steps put there."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    ledger_scale = _script("ledger_scale")
+    report = ledger_scale.main(["--smoke", "--out", str(tmp_path)])
+    rows = report["rows"]
+    assert [r["facts"] for r in rows] == [20, 60]
+    # each size: n built, 2 one-fact steps and 2 hundred-fact steps on fresh slots
+    assert [r["in_force_after"] for r in rows] == [20 + 2 + 200, 60 + 2 + 200]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("step_1_s", "step_100_s", "reopen_s", "log_s", "verify_s", "disk_bytes"))
+        assert len(r["step_1_all_s"]) == len(r["step_100_all_s"]) == 2
+    assert json.loads((tmp_path / "ledger_scale.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert (tmp_path / "ledger_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ledger_scale.table(rows).splitlines()[2].startswith("| 20 | ")

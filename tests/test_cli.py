@@ -19,7 +19,7 @@ from seqedit.testing import tiny_model
 
 COMMANDS = (
     "edit", "generate", "stats", "verify-equivalence", "bench", "demo",  # cli/edit.py, equivalence.py, bench.py
-    "forget", "undo", "rekey", "log", "verify", "constraint-fit", "export",  # cli/ledger.py
+    "forget", "undo", "rekey", "refresh", "log", "verify", "constraint-fit", "export",  # cli/ledger.py
     "eval", "report", "compare",  # cli/evaluate.py
     "serve",  # cli/serve.py
 )

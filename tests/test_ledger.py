@@ -266,7 +266,7 @@ def test_a_failing_commit_leaves_editor_and_ledger_unchanged(tmp_path: Path, mon
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(ed.ledger), "_commit_rows", boom)
+    monkeypatch.setattr(seqedit.ledger.writer, "_commit_rows", boom)
     with pytest.raises(OSError, match="disk full"):
         apply_facts(ed, [fact(1)])
     with pytest.raises(OSError, match="disk full"):

@@ -56,7 +56,7 @@ def test_weight_layout_matches_forward(lm):
         assert w.shape == (HIDDEN, INTERMEDIATE) == a.dims(layer)
         seen = {}
         handle = a.ffn_out(layer).register_forward_hook(
-            lambda m, i, o: seen.update(k=i[0].detach(), y=o.detach())
+            lambda m, i, o, seen=seen: seen.update(k=i[0].detach(), y=o.detach())
         )
         try:
             _logits(lm)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
+import typer.exceptions
 
 from seqedit.cli import app
 
@@ -113,6 +114,24 @@ def test_every_seqedit_command_line_parses() -> None:
 def test_the_parse_check_catches_a_wrong_line(bad: str) -> None:
     group = typer.main.get_command(app)
     words = shlex.split(bad)
-    with pytest.raises(Exception):
+    with pytest.raises(typer.exceptions.TyperException):  # a usage error of the parser typer ships
         with group.make_context("seqedit", words[1:]) as ctx:
             group.get_command(ctx, words[1]).make_context(words[1], words[2:], parent=ctx)
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """README.md and every page of docs/ (results included): a relative link names an existing file."""
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in _LINK.findall(page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://", "#", "mailto:")):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(root)} → {target}")
+    assert not broken, "\n".join(broken)

@@ -15,6 +15,7 @@ With keys and values held fixed, the sum of the steps' Δ equals the one-time up
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -302,11 +303,12 @@ class Editor:
         with self._lh.first_step():
             plan = self.session.plan_apply(facts) if self.session is not None else None
             self.prepare(progress)
-            report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
-                                       values, plan, len(self.steps) + 1, progress, self.prompt_format)
-        if record is not None:
-            self.last_record = record
-            self.ledger.annotate(record.id, {"report": report.to_dict()})
+            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext():
+                report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
+                                           values, plan, len(self.steps) + 1, progress, self.prompt_format)
+                if record is not None:
+                    self.last_record = record
+                    self.ledger.annotate(record.id, {"report": report.to_dict()})
         # the step's (K, V) are in the ledger (and on the returned report); a long run must not hold them all
         self.steps.append(dataclasses.replace(report, constraints={}))
         return report

@@ -3,7 +3,7 @@ the one-time edit of the facts in force as a one-time editor computes it.
 
 Why. A layer's constraint holds the key its fact had when it was written. Later steps change the layers
 below, so the model comes to present another key at an upper layer (key drift,
-``docs/long-run-tuning.md``), and the old constraint stops acting on the fact. A one-time MEMIT of all
+``docs/experiments/long-run-tuning.md``), and the old constraint stops acting on the fact. A one-time MEMIT of all
 facts reads layer ℓ's keys after the layers below have absorbed every fact; sequential steps with frozen
 keys reproduce a one-time solve of the keys *as they were read*, which is another thing once keys move.
 
@@ -84,29 +84,30 @@ def rekey_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession, hp:
     constraints: Constraints = {}
     residual_norms: dict[str, float] = {}
     emit(progress, ProgressEvent(Phase.LAYERS, total=n_layers, start=True, message="rekey"))
-    with bank.transaction():
-        for layer in hp.layers:  # a one-time editor starts from the base weights
-            bank.replace(layer, *bank.one_time(layer, None, None))
-        for i, layer in enumerate(hp.layers):
+    with session.one_transaction():  # the commit and its timing: one journal transaction
+        with bank.transaction():
+            for layer in hp.layers:  # a one-time editor starts from the base weights
+                bank.replace(layer, *bank.one_time(layer, None, None))
+            for i, layer in enumerate(hp.layers):
+                t = time.perf_counter()
+                K, H = read(layer, layer)
+                sec["keys"] += time.perf_counter() - t
+                t = time.perf_counter()
+                residual_norms[str(layer)] = float((Z - H).norm())
+                V = bank.w0[layer].cpu() @ K + (Z - H) / (n_layers - i)
+                constraints[layer] = session.round_kv(K, V)
+                bank.replace(layer, *bank.one_time(layer, *constraints[layer]))
+                sec["solve"] += time.perf_counter() - t
+                emit(progress, ProgressEvent(Phase.LAYERS, advance=1, total=n_layers))
             t = time.perf_counter()
-            K, H = read(layer, layer)
+            _, H = read(None, 0)
             sec["keys"] += time.perf_counter() - t
+            info = {"facts": len(rows), "residual_norms": residual_norms, "final_residual": float((Z - H).norm()),
+                    "target_norm": residual_norms[str(hp.layers[0])], "seconds": sec}
             t = time.perf_counter()
-            residual_norms[str(layer)] = float((Z - H).norm())
-            V = bank.w0[layer].cpu() @ K + (Z - H) / (n_layers - i)
-            constraints[layer] = session.round_kv(K, V)
-            bank.replace(layer, *bank.one_time(layer, *constraints[layer]))
-            sec["solve"] += time.perf_counter() - t
-            emit(progress, ProgressEvent(Phase.LAYERS, advance=1, total=n_layers))
-        t = time.perf_counter()
-        _, H = read(None, 0)
-        sec["keys"] += time.perf_counter() - t
-        info = {"facts": len(rows), "residual_norms": residual_norms, "final_residual": float((Z - H).norm()),
-                "target_norm": residual_norms[str(hp.layers[0])], "seconds": sec}
-        t = time.perf_counter()
-        record = session.commit_rekey(rows, constraints, Z, info)
-        sec["commit"] = time.perf_counter() - t
-    L.annotate(record.id, {"seconds": sec})
+            record = session.commit_rekey(rows, constraints, Z, info)
+            sec["commit"] = time.perf_counter() - t
+        L.annotate(record.id, {"seconds": sec})
     return L.step(record.id)
 
 

@@ -1,6 +1,8 @@
 """Durable sequential editing: the ledger directory, the planning of its steps, restore, verify, export.
 
-``store`` (SQLite journal + safetensors files, atomic commits, recovery), ``tensorio`` (tensor files),
+``store`` (the directory: SQLite journal + safetensors files, recovery, indexed queries), ``writer``
+(atomic commits), ``journal`` (the SQLite connection and its transactions), ``chain`` (the hash chain over
+steps that lets verify see a changed row), ``records`` (rows as ``FactRow`` / ``StepRecord``), ``tensorio`` (tensor files),
 ``manifest`` (what a ledger was built on, and the refusals to continue it otherwise), ``plan`` (apply /
 forget / undo against the facts in force), ``session`` (a ledger journalling a
 :class:`~seqedit.bank.LayerBank`: commit, restore by snapshot + exact replay, forget, undo),

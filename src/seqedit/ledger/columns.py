@@ -9,7 +9,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .store import FactRow, Ledger, LedgerCorruptError, LedgerError, _fact_row, _step_name
+from .journal import LedgerCorruptError, LedgerError
+from .records import FactRow, fact_row, step_name
+from .store import Ledger
 
 __all__ = ["column_groups", "current_row", "first_added", "targets"]
 
@@ -28,7 +30,7 @@ def current_row(ledger: Ledger, row: FactRow) -> FactRow:
                                "AND n.fact_id = o.fact_id AND n.fact = o.fact", (row.row,))
         if r is None:
             break
-        row = _fact_row(r)
+        row = fact_row(r)
     return row
 
 
@@ -40,7 +42,7 @@ def first_added(ledger: Ledger, row: FactRow) -> int:
                                "AND o.fact_id = n.fact_id AND o.fact = n.fact", (row.row,))
         if r is None:
             break
-        row = _fact_row(r)
+        row = fact_row(r)
     return row.added
 
 
@@ -48,7 +50,7 @@ def targets(ledger: Ledger, rows: Sequence[FactRow]) -> Tensor:
     """Stored z-layer targets of ``rows``: ``Z: [d_z, m]`` float64, the rows' columns in row order (as
     ``Ledger.kv``). Steps whose values were given rather than optimised (``Editor.apply_kv``) and
     ledgers older than the field store none: refused, naming the step."""
-    files = {s: ledger.read(_step_name(s)) for s in dict.fromkeys(r.kv_step for r in rows)}
+    files = {s: ledger.read(step_name(s)) for s in dict.fromkeys(r.kv_step for r in rows)}
     for s, f in files.items():
         if "Z" not in f:
             raise LedgerError(f"ledger {ledger.path}: step {s} stores no z-layer targets (its values were given, "

@@ -16,7 +16,8 @@ __all__ = ["check_writable", "discard_empty"]
 
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse early (nothing written) what ``Ledger.open_for_writing(path)`` would refuse for the lock,
-    the journal or the path: another writer, a damaged journal, a file or a non-ledger directory."""
+    the journal or the path: another writer, a damaged journal, a file or a non-ledger directory. The
+    journal's whole hash chain is checked (a writer's own open checks only its newest link)."""
     path = Path(path)
     if Ledger.exists(path):
         if not lock_free(path):

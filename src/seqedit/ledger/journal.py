@@ -1,37 +1,34 @@
 """The ledger's SQLite journal: its schema, how it is opened (for writing, or read-only without writing a
-byte), SQLite failures as ledger errors, and a content digest that lets ``verify`` see an edited row.
+byte), SQLite failures as ledger errors, and its transactions, each sealed by the content hash chain
+(:mod:`~seqedit.ledger.chain`) that lets ``verify`` see an edited row.
 
 Every query goes through :class:`Journal`, so a damaged journal surfaces as :class:`LedgerCorruptError`
 (or :class:`LedgerError` for a busy or unwritable one), never as a raw ``sqlite3.DatabaseError``.
-
-The digest (meta key ``digest``) is the sha256 of every row of every table except itself, rewritten in
-each write transaction. SQLite checks its pages (``PRAGMA integrity_check``) but not what a row says: a
-byte changed inside a fact's text or a file's checksum leaves a valid page, and only the digest sees it.
-Ledgers of format version 1 have none; their first write adds it and moves them to version 2.
+Ledgers of format version 1 (no digest) and 2 (one digest of every row) are read as they are; their
+first write moves them to version 3 (:func:`~seqedit.ledger.chain.upgrade`).
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from ..errors import SeqEditError
+from . import chain
 
 __all__ = ["DB_NAME", "FORMAT_VERSION", "Journal", "LedgerCorruptError", "LedgerError"]
 
-FORMAT_VERSION = 2  # 2: the journal carries a content digest
-READABLE_VERSIONS = ("1", "2")
+FORMAT_VERSION = 3  # 2: the journal carries a content digest; 3: a hash chain over steps instead
+READABLE_VERSIONS = ("1", "2", "3")
 DB_NAME = "ledger.sqlite"
 LOCK_NAME = "lock"
-_DIGEST_KEY = "digest"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,7 +39,8 @@ CREATE TABLE IF NOT EXISTS steps (
     target INTEGER,
     undone_by INTEGER,
     snapshot INTEGER NOT NULL DEFAULT 0,
-    info TEXT NOT NULL
+    info TEXT NOT NULL,
+    link TEXT
 );
 CREATE TABLE IF NOT EXISTS facts (
     row INTEGER PRIMARY KEY,
@@ -55,10 +53,6 @@ CREATE TABLE IF NOT EXISTS facts (
     added INTEGER NOT NULL,
     removed INTEGER
 );
-CREATE UNIQUE INDEX IF NOT EXISTS facts_slot_in_force ON facts(slot_subject, slot_prompt) WHERE removed IS NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS facts_id_in_force ON facts(fact_id) WHERE removed IS NULL;
-CREATE INDEX IF NOT EXISTS facts_added ON facts(added);
-CREATE INDEX IF NOT EXISTS facts_removed ON facts(removed);
 CREATE TABLE IF NOT EXISTS files (
     name TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -66,7 +60,6 @@ CREATE TABLE IF NOT EXISTS files (
     step INTEGER
 );
 """
-_TABLES = ("meta", "steps", "facts", "files")
 # OperationalErrors that say nothing about the journal's bytes: the file is busy, the disk full, ...
 _NOT_DAMAGE = ("locked", "busy", "disk is full", "readonly", "read-only", "unable to open", "disk i/o")
 
@@ -104,6 +97,9 @@ class Journal:
         self.read_only = read_only
         db = path / DB_NAME
         self.conn: sqlite3.Connection | None = None
+        self._held = self._open = self._dirty = False
+        self.lost_commit = False  # a held transaction whose parts were released failed to commit
+        self._after: list[Callable[[], None]] = []
         with self.errors():
             if read_only:
                 quiet = lock_free(path) and not (path / f"{DB_NAME}-wal").exists()
@@ -161,24 +157,102 @@ class Journal:
 
     @contextmanager
     def tx(self) -> Iterator[None]:
-        """One IMMEDIATE transaction, ending with the new digest; rolled back on any error."""
-        self.run("BEGIN IMMEDIATE")
+        """One IMMEDIATE transaction, sealed by the rest digest (the caller seals the step it wrote,
+        :func:`~seqedit.ledger.chain.seal_step`); rolled back on any error. Inside :meth:`held` it is
+        a savepoint of the held transaction instead."""
+        if self._held:
+            if not self._open:  # the held transaction begins with its first write
+                self._begin()
+                self._open = True
+            self.run("SAVEPOINT part")
+            try:
+                yield
+            except BaseException:
+                self.run("ROLLBACK TO part")
+                self.run("RELEASE part")
+                raise
+            self.run("RELEASE part")
+            self._dirty = True
+            return
+        self._begin()
         try:
             yield
-            self.run("INSERT OR REPLACE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
-            self.run("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_DIGEST_KEY, self.digest()))
         except BaseException:
+            self._end(commit=False)
+            raise
+        self._end(commit=True)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Make every :meth:`tx` in the block part of ONE transaction, begun by the first of them and
+        committed when the block ends (an apply step's commit and its annotation: one fsync'ed commit
+        instead of two; the write lock is not held while the step computes). On an error, what the
+        parts already released is committed all the same (the caller's state holds it), and the rest is
+        rolled back."""
+        if self._held:
+            yield
+            return
+        self._held, self._open, self._dirty = True, False, False
+        try:
+            yield
+        except BaseException:
+            self._end_held(commit=self._dirty)
+            raise
+        self._end_held(commit=True)
+
+    def _end_held(self, commit: bool) -> None:
+        self._held = False
+        if not self._open:  # nothing was written
+            return
+        self._open = False
+        try:
+            self._end(commit)
+        except BaseException:
+            self.lost_commit = commit and self._dirty
+            raise
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the current transaction is committed (never if it is rolled back)."""
+        self._after.append(action)
+
+    def _begin(self) -> None:
+        self.run("BEGIN IMMEDIATE")
+        self._after = []
+        try:
+            version = self.one("SELECT value FROM meta WHERE key = 'format_version'") if self._has_meta() else None
+            if version is not None and version[0] != str(FORMAT_VERSION):
+                chain.upgrade(self)
+        except BaseException:
+            self._end(commit=False)
+            raise
+
+    def _has_meta(self) -> bool:
+        return self.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'") is not None
+
+    def _end(self, commit: bool) -> None:
+        after, self._after = self._after, []
+        if not commit:
             with self.errors():
                 self.conn.execute("ROLLBACK")
+            return
+        try:
+            self.run("INSERT OR REPLACE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
+            chain.seal_rest(self)
+            self.run("COMMIT")
+        except BaseException:
+            if self.conn is not None and self.conn.in_transaction:
+                with self.errors():
+                    self.conn.execute("ROLLBACK")
             raise
-        self.run("COMMIT")
         # Move the commit into the main file at once: a committed step then never lives only in the
         # write-ahead log, whose damaged tail SQLite would silently drop (and the step's files with it).
         self.rows("PRAGMA wal_checkpoint(TRUNCATE)")
+        for action in after:
+            action()
 
     def create(self, manifest: dict) -> None:
         with self.tx():
-            for stmt in _SCHEMA.split(";"):
+            for stmt in [*_SCHEMA.split(";"), *chain.INDEXES]:
                 if stmt.strip():
                     self.run(stmt)
             self.run("INSERT INTO meta VALUES ('manifest', ?)", (json.dumps(manifest),))
@@ -187,26 +261,10 @@ class Journal:
         return {r[0]: r[1] for r in self.rows("SELECT key, value FROM meta")}
 
     # ------------------------------------------------------------------ checks
-    def digest(self) -> str:
-        """sha256 of every row of every table but the digest's own (table scans, sorted here: damage
-        to an index page is ``integrity_check``'s to report and does not change this)."""
-        h = hashlib.sha256()
-        for table in _TABLES:
-            rows = sorted(json.dumps([table, *r]) for r in self.rows(f"SELECT * FROM {table}"))
-            for line in rows:
-                if not line.startswith(f'["meta", "{_DIGEST_KEY}",'):
-                    h.update(line.encode("utf-8", "surrogatepass") + b"\n")
-        return h.hexdigest()
-
-    def digest_problem(self) -> str | None:
-        """Why the stored digest disagrees with the rows (``None``: it agrees, or a version-1 ledger has none)."""
-        meta = self.meta()
-        stored = meta.get(_DIGEST_KEY)
-        if stored is None:
-            return None if meta.get("format_version") == "1" else "its content digest is missing"
-        if stored != self.digest():
-            return "its content digest does not match its rows (a row was changed outside seqedit)"
-        return None
+    def digest_problem(self, full: bool = True) -> str | None:
+        """Why the content digest disagrees with the rows (``None``: it agrees, or a version-1 ledger has
+        none): the whole hash chain (``full``, O(history)) or its rest, head and newest link (O(step))."""
+        return chain.chain_problem(self) if full else chain.tail_problem(self)
 
     def integrity(self) -> list[str]:
         """SQLite's ``integrity_check`` findings (empty when the pages are sound)."""

@@ -49,7 +49,9 @@ def _label(f: Fact) -> str:
 
 
 def plan_apply(facts: Sequence[Fact], in_force: Sequence[FactRow], spec: MethodSpec) -> Plan:
-    """Insert ``facts`` (ids assigned); a fact whose slot is in force replaces it (Prop. 3.5)."""
+    """Insert ``facts`` (ids assigned); a fact whose slot is in force replaces it (Prop. 3.5). ``in_force``
+    needs only the rows in force that hold a slot or an id of ``facts`` (``Ledger.in_force_holding``);
+    a latest-only form needs every row in force."""
     caps = spec.capabilities
     seen: dict[tuple[str, str], Fact] = {}
     ids: dict[str, Fact] = {}
@@ -76,6 +78,7 @@ def plan_apply(facts: Sequence[Fact], in_force: Sequence[FactRow], spec: MethodS
 
 
 def plan_forget(ids: Sequence[str], in_force: Sequence[FactRow], spec: MethodSpec) -> Plan:
+    """Remove the facts ``ids``; ``in_force`` needs only the rows in force with those ids."""
     if spec.capabilities.removal == "none":
         raise refuse(spec, "forget")
     ids = list(dict.fromkeys(ids))
@@ -90,13 +93,13 @@ def plan_forget(ids: Sequence[str], in_force: Sequence[FactRow], spec: MethodSpe
 
 def plan_undo(rec: StepRecord, last_step: int, added: Sequence[FactRow], removed: Sequence[FactRow],
               in_force: Sequence[FactRow], spec: MethodSpec) -> Plan:
-    """Revert step ``rec``: its facts still in force leave, the facts it removed come back."""
+    """Revert step ``rec``: its facts still in force leave, the facts it removed come back. ``in_force``
+    needs only the rows in force that hold a slot or an id of ``removed``."""
     if rec.undone_by is not None:
         raise LedgerError(f"step {rec.id} was already undone by step {rec.undone_by}; undo step {rec.undone_by} to redo it")
     if spec.capabilities.removal == "none" and rec.id != last_step:
         raise refuse(spec, f"undo of step {rec.id} (not the latest step, {last_step})")
-    live = {r.row for r in in_force}
-    leave = [r for r in added if r.row in live]
+    leave = [r for r in added if r.removed is None]
     leaving = {r.row for r in leave}
     held = {r.fact.slot: r for r in in_force if r.row not in leaving}
     ids = {r.fact.id: r for r in in_force if r.row not in leaving}
@@ -116,9 +119,8 @@ def plan_undo_step(ledger: Ledger, step_id: int, spec: MethodSpec) -> Plan:
     # a fact re-added by later rekey steps leaves through the row that now carries it
     added = [current_row(ledger, r) for r in ledger.rows_added(step_id)]
     removed = ledger.rows_removed(step_id)
-    in_force = ledger.in_force()
     if rec.kind == "rekey":  # the facts still in force go back to the keys they had before it
-        live = {r.row for r in in_force}
-        kept = [(old, now) for old, now in zip(removed, (current_row(ledger, r) for r in removed)) if now.row in live]
+        kept = [(old, now) for old, now in zip(removed, (current_row(ledger, r) for r in removed)) if now.removed is None]
         removed, added = [old for old, _ in kept], [now for _, now in kept]
+    in_force = ledger.in_force_holding([r.fact for r in removed])
     return plan_undo(rec, ledger.last_step, added, removed, in_force, spec)

@@ -125,7 +125,15 @@ class LedgerSession:
 
     # ------------------------------------------------------------------ apply
     def plan_apply(self, facts: Sequence[Fact]) -> Plan:
-        return plan_apply(facts, self.open().in_force(), self.spec)
+        """Plan inserting ``facts`` against the rows in force that hold their slots or ids (index
+        lookups; a latest-only form replaces everything in force, which is its last batch)."""
+        L = self.open()
+        held = L.in_force() if self.spec.capabilities.latest_only else L.in_force_holding(facts)
+        return plan_apply(facts, held, self.spec)
+
+    def one_transaction(self):
+        """The block's journal writes (an apply step's commit and its annotation) as one transaction."""
+        return self.open().held()
 
     def removed_kv(self, plan: Plan) -> Constraints | None:
         """Stored (K, V) per layer of the facts ``plan`` replaces (exact-removal forms only; memorize_latest
@@ -177,7 +185,7 @@ class LedgerSession:
 
     # ------------------------------------------------------------------ forget, undo, verify
     def forget(self, ids: Sequence[str]) -> StepRecord:
-        return self._execute(plan_forget(ids, self.open().in_force(), self.spec))
+        return self._execute(plan_forget(ids, self.open().in_force_with_ids(ids), self.spec))
 
     def undo(self, step_id: int) -> StepRecord:
         L = self.open()

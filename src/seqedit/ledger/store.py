@@ -9,21 +9,19 @@ Layout of ``DIR/``::
                                         and Z: [d_z, n], their z-layer targets (steps that optimised values)
     snapshots/snap-000010-L006.safetensors   method state + float64 weight of a layer after a step
 
-Commit protocol: tensor files are written under their final names (temp → fsync → rename → fsync dir),
-then ONE SQLite transaction records the step, its facts and the files' sha256. The SQLite commit is the
-commit point: on reopen, files that no committed row names are leftovers of an interrupted step (or of
-snapshot clean-up) and are removed; a committed row whose file is missing or has another checksum is
-corruption, reported and never repaired by deleting anything.
+:class:`Ledger` opens the directory (read-only, or exclusively for writing), recovers from an interrupted
+step and answers the journal's queries through its indexes, so a query about a step reads that step's
+rows only. Writing is :mod:`~seqedit.ledger.writer`'s (commit protocol there); a committed row whose file
+is missing or has another checksum is corruption, reported and never repaired by deleting anything.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
-import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -31,79 +29,20 @@ import fcntl
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_write
 from ..facts import Fact
-from . import tensorio
+from . import tensorio, writer
 from .journal import (
     DB_NAME, FORMAT_VERSION, LOCK_NAME, READABLE_VERSIONS, Journal, LedgerCorruptError, LedgerError,
+)
+from .records import (
+    SNAP_FILE, STEP_FILE, FactRow, StepRecord, fact_row, sigma_name, snap_name, step_info, step_name,
 )
 
 __all__ = ["FORMAT_VERSION", "FactRow", "Ledger", "LedgerCorruptError", "LedgerError", "StepRecord"]
 
-KEEP_SNAPSHOTS = 2  # the newest two: the one before the latest step serves undo of non-exact methods
 # What a manifest must hold for the ledger to be reopened (a damaged one fails here, not later).
 _MANIFEST_KEYS = {"base": dict, "method": dict, "method_label": str, "hparams": dict, "kv_dtype": str,
                   "snapshot_every": int}
-
-_STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
-_SNAP_FILE = re.compile(r"^snap-(\d+)-L(\d+)\.safetensors$")
-
-
-@dataclass(frozen=True)
-class FactRow:
-    """One fact's life in force: added at step ``added``, removed at ``removed`` (``None``: in force).
-
-    Its per-layer (k, v) are columns ``kv_col·w … kv_col·w + w − 1`` of step ``kv_step``'s file, where
-    w is that step's ``kv_width`` (key columns per fact, 1 unless recorded in the step's info); an undo
-    that brings a fact back makes a new row pointing at the same columns.
-    """
-
-    row: int
-    fact: Fact
-    kv_step: int
-    kv_col: int
-    added: int
-    removed: int | None
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """A committed step: ``kind`` is ``apply``, ``forget``, ``undo`` (of ``target``) or ``rekey`` (every fact
-    in force re-added with keys read anew, ``docs/ledger.md``)."""
-
-    id: int
-    kind: str
-    created: float
-    target: int | None
-    undone_by: int | None
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "kind": self.kind, "created": self.created, "target": self.target,
-            "undone_by": self.undone_by, "added": list(self.added), "removed": list(self.removed),
-            "info": self.info,
-        }
-
-
-def _fact_row(r: sqlite3.Row) -> FactRow:
-    try:
-        fact = Fact.from_dict(json.loads(r["fact"]))
-    except (ValueError, TypeError) as e:  # FactError is a ValueError
-        raise LedgerCorruptError(f"the journal's fact row {r['row']} is damaged: {e}") from None
-    return FactRow(r["row"], fact, r["kv_step"], r["kv_col"], r["added"], r["removed"])
-
-
-def _info(r: sqlite3.Row) -> dict[str, Any]:
-    try:
-        info = json.loads(r["info"])
-    except (ValueError, TypeError):
-        info = None
-    if not isinstance(info, dict):
-        raise LedgerCorruptError(f"the journal's row of step {r['id']} is damaged (its info is not a JSON object)")
-    return info
 
 
 class Ledger:
@@ -130,7 +69,7 @@ class Ledger:
                 self.journal.create(_create)
             self.manifest = self._read_manifest()
             if _write:
-                if problem := self.journal.digest_problem():  # before _recover may delete a file
+                if problem := self.journal.digest_problem(full=False):  # before _recover may delete a file
                     raise LedgerCorruptError(f"ledger {self.path}: {problem}; run seqedit verify")
                 self._recover()
         except BaseException:
@@ -204,6 +143,7 @@ class Ledger:
         """Finish or roll back an interrupted step: remove unreferenced files, check referenced ones exist."""
         known = {r["name"] for r in self.journal.rows("SELECT name FROM files")}
         last = self.last_step
+        present: set[str] = set()  # one directory listing, not a stat per committed file
         for sub in ("base", "steps", "snapshots"):
             d = self.path / sub
             if not d.is_dir():
@@ -211,15 +151,16 @@ class Ledger:
             for p in d.iterdir():
                 name = f"{sub}/{p.name}"
                 if name in known:
+                    present.add(name)
                     continue
-                m = _STEP_FILE.match(p.name) or _SNAP_FILE.match(p.name)
+                m = STEP_FILE.match(p.name) or SNAP_FILE.match(p.name)
                 interrupted = p.name.startswith(".") and p.name.endswith(".tmp")  # atomic_write temp
                 interrupted |= bool(m) and (int(m.group(1)) > last or sub == "snapshots")
                 interrupted |= sub == "base" and p.name.startswith("sigma0-")
                 if interrupted:
                     p.unlink()
                     self.recovered.append(name)
-        missing = [n for n in known if not (self.path / n).is_file()]
+        missing = [n for n in known - present if not (self.path / n).is_file()]
         if missing:
             raise LedgerCorruptError(f"ledger {self.path}: committed files are missing: {sorted(missing)}")
 
@@ -240,7 +181,7 @@ class Ledger:
             r["id"], r["kind"], r["created"], r["target"], r["undone_by"],
             self._ids("SELECT fact_id FROM facts WHERE added = ? ORDER BY row", r["id"]),
             self._ids("SELECT fact_id FROM facts WHERE removed = ? ORDER BY row", r["id"]),
-            _info(r),
+            step_info(r),
         )
 
     def steps(self) -> list[StepRecord]:
@@ -254,19 +195,45 @@ class Ledger:
 
     def in_force(self) -> list[FactRow]:
         """Facts in force, in the order they were (re-)added."""
-        return [_fact_row(r) for r in self.journal.rows("SELECT * FROM facts WHERE removed IS NULL ORDER BY row")]
+        return [fact_row(r) for r in self.journal.rows("SELECT * FROM facts WHERE removed IS NULL ORDER BY row")]
+
+    def in_force_holding(self, facts: Sequence[Fact]) -> list[FactRow]:
+        """Rows in force that hold the slot or the id of any of ``facts``, by row (index lookups: the cost
+        grows with ``len(facts)``, not with the facts in force)."""
+        found: dict[int, sqlite3.Row] = {}
+        for f in facts:
+            for r in self.journal.rows("SELECT * FROM facts INDEXED BY facts_slot_in_force WHERE removed IS NULL "
+                                       "AND slot_subject = ? AND slot_prompt = ?", f.slot):
+                found[r["row"]] = r
+        for r in self._in_force_with_ids([f.id for f in facts]):
+            found[r["row"]] = r
+        return [fact_row(found[k]) for k in sorted(found)]
+
+    def in_force_with_ids(self, ids: Sequence[str]) -> list[FactRow]:
+        """Rows in force whose fact id is one of ``ids``, by row (index lookups)."""
+        return [fact_row(r) for r in sorted(self._in_force_with_ids(ids), key=lambda r: r["row"])]
+
+    def _in_force_with_ids(self, ids: Sequence[str]) -> list[sqlite3.Row]:
+        ids = list(dict.fromkeys(i for i in ids if i))
+        out: list[sqlite3.Row] = []
+        for lo in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            part = ids[lo : lo + 500]
+            # named: for an IN list SQLite's planner prefers facts_removed, i.e. every row in force
+            out += self.journal.rows(f"SELECT * FROM facts INDEXED BY facts_id_in_force WHERE removed IS NULL AND "
+                                     f"fact_id IN ({', '.join('?' * len(part))})", part)
+        return out
 
     def in_force_after(self, step: int) -> list[FactRow]:
         """Facts that were in force right after ``step``."""
         sql = "SELECT * FROM facts WHERE added <= ? AND (removed IS NULL OR removed > ?) ORDER BY row"
-        return [_fact_row(r) for r in self.journal.rows(sql, (step, step))]
+        return [fact_row(r) for r in self.journal.rows(sql, (step, step))]
 
     def rows_added(self, step: int) -> list[FactRow]:
-        return [_fact_row(r) for r in self.journal.rows("SELECT * FROM facts WHERE added = ? ORDER BY row", (step,))]
+        return [fact_row(r) for r in self.journal.rows("SELECT * FROM facts WHERE added = ? ORDER BY row", (step,))]
 
     def rows_removed(self, step: int) -> list[FactRow]:
         sql = "SELECT * FROM facts WHERE removed = ? ORDER BY row"
-        return [_fact_row(r) for r in self.journal.rows(sql, (step,))]
+        return [fact_row(r) for r in self.journal.rows(sql, (step,))]
 
     def snapshot_steps(self) -> list[int]:
         return [r[0] for r in self.journal.rows("SELECT id FROM steps WHERE snapshot = 1 ORDER BY id")]
@@ -321,23 +288,13 @@ class Ledger:
     def file_count(self) -> int:
         return self.journal.one("SELECT COUNT(*) FROM files")[0]
 
-    def _write_file(self, name: str, obj: Any, step: int | None, written: list[tuple[str, str, int, int | None]]) -> None:
-        data = tensorio.encode(obj)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-
-        atomic_write(self.path / name, write)
-        written.append((name, tensorio.sha256(data), len(data), step))
-
     def kv(self, rows: Sequence[FactRow], layers: Iterable[int]) -> dict[int, tuple[Tensor, Tensor]]:
         """Stored constraints of ``rows``: ``{layer: (K: [d_in, m], V: [d_out, m])}`` float64, in row order."""
         layers = list(layers)
         files: dict[int, dict] = {}
         for r in rows:
             if r.kv_step not in files:
-                files[r.kv_step] = self.read(_step_name(r.kv_step))
+                files[r.kv_step] = self.read(step_name(r.kv_step))
         widths = {s: self.kv_width(s) for s in files}
         out = {}
         for l in layers:
@@ -358,7 +315,10 @@ class Ledger:
 
     def kv_width(self, step: int) -> int:
         """Key columns per fact in ``step``'s constraints file (1 for ledgers older than the option)."""
-        w = self.step(step).info.get("kv_width", 1)
+        r = self.journal.one("SELECT id, info FROM steps WHERE id = ?", (step,))
+        if r is None:
+            raise LedgerCorruptError(f"ledger {self.path}: rows name step {step}, which does not exist")
+        w = step_info(r).get("kv_width", 1)
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise LedgerCorruptError(f"ledger {self.path}: step {step} records kv_width={w!r}")
         return w
@@ -367,7 +327,7 @@ class Ledger:
     def sigma0(self, layers: Iterable[int]) -> dict[int, Tensor] | None:
         """Stored Σ₀ per layer, or ``None`` before the first step stored them."""
         layers = list(layers)
-        names = [_sigma_name(l) for l in layers]
+        names = [sigma_name(l) for l in layers]
         have = {r[0] for r in self.journal.rows("SELECT name FROM files WHERE name LIKE 'base/%'")}
         if not have:
             return None
@@ -376,15 +336,11 @@ class Ledger:
         return {l: self.read(n)["sigma0"] for l, n in zip(layers, names)}
 
     def store_sigma0(self, sigma0: dict[int, Tensor]) -> None:
-        written: list = []
-        for l, s in sigma0.items():
-            self._write_file(_sigma_name(l), {"sigma0": s.to(torch.float64)}, None, written)
-        with self.journal.tx():
-            self.journal.many("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", written)
+        writer.store_sigma0(self, sigma0)
 
     def snapshot(self, step: int, layers: Iterable[int]) -> dict[int, dict]:
         """``{layer: {"state": method state dict, "master": W: [d_out, d_in]}}`` saved after ``step``."""
-        return {l: self.read(_snap_name(step, l)) for l in layers}
+        return {l: self.read(snap_name(step, l)) for l in layers}
 
     # ------------------------------------------------------------------ commit
     def commit(
@@ -400,100 +356,27 @@ class Ledger:
         snapshot: dict[int, dict] | None = None,
         targets: Tensor | None = None,
     ) -> StepRecord:
-        """Record one step atomically (module docstring): new facts ``add`` with their per-layer
+        """Record one step atomically (:mod:`~seqedit.ledger.writer`): new facts ``add`` with their per-layer
         ``kv`` (w columns per fact, fact-major: columns ``i·w … i·w + w − 1`` are ``add[i]``'s) and, when
         their values were optimised, their z-layer ``targets: [d_z, n·w]``; rows brought back (``readd``)
         or removed (``remove``), and an optional ``snapshot`` of every layer's state after the step.
         Returns the committed record."""
-        step = self.last_step + 1
-        written: list[tuple[str, str, int, int | None]] = []
-        if add:
-            assert kv is not None
-            width = _kv_width(kv, len(add))
-            if width != 1:
-                info = {**(info or {}), "kv_width": width}
-        try:
-            if add:
-                tensors = {f"{w}.{l}": t.contiguous() for l, (K, V) in kv.items() for w, t in (("K", K), ("V", V))}
-                if targets is not None:
-                    if targets.shape[1] != width * len(add):
-                        raise LedgerError(f"a step of {len(add)} facts with {width} key columns each got "
-                                          f"{targets.shape[1]} target columns")
-                    tensors["Z"] = targets.contiguous()
-                self._write_file(_step_name(step), tensors, step, written)
-            if snapshot is not None:
-                for l, s in snapshot.items():
-                    self._write_file(_snap_name(step, l), s, step, written)
-            dropped = self._commit_rows(step, kind, add, readd, remove, target, info or {}, snapshot is not None, written)
-        except BaseException:
-            for name, *_ in written:  # never committed: these files belong to no step
-                try:
-                    (self.path / name).unlink()
-                except OSError:
-                    pass
-            raise
-        for name in dropped:  # superseded snapshots; a crash here leaves files _recover removes
-            try:
-                (self.path / name).unlink()
-            except OSError:
-                pass
+        step = writer.commit(self, kind, add=add, kv=kv, readd=readd, remove=remove, target=target, info=info,
+                             snapshot=snapshot, targets=targets)
         return self.step(step)
 
     def annotate(self, step: int, extra: dict) -> None:
-        """Merge ``extra`` into a committed step's info (e.g. the step report, known only after commit)."""
-        info = {**self.step(step).info, **extra}
-        with self.journal.tx():
-            self.journal.run("UPDATE steps SET info = ? WHERE id = ?", (json.dumps(info, default=str), step))
+        """Merge ``extra`` into the newest step's info (e.g. the step report, known only after commit)."""
+        writer.annotate(self, step, extra)
 
-    def _commit_rows(self, step, kind, add, readd, remove, target, info, snap, written) -> list[str]:
-        c = self.journal
-        dropped: list[str] = []
-        with c.tx():
-            c.run(
-                "INSERT INTO steps (id, kind, created, target, snapshot, info) VALUES (?, ?, ?, ?, ?, ?)",
-                (step, kind, time.time(), target, int(snap), json.dumps(info, default=str)),
-            )
-            for r in remove:
-                if c.run("UPDATE facts SET removed = ? WHERE row = ? AND removed IS NULL", (step, r.row)) != 1:
-                    raise LedgerError(f"fact {r.fact.id!r} (row {r.row}) is not in force")
-            new = [(f, step, i) for i, f in enumerate(add)] + [(r.fact, r.kv_step, r.kv_col) for r in readd]
-            try:
-                c.many(
-                    "INSERT INTO facts (fact_id, slot_subject, slot_prompt, fact, kv_step, kv_col, added) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(f.id, *f.slot, json.dumps(f.to_dict()), ks, kc, step) for f, ks, kc in new],
-                )
-            except sqlite3.IntegrityError as e:  # planning checks this first; the index is the backstop
-                raise LedgerError(f"step {step} would put two facts with one slot or id in force: {e}") from None
-            if target is not None:
-                c.run("UPDATE steps SET undone_by = ? WHERE id = ?", (step, target))
-            c.many("INSERT INTO files VALUES (?, ?, ?, ?)", written)
-            if snap:
-                old = [s for s in self.snapshot_steps() if s != step][: -(KEEP_SNAPSHOTS - 1) or None]
-                for s in old:
-                    names = [r[0] for r in c.rows("SELECT name FROM files WHERE step = ? AND name LIKE 'snapshots/%'", (s,))]
-                    c.many("DELETE FROM files WHERE name = ?", [(n,) for n in names])
-                    c.run("UPDATE steps SET snapshot = 0 WHERE id = ?", (s,))
-                    dropped += names
-        return dropped
-
-
-def _kv_width(kv: dict[int, tuple[Tensor, Tensor]], n_facts: int) -> int:
-    """Key columns per fact of a step's constraints; every layer's K and V must hold the same ``w·n_facts``."""
-    cols = {int(t.shape[1]) for K, V in kv.values() for t in (K, V)}
-    if len(cols) != 1 or next(iter(cols)) % n_facts or next(iter(cols)) == 0:
-        raise LedgerError(f"a step of {n_facts} facts needs the same whole number of key columns per fact in every "
-                          f"layer's K and V, got {sorted(cols)} columns")
-    return next(iter(cols)) // n_facts
-
-
-def _step_name(step: int) -> str:
-    return f"steps/step-{step:06d}.safetensors"
-
-
-def _snap_name(step: int, layer: int) -> str:
-    return f"snapshots/snap-{step:06d}-L{layer:03d}.safetensors"
-
-
-def _sigma_name(layer: int) -> str:
-    return f"base/sigma0-L{layer:03d}.safetensors"
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """One journal transaction for every write in the block (a step's commit and its annotation). If
+        committing it fails, the ledger is closed: the caller's state may hold a step the journal lost."""
+        try:
+            with self.journal.held():
+                yield
+        except BaseException:
+            if self.journal is not None and self.journal.lost_commit:
+                self.close()
+            raise

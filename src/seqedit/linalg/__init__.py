@@ -16,7 +16,7 @@ from seqedit.linalg.nullspace import *  # noqa: F403
 from seqedit.linalg.postprocess import *  # noqa: F403
 from seqedit.linalg.solvers import *  # noqa: F403
 
-__all__ = [
+__all__ = [  # noqa: PLE0604  (each module lists its names: the union, not a copy)
     *checks.__all__,
     *compensation.__all__,
     *normal_eq.__all__,

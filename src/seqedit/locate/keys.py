@@ -116,13 +116,14 @@ class KeyReader:
             ids, mask, idx, replay = batch
             got: dict[int, torch.Tensor] = {}
 
-            def reader(layer: int):
+            # the hooks live for this batch only: bind its containers and rows explicitly
+            def reader(layer: int, got: dict[int, torch.Tensor] = got, idx: torch.Tensor = idx):
                 def fn(x: torch.Tensor) -> None:
                     got[layer] = _at_rows(x, idx)
 
                 return fn
 
-            def z_reader(_m, _a, out) -> None:
+            def z_reader(_m, _a, out, idx: torch.Tensor = idx) -> None:
                 z_rows.append(_at_rows(block_hidden(out), idx))
 
             handles = [capture_inputs(adapter.ffn_out(l), reader(l)) for l in layers]

@@ -170,7 +170,7 @@ def collect_stats(
             ids[r, : len(w)] = torch.tensor(w)
             mask[r, : len(w)] = True
 
-        def reader(layer: int):
+        def reader(layer: int, mask: torch.Tensor = mask):  # this batch's hooks: its own mask
             def fn(x: torch.Tensor) -> None:
                 keys = x[mask.to(x.device)]
                 g = grams[layer]

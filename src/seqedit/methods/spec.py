@@ -44,7 +44,7 @@ class MethodSpec:
         al = info.default_alignment if alignment is None else str(alignment).strip().lower()
         form = info.form(al)
         resolved: dict[str, Any] = {}
-        for key, value in options.items():
+        for key in options:
             if key not in form.options:
                 raise ValueError(_absent(info, al, form, key))
         for key, default in form.options.items():

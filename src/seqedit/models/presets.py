@@ -3,7 +3,7 @@
 ``preset_for(name, n_layers)`` returns an :class:`EditHParams`; every field can be overridden with
 ``dataclasses.replace`` or ``EditHParams.override(**kw)``. Values for the paper's models follow the
 paper's Appendix B.4 and the public MEMIT/AlphaEdit JSONs (see ``../shared/docs/REFERENCE_NOTES.md`` §4);
-the embedded model's from the long-run sweep recorded in ``docs/long-run-tuning.md``.
+the embedded model's from the long-run sweep recorded in ``docs/experiments/long-run-tuning.md``.
 """
 
 from __future__ import annotations
@@ -186,11 +186,11 @@ _REFERENCE = EditHParams(layers=(0,))  # field types for parse_assignments
 # Thread" Appendix B.4 (λ = 3,000 for all four) and "public-json" the AlphaEdit repository's JSONs
 # (λ = 15,000 / 20,000; REFERENCE_NOTES §4, which leaves open which one reproduces Table 3).
 _PRESETS: list[tuple[str, dict[str, dict[str, Any]]]] = [
-    # Embedded default. "long-run": chosen on 1,000-edit sequential runs (docs/long-run-tuning.md,
+    # Embedded default. "long-run": chosen on 1,000-edit sequential runs (docs/experiments/long-run-tuning.md,
     # CounterFact train split); two context templates instead of five halve the step at equal quality
     # there; continuation KL (stop 26) stops the new object repeating at equal quality over 1,000 edits
     # (results made before it name `continuation_kl=0`). "one-step": the first preset, chosen on 50
-    # facts in one step (docs/layer-sweep.md), which drifts fast over many steps (kept for the results
+    # facts in one step (docs/experiments/layer-sweep.md), which drifts fast over many steps (kept for the results
     # made with it).
     ("smollm2-135m", {"long-run": dict(layers=(4, 5, 6, 7, 8, 9, 10), lam=1500.0, v_lr=2.0, v_steps=12,
                                        clamp_norm_factor=0.4, n_context_templates=2, continuation_kl=1.0),
