@@ -142,7 +142,7 @@ def test_cli_edit_in_chat_format_refuses_mixing_and_generate_chat(model_dir, fac
 
 
 def test_eval_run_edits_in_its_prompt_format_and_scores_in_chat(tmp_path) -> None:
-    from seqedit.evaluate.results import _weights_sha
+    from seqedit.evaluate.results import weights_sha
     from seqedit.evaluate.runner import run_eval
     from seqedit.evaluate.selection import select_facts
     from seqedit.models.presets import preset_for
@@ -167,7 +167,7 @@ def test_eval_run_edits_in_its_prompt_format_and_scores_in_chat(tmp_path) -> Non
     for fmt in ("bare", "both"):
         base_w = {l: lm.adapter.weight(l).detach().clone() for l in hp.layers}
         Editor(lm, hparams=hp, prompt_format=fmt).apply(sel.facts)
-        sha = _weights_sha({l: lm.adapter.weight(l) for l in hp.layers})
+        sha = weights_sha({l: lm.adapter.weight(l) for l in hp.layers})
         # the run edited in the `both` format: its weights are those of a `both` editor, not a bare one
         assert (sha == data["configs"]["memit/aligned/se"]["final_weights_sha256"]) == (fmt == "both")
         if fmt == "both":

@@ -28,7 +28,6 @@ from .editor_ledger import LedgerOperations
 from .facts import Fact
 from .guards import check_batch, check_editor_args, check_fit, check_reopen, editor_options, ledger_settings
 from .ledger.manifest import recorded_base, reconcile
-from .ledger.session import Constraints
 from .ledger.store import Ledger, StepRecord
 from .locate.chat import check_chat_template, formats
 from .locate.stats import layer_stats
@@ -38,7 +37,8 @@ from .methods import parse_method
 from .models.load import LoadedModel, as_loaded, load_model
 from .models.presets import EditHParams, preset_for
 from .pending import EditorLedger
-from .pipeline import edit_step, layer_delta
+from .pipeline import edit_step
+from .step_engine import solve_layers
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from .rekey import check_exact, rekey_due
 from .shared_data import wikitext_path
@@ -358,18 +358,16 @@ class Editor(LedgerOperations):
         plan = self.session.plan_apply(facts) if self.session is not None else None
         self.prepare()
         removed = self.session.removed_kv(plan) if plan is not None else None
-        constraints: Constraints = {}
-        out = {}
+
+        def columns(_i: int, layer: int):
+            return K[layer], None if R is None else R[layer], None if V is None else V[layer]
+
         with self.bank.transaction():
-            for layer in self.hparams.layers:
-                out[layer] = layer_delta(self.bank, self.session, layer, K[layer],
-                                         R=None if R is None else R[layer], V=None if V is None else V[layer],
-                                         removed=removed, constraints=constraints)
-                self.bank.write(layer, out[layer])
+            done = solve_layers(self.bank, self.session, self.hparams.layers, columns, removed=removed)
             if plan is not None:
-                norms = {l: float(d.norm()) for l, d in out.items()}
-                self.last_record = self.session.commit_apply(facts, plan, constraints, norms, self.hparams.to_dict())
-        return out
+                self.last_record = self.session.commit_apply(facts, plan, done.constraints, done.update_norms,
+                                                             self.hparams.to_dict())
+        return done.deltas
 
     # ------------------------------------------------------------------ ledger
     def _with_ids(self, facts: Iterable[Fact], checked: bool = True) -> list[Fact]:

@@ -3,7 +3,9 @@ model, solve, write (MEMIT's locate → solve → apply), timed phase by phase.
 
 The layers are edited in ascending order and each is written before the next reads its keys, so an
 upper layer sees the lower ones already edited (``Δ_i`` explains its share ``R_i = (Z − H_i) / (L − i)``
-of what is left). The whole step is one bank transaction: a failure leaves every layer as it was.
+of what is left); the loop is :func:`seqedit.step_engine.solve_layers`, with the keys and residuals read
+on the model as its column source. The whole step is one bank transaction: a failure leaves every
+layer as it was.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from .bank import LayerBank
 from .facts import Fact
 from .ledger.plan import Plan
-from .ledger.session import Constraints, LedgerSession
+from .ledger.session import LedgerSession
 from .ledger.store import StepRecord
 from .locate.chat import formats
 from .locate.keys import ContextRows, KeyReader
@@ -24,24 +26,10 @@ from .locate.values import ValueResult, clean_h0_norms, compute_values
 from .models.load import LoadedModel
 from .models.presets import EditHParams
 from .progress import Phase, ProgressCallback, ProgressEvent, counter, emit
+from .step_engine import solve_layers
 from .steps import StepReport
 
-__all__ = ["column_targets", "edit_step", "layer_delta", "step_rows"]
-
-
-def layer_delta(bank: LayerBank, session: LedgerSession | None, layer: int, K: torch.Tensor, *,
-                R: torch.Tensor | None = None, V: torch.Tensor | None = None,
-                removed: Constraints | None = None, constraints: Constraints | None = None) -> torch.Tensor:
-    """``Δ: [d_out, d_in]`` for ``layer`` from keys ``K: [d_in, n]`` and either residuals ``R`` or absolute
-    targets ``V`` (``[d_out, n]``, on the current master); nothing is written. With a ``session`` the
-    step is solved from absolute targets rounded to the storage dtype (recorded in ``constraints``),
-    removing the ``removed`` columns, so that a replay repeats it exactly."""
-    W = bank.master[layer]
-    K = K.to(W.device, torch.float64)
-    if session is None:
-        return bank.step(layer, K, R if R is not None else V.to(W.device, torch.float64) - W @ K)
-    V = V.to(W.device, torch.float64) if V is not None else W @ K + R.to(W.device, torch.float64)
-    return session.solve_layer(layer, K, V, removed, {} if constraints is None else constraints)
+__all__ = ["column_targets", "edit_step", "step_rows"]
 
 
 def step_rows(tokenizer, facts: Sequence[Fact], templates: Sequence[str], prompt_format: str,
@@ -107,39 +95,31 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
         raise ValueError(f"values hold {values.z.shape[1]} facts, the step has {len(facts)}")
     sec["values"] = time.perf_counter() - t
 
-    sec["keys"] = sec["solve"] = sec["apply"] = 0.0
     residual_norms: dict[int, float] = {}
-    update_norms: dict[int, float] = {}
     n_layers = len(hp.layers)
     # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
     ctx_reader = KeyReader(loaded, ctx, hp.key_batch_rows)
     primary_reader = KeyReader(loaded, primary, hp.key_batch_rows)
     removed = session.removed_kv(plan) if plan is not None else None
-    constraints: Constraints = {}
     record: StepRecord | None = None
-    emit(progress, ProgressEvent(Phase.LAYERS, total=n_layers, start=True))
+    targets: list[torch.Tensor] = []  # Z, fixed by the first layer's reading of H
+
+    def columns(i: int, layer: int):
+        K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
+        H = primary_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
+        if i == 0:
+            targets.append(column_targets(values.z, H, ctx.columns))
+        resid = targets[0] - H
+        residual_norms[layer] = float(resid.norm())
+        return K, resid / (n_layers - i), None
+
     with bank.transaction():
-        for i, layer in enumerate(hp.layers):
-            t = time.perf_counter()
-            K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
-            H = primary_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
-            sec["keys"] += time.perf_counter() - t
-            if i == 0:
-                Z = column_targets(values.z, H, ctx.columns)
-            resid = Z - H
-            residual_norms[layer] = float(resid.norm())
-            t = time.perf_counter()
-            R = resid / (n_layers - i)
-            delta = layer_delta(bank, session, layer, K, R=R, removed=removed, constraints=constraints)
-            sec["solve"] += time.perf_counter() - t
-            t = time.perf_counter()
-            bank.write(layer, delta)
-            update_norms[layer] = float(delta.norm())
-            sec["apply"] += time.perf_counter() - t
-            emit(progress, ProgressEvent(Phase.LAYERS, advance=1, total=n_layers))
+        done = solve_layers(bank, session, hp.layers, columns, removed=removed, progress=progress)
+        sec.update(done.seconds)
+        Z = targets[0]
         if plan is not None:
             t = time.perf_counter()
-            record = session.commit_apply(facts, plan, constraints, update_norms, hp.to_dict(),
+            record = session.commit_apply(facts, plan, done.constraints, done.update_norms, hp.to_dict(),
                                           prompt_format=prompt_format, targets=Z)
             sec["commit"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -157,10 +137,10 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
         target_norm=residual_norms[hp.layers[0]],
         value_steps=values.steps,
         value_loss=values.loss,
-        update_norms=update_norms,
+        update_norms=done.update_norms,
         drift_norms={l: float(bank.delta(l).norm()) for l in hp.layers},
         value_work=value_work,
         removed=[r.fact.id for r in plan.remove] if plan is not None else [],
-        constraints=constraints,
+        constraints=done.constraints,
     )
     return report, record

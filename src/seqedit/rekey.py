@@ -25,14 +25,15 @@ import torch
 from .bank import LayerBank
 from .errors import SeqEditError
 from .ledger.columns import column_groups, targets
-from .ledger.session import Constraints, LedgerSession
+from .ledger.session import LedgerSession
 from .ledger.store import LedgerError, StepRecord
 from .locate.keys import KeyReader
 from .methods import METHODS, MethodSpec, method_info
 from .models.load import LoadedModel
 from .models.presets import EditHParams
 from .pipeline import step_rows
-from .progress import Phase, ProgressCallback, ProgressEvent, emit
+from .progress import ProgressCallback
+from .step_engine import solve_layers
 
 __all__ = ["check_exact", "rekey_due", "rekey_step"]
 
@@ -81,24 +82,21 @@ def rekey_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession, hp:
 
     sec["templates"] = time.perf_counter() - t
     n_layers = len(hp.layers)
-    constraints: Constraints = {}
     residual_norms: dict[str, float] = {}
-    emit(progress, ProgressEvent(Phase.LAYERS, total=n_layers, start=True, message="rekey"))
+
+    def columns(i: int, layer: int):
+        K, H = read(layer, layer)
+        residual_norms[str(layer)] = float((Z - H).norm())
+        return K, None, bank.w0[layer].cpu() @ K + (Z - H) / (n_layers - i)
+
     with session.one_transaction():  # the commit and its timing: one journal transaction
         with bank.transaction():
             for layer in hp.layers:  # a one-time editor starts from the base weights
                 bank.replace(layer, *bank.one_time(layer, None, None))
-            for i, layer in enumerate(hp.layers):
-                t = time.perf_counter()
-                K, H = read(layer, layer)
-                sec["keys"] += time.perf_counter() - t
-                t = time.perf_counter()
-                residual_norms[str(layer)] = float((Z - H).norm())
-                V = bank.w0[layer].cpu() @ K + (Z - H) / (n_layers - i)
-                constraints[layer] = session.round_kv(K, V)
-                bank.replace(layer, *bank.one_time(layer, *constraints[layer]))
-                sec["solve"] += time.perf_counter() - t
-                emit(progress, ProgressEvent(Phase.LAYERS, advance=1, total=n_layers))
+            done = solve_layers(bank, session, hp.layers, columns, from_base=True, progress=progress, message="rekey")
+            sec["keys"] += done.seconds["keys"]
+            sec["solve"] += done.seconds["solve"] + done.seconds["apply"]
+            constraints = done.constraints
             t = time.perf_counter()
             _, H = read(None, 0)
             sec["keys"] += time.perf_counter() - t

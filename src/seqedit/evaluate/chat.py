@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..facts import Fact
 from ..locate.chat import answer_ids, chat_ids, question_template
-from .counterfact import _mean, _Summarised
+from .counterfact import Summarised, mean_known
 from .scoring import greedy_continuations, map_target_log_probs, target_score
 
 __all__ = ["ChatRecord", "ChatResult", "chat_metrics", "chat_replies", "first_sentence", "names_target"]
@@ -47,7 +47,7 @@ class ChatRecord:
 
 
 @dataclass(frozen=True)
-class ChatResult(_Summarised):
+class ChatResult(Summarised):
     """Per-record chat metrics and their means over the records where each is defined."""
 
     records: tuple[ChatRecord, ...]
@@ -112,14 +112,14 @@ def chat_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64, max_new_to
         records.append(ChatRecord(
             fact_id=f.id,
             efficacy=float(s[new] < s[true]) if true else None,
-            generalization=_mean([float(s[a] < s[b]) for a, b in paras]),
-            specificity=_mean([float(s[b] < s[a]) for a, b in neigh]),
+            generalization=mean_known([float(s[a] < s[b]) for a, b in paras]),
+            specificity=mean_known([float(s[b] < s[a]) for a, b in neigh]),
             answer_new=float(names_target(reply, f.target)),
             answer_true=float(names_target(reply, f.true_target)) if f.true_target is not None else None,
             reply=reply,
         ))
     return ChatResult(
         records=tuple(records),
-        **{k: _mean([getattr(r, k) for r in records])
+        **{k: mean_known([getattr(r, k) for r in records])
            for k in ("efficacy", "generalization", "specificity", "answer_new", "answer_true")},
     )

@@ -21,7 +21,8 @@ from ..models.presets import check_variant, preset_variants
 from .general import TASKS
 from .selection import DATASETS
 
-__all__ = ["EvalConfig", "EvalSettingsError", "MODES", "SCORINGS", "VALUES", "VALUES_PROTOCOL", "baseline_settings", "plan"]
+__all__ = ["EvalConfig", "EvalSettingsError", "MODES", "SCORINGS", "VALUES", "VALUES_PROTOCOL", "baseline_settings", "plan",
+           "union_in_order"]
 
 MODES = {"se": "sequential", "ote": "one_time"}
 VALUES = ("original", "current")
@@ -184,7 +185,7 @@ _ADDED_LATER = {"rekey_every": 0, "checkpoint": False, "dtype": None, "device_ma
                 "preset": None, "generation_n": 0}
 
 
-def _union(old: list, new) -> list:
+def union_in_order(old: list, new) -> list:
     """``old`` followed by the items of ``new`` it lacks, in order."""
     return list(old) + [x for x in new if x not in old]
 

@@ -26,7 +26,7 @@ from ..facts import Fact
 from ..progress import ProgressCallback
 from .scoring import score_targets
 
-__all__ = ["CounterFactRecord", "CounterFactResult", "counterfact_metrics"]
+__all__ = ["CounterFactRecord", "CounterFactResult", "Summarised", "counterfact_metrics", "mean_known"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class CounterFactRecord:
     neighborhood_gm_prob_new_minus_answer: float | None
 
 
-class _Summarised:
+class Summarised:
     """For result dataclasses with a ``records`` tuple: :meth:`summary` without the per-record rows."""
 
     def summary(self) -> dict[str, Any]:
@@ -56,7 +56,7 @@ class _Summarised:
 
 
 @dataclass(frozen=True)
-class CounterFactResult(_Summarised):
+class CounterFactResult(Summarised):
     """Per-record metrics and their means over the records where each is defined (``None`` if none).
 
     ``n_skipped`` counts input facts without a ``true_target``, which CounterFact metrics need.
@@ -73,7 +73,8 @@ class CounterFactResult(_Summarised):
 
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def mean_known(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not ``None`` (``None`` when there are none)."""
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
 
@@ -117,19 +118,19 @@ def counterfact_metrics(loaded, facts: Sequence[Fact], batch_rows: int = 64,
         records.append(CounterFactRecord(
             fact_id=f.id,
             efficacy=eff,
-            generalization=_mean([x for x, _ in para]),
-            specificity=_mean([x for x, _ in nb]),
+            generalization=mean_known([x for x, _ in para]),
+            specificity=mean_known([x for x, _ in nb]),
             rewrite_gm_prob_new_minus_true=eff_margin,
-            paraphrase_gm_prob_new_minus_true=_mean([m for _, m in para]),
-            neighborhood_gm_prob_new_minus_answer=_mean([m for _, m in nb]),
+            paraphrase_gm_prob_new_minus_true=mean_known([m for _, m in para]),
+            neighborhood_gm_prob_new_minus_answer=mean_known([m for _, m in nb]),
         ))
     return CounterFactResult(
         records=tuple(records),
         n_skipped=len(facts) - len(usable),
-        efficacy=_mean([r.efficacy for r in records]),
-        generalization=_mean([r.generalization for r in records]),
-        specificity=_mean([r.specificity for r in records]),
-        rewrite_gm_prob_new_minus_true=_mean([r.rewrite_gm_prob_new_minus_true for r in records]),
-        paraphrase_gm_prob_new_minus_true=_mean([r.paraphrase_gm_prob_new_minus_true for r in records]),
-        neighborhood_gm_prob_new_minus_answer=_mean([r.neighborhood_gm_prob_new_minus_answer for r in records]),
+        efficacy=mean_known([r.efficacy for r in records]),
+        generalization=mean_known([r.generalization for r in records]),
+        specificity=mean_known([r.specificity for r in records]),
+        rewrite_gm_prob_new_minus_true=mean_known([r.rewrite_gm_prob_new_minus_true for r in records]),
+        paraphrase_gm_prob_new_minus_true=mean_known([r.paraphrase_gm_prob_new_minus_true for r in records]),
+        neighborhood_gm_prob_new_minus_answer=mean_known([r.neighborhood_gm_prob_new_minus_answer for r in records]),
     )

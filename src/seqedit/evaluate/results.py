@@ -2,8 +2,8 @@
 
 Owns the file's :data:`FORMAT`, :class:`ResultsStore` (loaded if present, settings checked, rewritten
 atomically), :func:`check_out_dir`, and what the records are made of: the final-weights fingerprint
-(:func:`_weights_sha`), the already scored final models (:func:`_scored_finals`), the software
-versions (:func:`_versions`) and timestamps (:func:`_now`).
+(:func:`weights_sha`), the already scored final models (:func:`scored_finals`), the software
+versions (:func:`library_versions`) and timestamps (:func:`utc_now`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from ..atomic import atomic_write_json
 from ..models.presets import EditHParams
 from .config import EvalConfig, EvalSettingsError, baseline_settings
 
-__all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir", "read_measured"]
+__all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir", "library_versions", "read_measured",
+           "scored_finals", "utc_now", "weights_sha"]
 
 FORMAT = "seqedit-eval/1"
 
 
-def _versions() -> dict[str, Any]:
+def library_versions() -> dict[str, Any]:
     import numpy
     import transformers
 
@@ -46,7 +47,7 @@ def _versions() -> dict[str, Any]:
     }
 
 
-def _weights_sha(base: dict[int, torch.Tensor]) -> str:
+def weights_sha(base: dict[int, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for layer in sorted(base):
         h.update(str(layer).encode())
@@ -54,7 +55,7 @@ def _weights_sha(base: dict[int, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+def scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{final_weights_sha256: (label, final metrics)}`` of the done configurations that scored their
     own final model (the first such one per sha)."""
     out: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -103,7 +104,7 @@ def baseline_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
     return ""
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 

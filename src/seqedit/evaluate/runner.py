@@ -29,11 +29,12 @@ from ..facts import Fact
 from ..progress import Phase, ProgressCallback, ProgressEvent, counter, emit
 from ..rekey import rekey_due
 from ..steps import RunPosition, StepReport
-from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, _union, plan
+from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, plan, union_in_order
 from .fluency import CONSISTENCY_UNAVAILABLE
 from .generation_efficacy import generation_efficacy
 from .measure import References, drift_summary, edit_summary, general_summary
-from .results import ResultsStore, _now, baseline_differences, differences, read_measured, _scored_finals, _versions, _weights_sha
+from .results import (ResultsStore, baseline_differences, differences, library_versions, read_measured, scored_finals,
+                      utc_now, weights_sha)
 from .selection import Selection, select_facts
 
 __all__ = ["run_eval"]
@@ -142,13 +143,13 @@ class _Run:
         return out
 
     def final_weights_sha(self) -> str:
-        return _weights_sha({l: self.lm.adapter.weight(l) for l in self.hp.layers})
+        return weights_sha({l: self.lm.adapter.weight(l) for l in self.hp.layers})
 
     def config(self, method: str, alignment: str, mode: str, scored: dict[str, tuple[str, dict[str, Any]]],
                partial: dict[str, Any] | None = None,
                save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run one configuration. ``scored`` maps the final-weights sha256 of configurations already
-        scored to ``(label, final metrics)`` (see :func:`_scored_finals`).
+        scored to ``(label, final metrics)`` (see :func:`scored_finals`).
 
         With ``checkpoint`` set, an SE configuration edits into a ledger (:func:`ledger_folder`) and
         ``save`` receives the entry so far after every step; ``partial`` (that entry, from an
@@ -310,7 +311,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     except (TypeError, ValueError) as e:
         raise EvalSettingsError(f"bad preset or hyperparameter override: {e}") from None
     run = _Run(config, lm, hp, selection, folder, progress)
-    model_info = {"name": lm.name, "cache_key": lm.cache_key, "edited_layers_sha256": _weights_sha(run.base)}
+    model_info = {"name": lm.name, "cache_key": lm.cache_key, "edited_layers_sha256": weights_sha(run.base)}
     data = store.data
     if "model" in data and data["model"] != model_info:
         raise EvalSettingsError(
@@ -326,7 +327,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     data["settings"]["overrides"] = settings["overrides"]  # how these hparams are spelt today
     runs, skipped = plan(config)
     data.update({
-        "model": model_info, "hparams": hp.to_dict(), "selection": selection.to_dict(), "versions": _versions(),
+        "model": model_info, "hparams": hp.to_dict(), "selection": selection.to_dict(), "versions": library_versions(),
         "protocol": {
             "values": config.values, "values_description": VALUES_PROTOCOL[config.values],
             "evaluation": "each configuration starts from the base weights; metrics on the final model after all "
@@ -344,10 +345,10 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     data.setdefault("configs", {})
     # A folder can grow (methods or modes added by a later run): keep what earlier runs requested.
     asked = {"methods": config.methods, "alignments": config.alignments, "modes": config.modes}
-    data["requested"] = {k: _union(data.get("requested", {}).get(k, []), v) for k, v in asked.items()}
-    data["planned"] = _union(data.get("planned", []), [r["label"] for r in runs])
-    data["skipped"] = _union(data.get("skipped", []), skipped)
-    this_run = {"started": _now(), "finished": None, "ran": [], "resumed": [], "reused": []}
+    data["requested"] = {k: union_in_order(data.get("requested", {}).get(k, []), v) for k, v in asked.items()}
+    data["planned"] = union_in_order(data.get("planned", []), [r["label"] for r in runs])
+    data["skipped"] = union_in_order(data.get("skipped", []), skipped)
+    this_run = {"started": utc_now(), "finished": None, "ran": [], "resumed": [], "reused": []}
     data.setdefault("runs", []).append(this_run)
     t_run = time.perf_counter()
     try:
@@ -371,12 +372,12 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
                 partial = data["configs"].get(label) if data["configs"].get(label, {}).get("status") == "running" else None
 
                 def save(entry: dict[str, Any], label: str = label) -> None:
-                    data["configs"][label] = {**entry, "status": "running", "updated": _now()}
+                    data["configs"][label] = {**entry, "status": "running", "updated": utc_now()}
                     store.write()
 
-                entry = run.config(r["method"], r["alignment"], r["mode"], _scored_finals(data["configs"]),
+                entry = run.config(r["method"], r["alignment"], r["mode"], scored_finals(data["configs"]),
                                    partial, save)
-                data["configs"][label] = {**entry, "status": "done", "completed": _now()}
+                data["configs"][label] = {**entry, "status": "done", "completed": utc_now()}
                 this_run["ran"].append(label)
                 if entry.get("continued_after_step"):
                     this_run.setdefault("continued", []).append(label)
@@ -385,7 +386,7 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
             emit(progress, ProgressEvent(Phase.CONFIGS, advance=1, total=len(runs)))
     finally:
         run.restore()
-    this_run["finished"] = _now()
+    this_run["finished"] = utc_now()
     this_run["wall_seconds"] = time.perf_counter() - t_run
     store.write()
     return data

@@ -24,7 +24,7 @@ import torch
 from ..facts import Fact
 from ..progress import ProgressCallback
 from .scoring import map_target_log_probs, target_rows
-from .counterfact import _mean, _Summarised
+from .counterfact import Summarised, mean_known
 
 __all__ = [
     "ZsreRecord",
@@ -98,7 +98,7 @@ class ZsreRecord:
 
 
 @dataclass(frozen=True)
-class ZsreResult(_Summarised):
+class ZsreResult(Summarised):
     """Per-record rows and means over the records where each metric is defined."""
 
     records: tuple[ZsreRecord, ...]
@@ -133,18 +133,18 @@ def zsre_metrics(
         neigh = [next(out) for _ in f.neighbors]
         pre = None
         if reference is not None and neigh:
-            pre = _mean([_accuracy(pred, ref) for (pred, _), ref in zip(neigh, reference.predictions[i])])
+            pre = mean_known([_accuracy(pred, ref) for (pred, _), ref in zip(neigh, reference.predictions[i])])
         records.append(ZsreRecord(
             fact_id=f.id,
             efficacy=eff,
-            generalization=_mean(para),
-            specificity_vs_gold=_mean([_accuracy(*n) for n in neigh]),
+            generalization=mean_known(para),
+            specificity_vs_gold=mean_known([_accuracy(*n) for n in neigh]),
             specificity_vs_pre_edit=pre,
         ))
     return ZsreResult(
         records=tuple(records),
-        efficacy=_mean([r.efficacy for r in records]),
-        generalization=_mean([r.generalization for r in records]),
-        specificity_vs_gold=_mean([r.specificity_vs_gold for r in records]),
-        specificity_vs_pre_edit=_mean([r.specificity_vs_pre_edit for r in records]),
+        efficacy=mean_known([r.efficacy for r in records]),
+        generalization=mean_known([r.generalization for r in records]),
+        specificity_vs_gold=mean_known([r.specificity_vs_gold for r in records]),
+        specificity_vs_pre_edit=mean_known([r.specificity_vs_pre_edit for r in records]),
     )

@@ -142,15 +142,6 @@ class LedgerSession:
             return None
         return self.ledger.kv(plan.remove, self.bank.layers)
 
-    def solve_layer(self, layer: int, K: Tensor, V: Tensor, removed: Constraints | None,
-                    constraints: Constraints) -> Tensor:
-        """``Δ`` for ``layer`` from ``K: [d_in, n]`` and absolute targets ``V: [d_out, n]`` rounded to the
-        storage dtype first (recorded in ``constraints``), removing the replaced facts' columns."""
-        Ks, Vs = self.round_kv(K, V)
-        constraints[layer] = (Ks, Vs)
-        Kr, Vr = removed[layer] if removed else (None, None)
-        return self.bank.update(layer, Ks.double(), Vs.double(), Kr, Vr)
-
     def commit_apply(self, facts: list[Fact], plan: Plan, constraints: Constraints,
                      update_norms: dict[int, float], hparams: dict[str, Any],
                      prompt_format: str | None = None, targets: Tensor | None = None) -> StepRecord:
