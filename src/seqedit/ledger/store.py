@@ -289,28 +289,39 @@ class Ledger:
         return self.journal.one("SELECT COUNT(*) FROM files")[0]
 
     def kv(self, rows: Sequence[FactRow], layers: Iterable[int]) -> dict[int, tuple[Tensor, Tensor]]:
-        """Stored constraints of ``rows``: ``{layer: (K: [d_in, m], V: [d_out, m])}`` float64, in row order."""
+        """Stored constraints of ``rows``: ``{layer: (K: [d_in, m], V: [d_out, m])}`` float64, in row order
+        (``(None, None)`` per layer for no rows). One gather per step file and layer, not one per row."""
         layers = list(layers)
         files: dict[int, dict] = {}
         for r in rows:
             if r.kv_step not in files:
                 files[r.kv_step] = self.read(step_name(r.kv_step))
         widths = {s: self.kv_width(s) for s in files}
+        cols = {s: min(f[f"{w}.{l}"].shape[1] for l in layers for w in "KV") if layers else 0 for s, f in files.items()}
+        pos: dict[int, list[int]] = {s: [] for s in files}  # output columns of each step's rows ...
+        src: dict[int, list[int]] = {s: [] for s in files}  # ... and their columns in the step's file
+        m = 0
+        for r in rows:
+            w = widths[r.kv_step]
+            if layers and (r.kv_col + 1) * w > cols[r.kv_step]:
+                raise LedgerCorruptError(f"ledger {self.path}: fact {r.fact.id!r} points at columns past the end "
+                                         f"of step {r.kv_step}'s constraints")
+            pos[r.kv_step] += range(m, m + w)
+            src[r.kv_step] += range(r.kv_col * w, (r.kv_col + 1) * w)
+            m += w
         out = {}
         for l in layers:
-            Ks, Vs = [], []
-            for r in rows:
-                w = widths[r.kv_step]
-                K, V = files[r.kv_step][f"K.{l}"], files[r.kv_step][f"V.{l}"]
-                if (r.kv_col + 1) * w > min(K.shape[1], V.shape[1]):
-                    raise LedgerCorruptError(f"ledger {self.path}: fact {r.fact.id!r} points at columns past the end "
-                                             f"of step {r.kv_step}'s constraints")
-                Ks.append(K[:, r.kv_col * w : (r.kv_col + 1) * w])
-                Vs.append(V[:, r.kv_col * w : (r.kv_col + 1) * w])
-            out[l] = (
-                torch.cat(Ks, 1).to(torch.float64) if Ks else None,
-                torch.cat(Vs, 1).to(torch.float64) if Vs else None,
-            )
+            if not rows:
+                out[l] = (None, None)
+                continue
+            pair = []
+            for name in ("K", "V"):
+                rows_dim = next(iter(files.values()))[f"{name}.{l}"].shape[0]
+                T = torch.empty(rows_dim, m, dtype=torch.float64)
+                for s, f in files.items():
+                    T[:, torch.tensor(pos[s])] = f[f"{name}.{l}"][:, torch.tensor(src[s])].to(torch.float64)
+                pair.append(T)
+            out[l] = (pair[0], pair[1])
         return out  # type: ignore[return-value]
 
     def kv_width(self, step: int) -> int:
