@@ -15,7 +15,7 @@ import torch
 from ledger_helpers import LAYERS, apply_facts, fact, make_editor, ote_gap
 
 import seqedit.ledger.writer
-from seqedit import Ledger, LedgerCorruptError
+from seqedit import Ledger, LedgerCorruptError, LedgerError
 from seqedit.datasets import load_facts
 from seqedit.ledger import chain
 from seqedit.ledger.directory import check_writable
@@ -274,3 +274,24 @@ def test_a_format_2_ledger_opens_and_is_upgraded_on_its_first_write(tmp_path: Pa
     assert _problems(path) == []
     _sql(path, "UPDATE facts SET fact = replace(fact, 'Town 2-0', 'Town 9-9') WHERE added = 1")
     assert "breaks at step 1 " in _problems(path)[0]
+
+
+def test_a_held_transaction_that_cannot_commit_closes_the_ledger(tmp_path: Path, monkeypatch) -> None:
+    """If the one commit of a step fails after its parts were released, the journal lost a step the bank
+    holds: the ledger closes, so the editor refuses to journal anything on top of it."""
+    facts = load_facts(counterfact_path(), limit=2)
+    ed = make_editor(tmp_path / "L")
+    ed.apply(facts[:1])
+
+    def full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(chain, "seal_rest", full)
+    with pytest.raises(OSError, match="disk full"):
+        ed.apply(facts[1:])
+    monkeypatch.undo()
+    assert ed.ledger.closed
+    with pytest.raises(LedgerError, match="ledger was closed"):
+        ed.facts_in_force()
+    with make_editor(tmp_path / "L") as again:  # the journal holds step 1 only, and it is sound
+        assert again.ledger.last_step == 1 and again.verify().ok

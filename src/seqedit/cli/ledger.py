@@ -86,7 +86,7 @@ def forget(
     from ..methods import MethodSpec
 
     def check(L: Ledger) -> None:  # the same plan the editor makes, refused before the model loads
-        plan_forget(ids, L.in_force(), MethodSpec.from_dict(L.manifest["method"]))
+        plan_forget(ids, L.in_force_with_ids(ids), MethodSpec.from_dict(L.manifest["method"]))
 
     _step(ledger, model, as_json, "forget", lambda editor: editor.forget(ids), check, dtype, device_map)
 

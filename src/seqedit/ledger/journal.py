@@ -168,8 +168,9 @@ class Journal:
             try:
                 yield
             except BaseException:
-                self.run("ROLLBACK TO part")
-                self.run("RELEASE part")
+                if self.conn is not None and self.conn.in_transaction:  # SQLite may have rolled back itself
+                    self.run("ROLLBACK TO part")
+                    self.run("RELEASE part")
                 raise
             self.run("RELEASE part")
             self._dirty = True
@@ -232,9 +233,13 @@ class Journal:
     def _end(self, commit: bool) -> None:
         after, self._after = self._after, []
         if not commit:
-            with self.errors():
-                self.conn.execute("ROLLBACK")
+            if self.conn is not None and self.conn.in_transaction:  # SQLite may have rolled back itself
+                with self.errors():
+                    self.conn.execute("ROLLBACK")
             return
+        if not self.conn.in_transaction:  # an error inside made SQLite roll it back (a full disk, ...)
+            raise LedgerError(f"ledger {self.path}: the journal rolled the step's transaction back; nothing was "
+                              "committed")
         try:
             self.run("INSERT OR REPLACE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
             chain.seal_rest(self)

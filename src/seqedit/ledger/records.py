@@ -15,7 +15,7 @@ from torch import Tensor
 from ..facts import Fact
 from .journal import LedgerCorruptError, LedgerError
 
-__all__ = ["SNAP_FILE", "STEP_FILE", "FactRow", "StepRecord", "fact_row", "kv_width_of", "sigma_name",
+__all__ = ["SNAP_FILE", "STEP_FILE", "ColumnRow", "FactRow", "StepRecord", "fact_row", "kv_width_of", "sigma_name",
            "snap_name", "step_info", "step_name"]
 
 STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
@@ -37,6 +37,21 @@ class FactRow:
     kv_col: int
     added: int
     removed: int | None
+
+    @property
+    def fact_id(self) -> str:
+        return self.fact.id
+
+
+@dataclass(frozen=True)
+class ColumnRow:
+    """Where a fact keeps its constraints (all ``Ledger.kv`` reads), its fact left undecoded: what
+    ``verify`` needs of every fact in force, at a fraction of a :class:`FactRow`'s cost."""
+
+    row: int
+    fact_id: str
+    kv_step: int
+    kv_col: int
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ forget / undo / verify. It needs a :class:`~seqedit.bank.LayerBank`, never an ed
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from typing import Any, Sequence
 
 from torch import Tensor
@@ -131,7 +132,7 @@ class LedgerSession:
         held = L.in_force() if self.spec.capabilities.latest_only else L.in_force_holding(facts)
         return plan_apply(facts, held, self.spec)
 
-    def one_transaction(self):
+    def one_transaction(self) -> AbstractContextManager[None]:
         """The block's journal writes (an apply step's commit and its annotation) as one transaction."""
         return self.open().held()
 

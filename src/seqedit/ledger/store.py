@@ -35,7 +35,7 @@ from .journal import (
     DB_NAME, FORMAT_VERSION, LOCK_NAME, READABLE_VERSIONS, Journal, LedgerCorruptError, LedgerError,
 )
 from .records import (
-    SNAP_FILE, STEP_FILE, FactRow, StepRecord, fact_row, sigma_name, snap_name, step_info, step_name,
+    SNAP_FILE, STEP_FILE, ColumnRow, FactRow, StepRecord, fact_row, sigma_name, snap_name, step_info, step_name,
 )
 
 __all__ = ["FORMAT_VERSION", "FactRow", "Ledger", "LedgerCorruptError", "LedgerError", "StepRecord"]
@@ -205,8 +205,7 @@ class Ledger:
             for r in self.journal.rows("SELECT * FROM facts INDEXED BY facts_slot_in_force WHERE removed IS NULL "
                                        "AND slot_subject = ? AND slot_prompt = ?", f.slot):
                 found[r["row"]] = r
-        for r in self._in_force_with_ids([f.id for f in facts]):
-            found[r["row"]] = r
+        found |= {r["row"]: r for r in self._in_force_with_ids([f.id for f in facts])}
         return [fact_row(found[k]) for k in sorted(found)]
 
     def in_force_with_ids(self, ids: Sequence[str]) -> list[FactRow]:
@@ -222,6 +221,14 @@ class Ledger:
             out += self.journal.rows(f"SELECT * FROM facts INDEXED BY facts_id_in_force WHERE removed IS NULL AND "
                                      f"fact_id IN ({', '.join('?' * len(part))})", part)
         return out
+
+    def in_force_columns(self) -> list[ColumnRow]:
+        """Where each fact in force keeps its constraints, in row order (facts not decoded)."""
+        return [ColumnRow(*r) for r in self.journal.rows("SELECT row, fact_id, kv_step, kv_col FROM facts "
+                                                         "WHERE removed IS NULL ORDER BY row")]
+
+    def count_in_force(self) -> int:
+        return self.journal.one("SELECT COUNT(*) FROM facts WHERE removed IS NULL")[0]
 
     def in_force_after(self, step: int) -> list[FactRow]:
         """Facts that were in force right after ``step``."""
@@ -288,29 +295,40 @@ class Ledger:
     def file_count(self) -> int:
         return self.journal.one("SELECT COUNT(*) FROM files")[0]
 
-    def kv(self, rows: Sequence[FactRow], layers: Iterable[int]) -> dict[int, tuple[Tensor, Tensor]]:
-        """Stored constraints of ``rows``: ``{layer: (K: [d_in, m], V: [d_out, m])}`` float64, in row order."""
+    def kv(self, rows: Sequence[FactRow | ColumnRow], layers: Iterable[int]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Stored constraints of ``rows``: ``{layer: (K: [d_in, m], V: [d_out, m])}`` float64, in row order
+        (``(None, None)`` per layer for no rows). One gather per step file and layer, not one per row."""
         layers = list(layers)
         files: dict[int, dict] = {}
         for r in rows:
             if r.kv_step not in files:
                 files[r.kv_step] = self.read(step_name(r.kv_step))
         widths = {s: self.kv_width(s) for s in files}
+        cols = {s: min(f[f"{w}.{l}"].shape[1] for l in layers for w in "KV") if layers else 0 for s, f in files.items()}
+        pos: dict[int, list[int]] = {s: [] for s in files}  # output columns of each step's rows ...
+        src: dict[int, list[int]] = {s: [] for s in files}  # ... and their columns in the step's file
+        m = 0
+        for r in rows:
+            w = widths[r.kv_step]
+            if layers and (r.kv_col + 1) * w > cols[r.kv_step]:
+                raise LedgerCorruptError(f"ledger {self.path}: fact {r.fact_id!r} points at columns past the end "
+                                         f"of step {r.kv_step}'s constraints")
+            pos[r.kv_step] += range(m, m + w)
+            src[r.kv_step] += range(r.kv_col * w, (r.kv_col + 1) * w)
+            m += w
         out = {}
         for l in layers:
-            Ks, Vs = [], []
-            for r in rows:
-                w = widths[r.kv_step]
-                K, V = files[r.kv_step][f"K.{l}"], files[r.kv_step][f"V.{l}"]
-                if (r.kv_col + 1) * w > min(K.shape[1], V.shape[1]):
-                    raise LedgerCorruptError(f"ledger {self.path}: fact {r.fact.id!r} points at columns past the end "
-                                             f"of step {r.kv_step}'s constraints")
-                Ks.append(K[:, r.kv_col * w : (r.kv_col + 1) * w])
-                Vs.append(V[:, r.kv_col * w : (r.kv_col + 1) * w])
-            out[l] = (
-                torch.cat(Ks, 1).to(torch.float64) if Ks else None,
-                torch.cat(Vs, 1).to(torch.float64) if Vs else None,
-            )
+            if not rows:
+                out[l] = (None, None)
+                continue
+            pair = []
+            for name in ("K", "V"):
+                rows_dim = next(iter(files.values()))[f"{name}.{l}"].shape[0]
+                T = torch.empty(rows_dim, m, dtype=torch.float64)
+                for s, f in files.items():
+                    T[:, torch.tensor(pos[s])] = f[f"{name}.{l}"][:, torch.tensor(src[s])].to(torch.float64)
+                pair.append(T)
+            out[l] = (pair[0], pair[1])
         return out  # type: ignore[return-value]
 
     def kv_width(self, step: int) -> int:

@@ -55,7 +55,7 @@ def check_files(ledger: Ledger, tol: float = 1e-8) -> VerifyReport:
     t0 = time.perf_counter()
     bad = ledger.check_files()
     try:
-        n_facts, steps = len(ledger.in_force()), ledger.last_step
+        n_facts, steps = ledger.count_in_force(), ledger.last_step
     except LedgerError as e:
         n_facts, steps = 0, 0
         if not bad:
@@ -78,7 +78,7 @@ def verify(bank: LayerBank, ledger: Ledger, tol: float = 1e-8) -> VerifyReport:
     weights, compare with ``bank``'s live weights per layer, and check every file's checksum."""
     t0 = time.perf_counter()
     bad = ledger.check_files()
-    rows = ledger.in_force()
+    rows = ledger.in_force_columns()  # the facts themselves are the hash chain's to vouch for
     caps = bank.capabilities
     kv = ledger.kv(rows, bank.layers) if caps.exact and not bad else {}
     layers: dict[int, dict[str, Any]] = {}
