@@ -225,7 +225,7 @@ def test_auth_on_every_route(client):
                 r = client.request(method, path, headers=headers, json={})
                 assert r.status_code == 401, (method, path, r.text)
                 assert r.json()["error"]["code"] == "unauthorized"
-            write = method != "GET" and path not in ("/v1/completions", "/v1/verify")
+            write = method != "GET" and path not in ("/v1/completions", "/v1/chat/completions", "/v1/verify")
             if write:
                 r = client.request(method, path, headers=auth(READ_TOKEN), json={})
                 assert r.status_code == 403, (method, path, r.text)

@@ -19,7 +19,7 @@ from .edit_queue import EditQueue
 from .errors import ApiError, install_handlers
 from .middleware import AccessLog, BodyLimit
 from .page import render_page
-from . import completions, routes
+from . import chat, completions, routes
 from .schemas import Health
 from .worker import Worker
 
@@ -66,6 +66,7 @@ def create_app(config: ServeConfig, load: Callable[[], LoadedModel] | None = Non
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(completions.router)
+    app.include_router(chat.router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:
