@@ -18,6 +18,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
 class FactIn(Strict):
     """One fact, the fields of :class:`seqedit.Fact` (``prompt`` holds ``{}`` where the subject goes, or
     contains the subject)."""
@@ -147,6 +157,21 @@ class _Sampling(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
 
 
+class JobOut(BaseModel):
+    """A worker job: ``queued`` → ``running`` → ``done`` (``result``) or ``failed`` (``error`` with its
+    HTTP ``status``), or ``cancelled`` (its client stopped waiting before it started; nothing was done)."""
+
+    id: str
+    what: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    created: float
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    result: Optional[dict[str, Any]] = None
+    error: Optional[ErrorDetail] = None
+    status: Optional[int] = None
+
+
 class CompletionIn(_Sampling):
     """The OpenAI ``/v1/completions`` request. ``logprobs``: alternatives per token (0..20), ``echo``:
     the prompt is prepended to each choice (with its tokens' log-probabilities when asked);
@@ -241,13 +266,3 @@ class Health(BaseModel):
     ready: bool = True
     step: Optional[int] = None
     model: Optional[str] = None
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    type: str
-
-
-class ErrorOut(BaseModel):
-    error: ErrorDetail
