@@ -81,6 +81,7 @@ class Worker:
         self.step_seconds = 1.0  # of the last step (Retry-After estimates)
         self.steps_applied = 0
         self.steps_failed = 0
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, facts) of each applied step
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="seqedit-worker", daemon=True)
@@ -252,6 +253,8 @@ class Worker:
         self.backoff_s = 0.0
         self.steps_applied += 1
         self.step_seconds = time.perf_counter() - t0
+        if self.on_step is not None:
+            self.on_step(self.step_seconds, len(batch))
         step = self.editor.last_record.id
         self._refresh()  # before the edits read as applied, so a client that saw "applied" finds the fact
         self.queue.mark_applied([r.id for r in batch], step)
