@@ -164,9 +164,13 @@ def get_edit(edit_id: str, request: Request) -> EditOut:
 
 # ---------------------------------------------------------------------------------------------- facts and steps
 @router.get("/facts", response_model=FactsPage, dependencies=[READ])
-def list_facts(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000)) -> FactsPage:
-    """Facts in force, oldest first."""
-    facts = worker_of(request).view.facts
+def list_facts(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000),
+               q: Optional[str] = Query(None, min_length=1, max_length=200,
+                                        description="Only facts whose id, subject, target or text contain this (any case).")
+               ) -> FactsPage:
+    """Facts in force, oldest first (``total`` counts the matches of ``q`` when given)."""
+    view = worker_of(request).view
+    facts = view.facts if q is None else view.search(q)
     return FactsPage(total=len(facts), offset=offset, limit=limit,
                      facts=[_fact_out(r) for r in facts[offset: offset + limit]])
 

@@ -58,8 +58,22 @@ class LedgerView:
     steps: tuple[StepRecord, ...] = ()
     last_step: int = 0
 
+    def __post_init__(self) -> None:
+        # built once per step, so a lookup or a search does not parse 100,000 facts per request
+        object.__setattr__(self, "_by_id", {r.fact.id: r for r in self.facts})
+        object.__setattr__(self, "_haystack", None)
+
     def fact(self, fact_id: str) -> FactRow | None:
-        return next((r for r in self.facts if r.fact.id == fact_id), None)
+        return self._by_id.get(fact_id)
+
+    def search(self, query: str) -> list[FactRow]:
+        """Facts in force whose id, subject, target or filled prompt contain ``query`` (case-folded), oldest first."""
+        if self._haystack is None:
+            object.__setattr__(self, "_haystack", [
+                "\n".join((r.fact.id or "", r.fact.subject, r.fact.target, r.fact.prompt.replace("{}", r.fact.subject)))
+                .casefold() for r in self.facts])
+        q = query.casefold()
+        return [r for r, text in zip(self.facts, self._haystack) if q in text]
 
 
 class Worker:
