@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from .errors import ApiError, error_body
-from .generate import Completion, TokenLogprob, complete, score_prompt, stream_complete
+from .generate import GREEDY_BELOW, Completion, TokenLogprob, complete, score_prompt, stream_complete
 from .routes import worker_of
 from .schemas import _Sampling
 
@@ -65,6 +65,11 @@ def generate_choices(worker: Any, encoded: list[list[int]], body: _Sampling, sto
     and (``score_echo``) each prompt's own token log-probabilities, all under one read lock (so one
     answer never mixes weights from before and after a step; the lock is not reentrant)."""
     out = []
+    batcher = worker.batcher
+    if batcher is not None and body.temperature < GREEDY_BELOW and logprobs is None and not score_echo and max_tokens:
+        # greedy, nothing but text: share forward passes with concurrent requests (one lock for all prompts)
+        done = batcher.complete(encoded, max_tokens, stops)
+        return [(i, c) for i, c in enumerate(done) for _ in range(body.n)], {}
     with worker.weights.read():
         echoed = {i: score_prompt(worker.loaded, ids, logprobs or 0) for i, ids in enumerate(encoded)} if score_echo else {}
         for i, ids in enumerate(encoded):

@@ -28,6 +28,7 @@ from ..models.load import LoadedModel
 from .config import ServeConfig
 from .edit_queue import EDIT_META_KEY, EditQueue, EditRecord
 from .errors import ApiError
+from .batching import Batcher
 from .jobs import Jobs
 from .weights_lock import WeightsLock
 
@@ -84,6 +85,7 @@ class Worker:
         self.weights = WeightsLock()
         self.view = LedgerView()
         self.loaded: LoadedModel | None = None
+        self.batcher: Batcher | None = None  # greedy completions share forward passes
         self.editor: Editor | None = None
         self.ready = False
         self.status = "starting"
@@ -155,6 +157,8 @@ class Worker:
             self.ready = False
             self.status = "stopped"
             self.jobs.fail_waiting("the service is shutting down")
+            if self.batcher is not None:
+                self.batcher.close()
             if self.editor is not None:
                 self.editor.close()
             log.info("worker stopped", extra={"event": "worker_stopped"})
@@ -163,6 +167,8 @@ class Worker:
         t0 = time.perf_counter()
         self.status = "loading the model"
         self.loaded = self._load()
+        if self.config.batch_rows > 1:
+            self.batcher = Batcher(self.loaded, self.weights.read, self.config.batch_rows, self.config.batch_wait_s)
         self.status = "opening the ledger"
         options = {k: v for k, v in self.config.editor_options.items() if v is not None}
         self.editor = Editor(self.loaded, ledger=self.config.ledger, **options)
