@@ -43,3 +43,45 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
             t.join()
         assert [got[k] for k in range(len(ask))] == alone
         assert batcher.batches - before < len(ask)  # some requests shared a generate call
+
+
+def test_a_closed_batcher_answers_what_is_still_queued():
+    from seqedit.serve.batching import Batcher
+    from seqedit.serve.errors import ApiError
+
+    lm = tiny_model("llama")
+    gate = threading.Event()
+
+    class Held:  # the first batch holds the lock until the batcher is closed
+        def __enter__(self):
+            gate.wait(30)
+
+        def __exit__(self, *exc):
+            return False
+
+    b = Batcher(lm, Held, max_rows=1, wait_s=0.0)
+    outcomes: list[object] = []
+
+    def ask() -> None:
+        try:
+            outcomes.append(b.complete([prompt_ids(lm, "The")], 2, []))
+        except ApiError as e:
+            outcomes.append(e.status)
+
+    import time
+
+    threads = [threading.Thread(target=ask)]
+    threads[0].start()
+    time.sleep(0.3)  # its batch runs, and holds the lock
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    time.sleep(0.1)
+    threads += [threading.Thread(target=ask) for _ in range(2)]  # queued behind the close
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads + [closer]:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)  # nobody waits forever
+    assert len(outcomes) == 3 and outcomes.count(503) == 2 and isinstance(outcomes[0], list)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..models.load import LoadedModel
+from .errors import ApiError
 from .generate import Completion, cut_at_stop
 
 __all__ = ["Batcher", "complete_batch"]
@@ -98,6 +99,7 @@ class Batcher:
             first = carry if carry is not None else self._queue.get()
             carry = None
             if first is None:
+                self._refuse_waiting()
                 return
             batch, rows = [first], len(first.prompts)
             # wait for company only where there is concurrency: a lone client pays no batching delay
@@ -117,6 +119,16 @@ class Batcher:
                 rows += len(unit.prompts)
             self._last_units = len(batch)
             self._generate(batch)
+
+    def _refuse_waiting(self) -> None:
+        """After close: answer whatever is still queued (a request must not wait forever)."""
+        while True:
+            try:
+                unit = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if unit is not None:
+                unit.future.set_exception(ApiError(503, "unavailable", "the service is shutting down"))
 
     def _generate(self, batch: list[_Unit]) -> None:
         prompts = [p for u in batch for p in u.prompts]
