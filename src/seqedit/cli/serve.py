@@ -39,8 +39,8 @@ def serve(
     workers: int = typer.Option(1, "--workers", help="Must be 1: one process owns the editor and its ledger."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error."),
 ) -> None:
-    """Serve the ledger's model over HTTP: durable edit queue, facts, forget/undo, verify, export,
-    and OpenAI-shaped /v1/completions on the live edited model."""
+    """Serve the ledger's model over HTTP: durable bounded edit queue, facts, forget/undo, verify, export,
+    /metrics, and OpenAI-shaped /v1/completions and /v1/chat/completions on the live edited model."""
     try:
         import uvicorn
 
