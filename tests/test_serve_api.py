@@ -104,7 +104,9 @@ def test_forget_undo_log_verify(client):
     assert client.post("/v1/steps/99999/undo", headers=auth()).status_code == 404
     log = client.get("/v1/log?limit=2", headers=auth(READ_TOKEN)).json()
     assert [s["id"] for s in log["steps"]] == [undo["id"], step["id"]] and log["last_step"] == undo["id"]
-    rep = client.post("/v1/verify", json={"tol": 1e-8}, headers=auth(READ_TOKEN)).json()
+    refused = client.post("/v1/verify", json={"tol": 1e-8}, headers=auth(READ_TOKEN))  # verify holds the worker
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden"
+    rep = client.post("/v1/verify", json={"tol": 1e-8}, headers=auth()).json()
     assert rep["ok"] and rep["n_facts"] == client.get("/v1/facts", headers=auth()).json()["total"]
 
 
@@ -225,7 +227,7 @@ def test_auth_on_every_route(client):
                 r = client.request(method, path, headers=headers, json={})
                 assert r.status_code == 401, (method, path, r.text)
                 assert r.json()["error"]["code"] == "unauthorized"
-            write = method != "GET" and path not in ("/v1/completions", "/v1/verify")
+            write = method != "GET" and path not in ("/v1/completions", "/v1/chat/completions")
             if write:
                 r = client.request(method, path, headers=auth(READ_TOKEN), json={})
                 assert r.status_code == 403, (method, path, r.text)

@@ -1,5 +1,6 @@
 """The page at / in a real headless browser (the system's Chromium driven by Playwright): enter the token,
-submit a fact, see it applied, withdraw it. SEQEDIT_SCREENSHOT=PATH saves the page with the fact applied
+submit a fact, see it applied, ask the model in the "try it" panel (bare and through chat), search and
+page the facts in force, withdraw a fact. SEQEDIT_SCREENSHOT=PATH saves the page with the fact applied
 (docs/serve-page.png was made so)."""
 
 from __future__ import annotations
@@ -53,8 +54,31 @@ def test_submit_see_applied_and_withdraw_in_a_browser(tmp_path: Path) -> None:
                 page.wait_for_selector(f"#facts tr[data-fact-id={fact_id}]", timeout=30_000)  # applied
             assert page.locator("#edits .state-applied").count() == 2
             assert page.locator("#facts tr[data-fact-id=tower] td").nth(2).text_content() == "Town 1-0"
+            # try it: the panel's answer is the API's greedy answer, bare and through the chat template
+            import httpx
+
+            ask = {"max_tokens": 16, "temperature": 0}
+            h = {"Authorization": f"Bearer {WRITE_TOKEN}"}
+            bare = httpx.post(base + "/v1/completions", json={**ask, "prompt": "Place 1 is located in"}, headers=h)
+            page.fill("#try-text", "Place 1 is located in")
+            page.click("[data-testid=ask]")
+            expect(page.locator("#try-answer")).to_have_text(bare.json()["choices"][0]["text"], timeout=20_000)
+            chat = httpx.post(base + "/v1/chat/completions", headers=h, json={
+                **ask, "messages": [{"role": "user", "content": "Place 1 is located in what?"}]})
+            page.fill("#try-text", "Place 1 is located in what?")
+            page.check("#try-chat")
+            page.click("[data-testid=ask]")
+            expect(page.locator("#try-answer")).to_have_text(chat.json()["choices"][0]["message"]["content"],
+                                                             timeout=20_000)
+            # search the facts in force: only the match stays in the table
+            page.fill("#fact-search", "river")
+            page.wait_for_selector("#facts tr[data-fact-id=tower]", state="detached", timeout=10_000)
+            assert page.locator("#facts tr[data-fact-id=river]").count() == 1
+            expect(page.locator("#facts-range")).to_have_text("1–1 of 1 matching", timeout=10_000)
             if out := os.environ.get("SEQEDIT_SCREENSHOT"):
                 page.screenshot(path=out, full_page=True)
+            page.fill("#fact-search", "")
+            page.wait_for_selector("#facts tr[data-fact-id=tower]", timeout=10_000)
             page.click("[data-testid=withdraw-tower]")
             page.wait_for_selector("#facts tr[data-fact-id=tower]", state="detached", timeout=20_000)
             assert page.locator("#facts tr[data-fact-id=river]").count() == 1

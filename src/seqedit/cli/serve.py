@@ -31,10 +31,16 @@ def serve(
     max_batch: int = typer.Option(64, "--max-batch", help="Most facts per ledger step."),
     max_wait_s: float = typer.Option(0.5, "--max-wait-s", help="Longest a queued fact waits for a fuller batch."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Largest max_tokens a completion may ask for."),
+    max_queue: int = typer.Option(10_000, "--max-queue", help="Most edits queued; more answer 429 with Retry-After."),
+    max_jobs: int = typer.Option(64, "--max-jobs", help="Most forget/undo/verify/export jobs waiting (429 beyond)."),
+    keep_applied_days: Optional[float] = typer.Option(
+        None, "--keep-applied-days", help="Delete applied queue entries older than this (default: keep them)."),
+    batch_rows: int = typer.Option(16, "--batch-rows", help="Greedy prompts sharing one forward pass (1: no batching)."),
+    workers: int = typer.Option(1, "--workers", help="Must be 1: one process owns the editor and its ledger."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error."),
 ) -> None:
-    """Serve the ledger's model over HTTP: durable edit queue, facts, forget/undo, verify, export,
-    and OpenAI-shaped /v1/completions on the live edited model."""
+    """Serve the ledger's model over HTTP: durable bounded edit queue, facts, forget/undo, verify, export,
+    /metrics, and OpenAI-shaped /v1/completions and /v1/chat/completions on the live edited model."""
     try:
         import uvicorn
 
@@ -46,6 +52,10 @@ def serve(
     from ..serve.config import TOKEN_ENV
     from ..serve.logs import configure_logging
 
+    if workers != 1:
+        fail(f"--workers {workers}: seqedit serve runs as one process, because one process owns the editor, its "
+             "ledger connection and the weights it edits (more processes would apply edits to separate copies). "
+             "Scale reads with replicas of an exported model behind a reverse proxy (docs/serve.md)")
     if model is None and not Ledger.exists(ledger):
         fail(f"--model is needed to start the new ledger {ledger}")
     options = {"method": method, "alignment": alignment, "layers": parse_layers(layers), "lam": lam,
@@ -59,7 +69,8 @@ def serve(
         config = ServeConfig(ledger=ledger, model=model, dtype=dtype, device_map=parse_device_map(device_map),
                              editor_options=options, host=host, port=port,
                              tokens=tokens, export_root=export_root, max_batch=max_batch, max_wait_s=max_wait_s,
-                             max_tokens=max_tokens)
+                             max_tokens=max_tokens, max_queue=max_queue, max_jobs=max_jobs,
+                             keep_applied_days=keep_applied_days, batch_rows=batch_rows)
         configure_logging(log_level)
         application = create_app(config)
     except (SeqEditError, OSError, ValueError) as e:

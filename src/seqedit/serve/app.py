@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..version import __version__
 from ..models.load import LoadedModel
@@ -17,9 +17,10 @@ from .auth import require
 from .config import ServeConfig
 from .edit_queue import EditQueue
 from .errors import ApiError, install_handlers
+from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .middleware import AccessLog, BodyLimit
 from .page import render_page
-from . import completions, routes
+from . import chat, completions, routes
 from .schemas import Health
 from .worker import Worker
 
@@ -61,11 +62,14 @@ def create_app(config: ServeConfig, load: Callable[[], LoadedModel] | None = Non
                   description="Keeps a deployed model's facts current: durable edit queue, exact forget/undo, "
                               "OpenAI-shaped completions on the live edited model.")
     app.state.config, app.state.queue, app.state.worker = config, queue, worker
+    app.state.metrics = metrics = Metrics(worker, queue)
+    worker.on_step = metrics.observe_step
     app.state.started = time.time()
     app.state.model_id = config.model or "seqedit"
     install_handlers(app)
     app.include_router(routes.router)
     app.include_router(completions.router)
+    app.include_router(chat.router)
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     def healthz() -> Health:
@@ -78,6 +82,12 @@ def create_app(config: ServeConfig, load: Callable[[], LoadedModel] | None = Non
         if not worker.ready:
             raise ApiError(503, "unavailable", f"not ready: {worker.status}")
         return Health(status="ready", step=worker.view.last_step, model=app.state.model_id)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(require("read"))],
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    def prometheus() -> Response:
+        """Queue depth, facts in force, steps and their seconds, request latency (Prometheus text format)."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require("read"))])
     def openapi() -> JSONResponse:
@@ -93,5 +103,5 @@ def create_app(config: ServeConfig, load: Callable[[], LoadedModel] | None = Non
         })
 
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, metrics=metrics)
     return app

@@ -1,63 +1,47 @@
-"""The OpenAI side of the ``/v1`` API: ``/v1/models`` and ``/v1/completions`` (plain JSON, or
-server-sent events with ``stream=true``) on the live edited model, under the weights' read lock."""
+"""The OpenAI text side of the ``/v1`` API: ``/v1/models`` and ``/v1/completions`` (plain JSON, or
+server-sent events with ``stream=true``) on the live edited model, under the weights' read lock.
+``stop``, ``n``, ``logprobs`` and ``echo`` are implemented; any other field is refused by name."""
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 import uuid
 from typing import Any, Iterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from .errors import ApiError, error_body
-from .generate import complete, prompt_ids, stream_complete
-from .routes import ERRORS, READ, worker_of
+from .errors import ApiError
+from .generate import Completion, TokenLogprob, prompt_ids
+from .openai_common import check_common, check_context, generate_choices, served, sse
+from .routes import ERRORS, READ
 from .schemas import CompletionIn, CompletionOut, ModelList
-from .worker import Worker
 
 __all__ = ["router"]
 
-log = logging.getLogger("seqedit.serve")
 router = APIRouter(prefix="/v1", responses=ERRORS)
-
-
-def _stream(request: Request, lm: Any, worker: Worker, encoded: list[list[int]], body: CompletionIn,
-            stops: list[str]) -> StreamingResponse:
-    """Server-sent events as OpenAI streams them: one ``text_completion`` chunk per piece of text, the
-    choice's ``finish_reason`` on its last chunk, then ``data: [DONE]``. An error after the first byte
-    (the status is sent) becomes an ``error`` event."""
-    head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
-            "model": request.app.state.model_id}
-    pieces = stream_complete(lm, encoded, worker.weights.read(), max_tokens=body.max_tokens,
-                             temperature=body.temperature, top_p=body.top_p, n=body.n, stops=stops, seed=body.seed)
-
-    def events() -> Iterator[str]:
-        try:
-            for k, text, finish in pieces:
-                choice = {"text": text, "index": k, "logprobs": None, "finish_reason": finish}
-                yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-        except Exception as e:
-            log.error("streamed completion failed", exc_info=e, extra={"event": "stream_error"})
-            yield f"data: {json.dumps(error_body('internal', 'generation failed (see the server log)'))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _served(request: Request) -> Any:
-    worker = worker_of(request)
-    if not worker.ready or worker.loaded is None:
-        raise ApiError(503, "unavailable", f"the model is not ready ({worker.status})")
-    return worker
 
 
 @router.get("/models", response_model=ModelList, dependencies=[READ])
 def models(request: Request) -> ModelList:
-    _served(request)
+    served(request)
     return ModelList(data=[{"id": request.app.state.model_id, "created": int(request.app.state.started)}])
+
+
+def _legacy_logprobs(tokens: tuple[TokenLogprob, ...], shift: int = 0) -> dict[str, list]:
+    """The ``/v1/completions`` form: parallel lists, offsets into the choice's text."""
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
+            "text_offset": [t.offset + shift for t in tokens]}
+
+
+def _choice(index: int, prompt: str, c: Completion, echoed: tuple[TokenLogprob, ...] | None, echo: bool) -> dict:
+    text = (prompt + c.text) if echo else c.text
+    lps = None
+    if c.logprobs is not None:
+        head = _legacy_logprobs(echoed) if echo and echoed is not None else None
+        tail = _legacy_logprobs(c.logprobs, len(prompt) if echo else 0)
+        lps = tail if head is None else {k: head[k] + tail[k] for k in tail}
+    return {"text": text, "index": index, "logprobs": lps, "finish_reason": c.finish_reason}
 
 
 @router.post("/completions", response_model=CompletionOut, dependencies=[READ],
@@ -66,36 +50,34 @@ def models(request: Request) -> ModelList:
 def completions(body: CompletionIn, request: Request) -> Any:
     """OpenAI ``/v1/completions`` on the live edited model; it sees the weights before or after a step, never during."""
     config = request.app.state.config
+    stops = check_common(body, request, body.max_tokens)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     if not 1 <= len(prompts) <= config.max_prompts:
         raise ApiError(400, "invalid_request", f"prompt: give 1..{config.max_prompts} prompts, got {len(prompts)}")
     if any(not isinstance(p, str) or len(p) > 8000 for p in prompts):
         raise ApiError(400, "invalid_request", "prompt: each prompt must be a string of at most 8000 characters")
-    if body.max_tokens > config.max_tokens:
-        raise ApiError(400, "invalid_request", f"max_tokens: at most {config.max_tokens}, got {body.max_tokens}")
-    if body.n > config.max_n:
-        raise ApiError(400, "invalid_request", f"n: at most {config.max_n}, got {body.n}")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4 or any(len(s) > 200 for s in stops):
-        raise ApiError(400, "invalid_request", "stop: at most 4 strings of at most 200 characters")
-    worker = _served(request)
+    if body.max_tokens == 0 and not (body.echo and not body.stream):
+        raise ApiError(400, "invalid_request", "max_tokens: 0 is only allowed with echo=true and without stream")
+    if body.stream and body.logprobs is not None:
+        raise ApiError(400, "unsupported", "logprobs: not supported with stream=true (ask without streaming)")
+    worker = served(request)
     lm = worker.loaded
-    limit = int(getattr(lm.model.config, "max_position_embeddings", 2048) or 2048)
     encoded = [prompt_ids(lm, p) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if len(ids) + body.max_tokens > limit:
-            raise ApiError(400, "invalid_request",
-                           f"prompt[{i}]: {len(ids)} tokens + max_tokens {body.max_tokens} exceed the context of {limit}")
+    check_context(lm, encoded, body.max_tokens)
+    head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
+            "model": request.app.state.model_id}
     if body.stream:
-        return _stream(request, lm, worker, encoded, body, stops)
-    choices, used = [], 0
-    with worker.weights.read():
-        for i, ids in enumerate(encoded):
-            for j, c in enumerate(complete(lm, ids, max_tokens=body.max_tokens, temperature=body.temperature,
-                                           top_p=body.top_p, n=body.n, stops=stops, seed=body.seed)):
-                choices.append({"text": c.text, "index": i * body.n + j, "finish_reason": c.finish_reason})
-                used += c.tokens
+        def first(k: int) -> Iterator[dict]:
+            if body.echo:
+                yield {**head, "choices": [{"text": prompts[k // body.n], "index": k, "logprobs": None,
+                                            "finish_reason": None}]}
+
+        return sse(worker, encoded, body, stops, body.max_tokens, first, lambda k, text, finish: {
+            **head, "choices": [{"text": text, "index": k, "logprobs": None, "finish_reason": finish}]})
+    results, echoed = generate_choices(worker, encoded, body, stops, body.max_tokens, body.logprobs,
+                                       score_echo=body.echo and body.logprobs is not None)
+    choices = [_choice(k, prompts[i], c, echoed.get(i), body.echo) for k, (i, c) in enumerate(results)]
+    used = sum(c.tokens for _, c in results)
     n_prompt = sum(len(ids) for ids in encoded)
-    return CompletionOut(id="cmpl-" + uuid.uuid4().hex, created=int(time.time()), model=request.app.state.model_id,
-                         choices=choices, usage={"prompt_tokens": n_prompt, "completion_tokens": used,
-                                                 "total_tokens": n_prompt + used})
+    return CompletionOut(**head, choices=choices, usage={"prompt_tokens": n_prompt, "completion_tokens": used,
+                                                         "total_tokens": n_prompt + used})

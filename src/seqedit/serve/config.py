@@ -91,6 +91,11 @@ class ServeConfig:
     page_size_limit: int = 1000
     verify_on_start: bool = True
     job_timeout_s: float = 600.0
+    max_queue: int = 10_000  # queued edits; a submission over it answers 429
+    max_jobs: int = 64  # forget/undo/verify/export jobs waiting for the worker
+    keep_applied_days: float | None = None  # None: applied queue entries are kept forever
+    batch_rows: int = 16  # greedy prompts sharing one generate call (serve/batching.py); 1: no batching
+    batch_wait_s: float = 0.01  # how long a forming batch waits for more requests
 
     def __post_init__(self) -> None:
         self.ledger = Path(self.ledger)
@@ -98,6 +103,12 @@ class ServeConfig:
             self.export_root = Path(self.export_root)
         if self.max_batch < 1 or self.max_wait_s < 0:
             raise ServeConfigError(f"--max-batch must be >= 1 and --max-wait-s >= 0, got {self.max_batch}, {self.max_wait_s}")
+        if self.batch_rows < 1 or self.batch_wait_s < 0:
+            raise ServeConfigError(f"--batch-rows must be >= 1 and the batch wait >= 0, got {self.batch_rows}, {self.batch_wait_s}")
+        if self.max_queue < 1 or self.max_jobs < 1:
+            raise ServeConfigError(f"--max-queue and the job limit must be >= 1, got {self.max_queue}, {self.max_jobs}")
+        if self.keep_applied_days is not None and not self.keep_applied_days > 0:
+            raise ServeConfigError(f"--keep-applied-days must be > 0, got {self.keep_applied_days}")
         if not 0 < self.port < 65536:
             raise ServeConfigError(f"--port must be in 1..65535, got {self.port}")
         if not self.tokens.enabled and not is_loopback(self.host):

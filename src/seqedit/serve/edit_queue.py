@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import SeqEditError
 
-__all__ = ["EDIT_META_KEY", "EditQueue", "EditRecord", "IdempotencyConflict", "STATES"]
+__all__ = ["EDIT_META_KEY", "EditQueue", "EditRecord", "IdempotencyConflict", "QueueFull", "STATES"]
 
 EDIT_META_KEY = "serve_edit"
 STATES = ("queued", "applied", "rejected")
@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS requests (
 
 class IdempotencyConflict(SeqEditError):
     """An idempotency key was reused with a different request body."""
+
+
+class QueueFull(SeqEditError):
+    """Accepting these edits would put more than the limit in the queue (answered 429)."""
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,13 @@ class EditQueue:
             return self.conn.execute(sql, args).fetchall()
 
     # ------------------------------------------------------------------ submit
-    def submit(self, facts: Sequence[dict[str, Any]], key: str | None = None, digest: str = "") -> list[EditRecord]:
+    def submit(self, facts: Sequence[dict[str, Any]], key: str | None = None, digest: str = "",
+               max_queued: int | None = None) -> list[EditRecord]:
         """Queue ``facts`` (JSON form, without ``meta["serve_edit"]``) durably, one edit each. A fact
         without an id gets its edit id as fact id. A repeated ``key`` with the same ``digest`` returns
-        the edits of the first submission; with another digest it raises :class:`IdempotencyConflict`."""
+        the edits of the first submission; with another digest it raises :class:`IdempotencyConflict`.
+        With ``max_queued``, a submission that would leave more queued raises :class:`QueueFull` and
+        stores nothing (checked in the same transaction as the insert, so concurrent ones cannot overshoot)."""
         now = time.time()
         request = uuid.uuid4().hex
         with self._tx() as c:
@@ -133,6 +140,11 @@ class EditQueue:
                     ids = json.loads(row["edits"])
                     rows = [c.execute("SELECT * FROM edits WHERE id = ?", (i,)).fetchone() for i in ids]
                     return [_record(r) for r in rows]
+            if max_queued is not None:
+                queued = c.execute("SELECT COUNT(*) FROM edits WHERE state = 'queued'").fetchone()[0]
+                if queued + len(facts) > max_queued:
+                    raise QueueFull(f"the queue holds {queued} edits; {len(facts)} more would pass its limit of "
+                                    f"{max_queued}")
             ids = []
             for fact in facts:
                 edit_id = "e" + uuid.uuid4().hex[:23]
@@ -193,6 +205,15 @@ class EditQueue:
         for step in sorted(set(hits.values())):
             self.mark_applied([i for i, s in hits.items() if s == step], step)
         return len(hits)
+
+    def prune_applied(self, before: float) -> int:
+        """Delete applied edits last updated before ``before`` (epoch seconds), and idempotency keys as old;
+        the edits of the newest applied step stay (they anchor :meth:`max_applied_step`). Returns how many."""
+        with self._tx() as c:
+            n = c.execute("DELETE FROM edits WHERE state = 'applied' AND updated < ? AND step < "
+                          "(SELECT MAX(step) FROM edits WHERE state = 'applied')", (before,)).rowcount
+            c.execute("DELETE FROM requests WHERE created < ?", (before,))
+        return n
 
     def max_applied_step(self) -> int:
         rows = self._query("SELECT COALESCE(MAX(step), 0) AS s FROM edits WHERE state = 'applied'")

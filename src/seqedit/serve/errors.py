@@ -16,7 +16,7 @@ log = logging.getLogger("seqedit.serve")
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
-          503: "unavailable"}
+          429: "too_many_requests", 503: "unavailable"}
 
 
 class ApiError(Exception):

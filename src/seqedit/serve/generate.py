@@ -17,7 +17,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..models.load import LoadedModel
 
-__all__ = ["Completion", "GREEDY_BELOW", "complete", "cut_at_stop", "prompt_ids", "stream_complete"]
+__all__ = ["Completion", "GREEDY_BELOW", "TokenLogprob", "complete", "cut_at_stop", "prompt_ids", "score_prompt",
+           "stream_complete"]
 
 # Logits divided by a tinier temperature overflow to inf and sampling fails (found by the schema fuzz);
 # at such temperatures sampling is greedy decoding anyway.
@@ -25,10 +26,23 @@ GREEDY_BELOW = 1e-4
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a completion: its id, text, log-probability under the model (raw logits, before
+    temperature or top-p) and the ``top`` most probable alternatives at that position."""
+
+    id: int
+    text: str
+    logprob: float | None  # None: the first prompt token, which nothing predicts
+    top: tuple[tuple[str, float], ...] = ()
+    offset: int = 0  # where its text starts in the completion (or, echoed, in prompt + completion)
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     finish_reason: str  # "stop" | "length"
     tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # the tokens of ``text`` (after a stop cut), when asked
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -61,23 +75,60 @@ def _generate(lm: LoadedModel, ids: list[int], max_tokens: int, temperature: flo
     )
 
 
+def _token_logprobs(tok: Any, seq: list[int], logits: list[torch.Tensor], top: int, keep_chars: int,
+                    base: int = 0) -> tuple[TokenLogprob, ...]:
+    """``seq[i]``'s log-probability from ``logits[i]`` (``[V]``), for the tokens that start before
+    ``keep_chars`` characters of their decoded text (a stop cut drops the rest)."""
+    out = []
+    for i, t in enumerate(seq):
+        start = len(tok.decode(seq[:i], skip_special_tokens=True))
+        if start >= keep_chars:
+            break
+        lp = torch.log_softmax(logits[i].double(), dim=-1)
+        alts = ()
+        if top:
+            vals, idx = lp.topk(top)
+            alts = tuple((tok.decode([j]), float(v)) for j, v in zip(idx.tolist(), vals.tolist()))
+        out.append(TokenLogprob(t, tok.decode([t]), float(lp[t]), alts, base + start))
+    return tuple(out)
+
+
+@torch.no_grad()
+def score_prompt(lm: LoadedModel, ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+    """The prompt's own tokens with their log-probabilities (echo): token ``i`` scored by the logits at
+    ``i - 1``; the first has none. One forward pass; the caller holds the weights' read lock."""
+    tok = lm.tokenizer
+    logits = lm.model(input_ids=torch.tensor([ids], device=lm.input_device)).logits[0]
+    scored = _token_logprobs(tok, ids[1:], list(logits[:-1]), top, 1 << 62, 0) if len(ids) > 1 else ()
+    first = TokenLogprob(ids[0], tok.decode([ids[0]]), None, (), 0)
+    shift = len(tok.decode(ids[:1], skip_special_tokens=True))
+    return (first,) + tuple(TokenLogprob(t.id, t.text, t.logprob, t.top, t.offset + shift) for t in scored)
+
+
 def complete(lm: LoadedModel, ids: list[int], *, max_tokens: int, temperature: float, top_p: float, n: int,
-             stops: list[str], seed: int | None = None) -> list[Completion]:
-    """``n`` completions of the prompt ``ids`` with at most ``max_tokens`` new tokens each."""
+             stops: list[str], seed: int | None = None, logprobs: int | None = None) -> list[Completion]:
+    """``n`` completions of the prompt ``ids`` with at most ``max_tokens`` new tokens each; with
+    ``logprobs`` (the number of alternatives, 0..20) each carries its tokens' log-probabilities."""
     tok = lm.tokenizer
     sample = temperature >= GREEDY_BELOW
     if sample and seed is not None:
         torch.manual_seed(seed)
-    out = _generate(lm, ids, max_tokens, temperature, top_p, n if sample else 1)
+    extra = dict(return_dict_in_generate=True, output_logits=True) if logprobs is not None else {}
+    out = _generate(lm, ids, max_tokens, temperature, top_p, n if sample else 1, **extra)
+    seqs, logits = (out.sequences, out.logits) if logprobs is not None else (out, None)
     eos = tok.eos_token_id
     result = []
-    rows = out[:, len(ids):].tolist()
-    for seq in rows if sample else rows * n:  # greedy: the n completions are one
+    rows = seqs[:, len(ids):].tolist()
+    for r, seq in enumerate(rows if sample else rows * n):  # greedy: the n completions are one
         ended = eos is not None and eos in seq
         if ended:
             seq = seq[: seq.index(eos)]
         text, stopped = cut_at_stop(tok.decode(seq, skip_special_tokens=True), stops)
-        result.append(Completion(text, "stop" if (ended or stopped) else "length", len(seq)))
+        lps = None
+        if logits is not None:
+            row = r if sample else 0
+            lps = _token_logprobs(tok, seq, [step[row] for step in logits], logprobs, len(text))
+        result.append(Completion(text, "stop" if (ended or stopped) else "length", len(seq), lps))
     return result
 
 

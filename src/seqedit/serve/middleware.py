@@ -71,22 +71,34 @@ class BodyLimit:
 
 
 class AccessLog:
-    def __init__(self, app: ASGI) -> None:
-        self.app = app
+    """One JSON line per request (``event: request``: method, route template, path, status, ms, bytes
+    sent, client address) and, with ``metrics``, its latency and status in ``/metrics``."""
+
+    def __init__(self, app: ASGI, metrics: Any = None) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = [0]
+        status, sent = [0], [0]
 
         async def recording(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent[0] += len(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, recording)
         finally:
-            log.info("request", extra={"event": "request", "method": scope.get("method"), "path": scope.get("path"),
-                                       "status": status[0] or 500, "ms": round(1000 * (time.perf_counter() - t0), 2)})
+            seconds = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", None) or "unmatched"  # the template: bounded labels
+            client = scope.get("client")
+            log.info("request", extra={"event": "request", "method": scope.get("method"), "route": route,
+                                       "path": scope.get("path"), "status": status[0] or 500,
+                                       "ms": round(1000 * seconds, 2), "bytes": sent[0],
+                                       "client": client[0] if client else None})
+            if self.metrics is not None:
+                self.metrics.observe_request(scope.get("method") or "", route, status[0] or 500, seconds)

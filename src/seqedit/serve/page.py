@@ -1,5 +1,7 @@
 """The page at ``/``: one server-rendered HTML document (no build step, no external assets) showing the
-facts in force, the steps and the queue, with forms to submit and withdraw facts. It holds no data
+facts in force (paged, searchable: it stays usable with 100,000 of them), the steps and the queue, with
+forms to submit and withdraw facts and a "try it" panel that asks the live model, bare or through the
+chat template, so a user sees an edit take effect. It holds no data
 itself: its script calls the same ``/v1`` API with the token the user enters (kept in the tab's
 ``sessionStorage``), so the page has exactly the rights of that token. Data is inserted as text
 (``textContent``), never as HTML."""
@@ -24,6 +26,7 @@ background:#eef;cursor:pointer}#msg{min-height:1.2rem;color:#176b2c}#msg.bad{col
 
 _SCRIPT = """
 const $ = (id) => document.getElementById(id);
+const PAGE = 50;
 const token = () => sessionStorage.getItem('seqedit-token') || '';
 async function api(method, path, body) {
   const headers = {'Content-Type': 'application/json'};
@@ -39,8 +42,14 @@ function fill(id, rows, make) { const tb = $(id); tb.replaceChildren(); for (con
 function say(text, bad) { $('msg').textContent = text; $('msg').className = bad ? 'bad' : ''; }
 async function refresh() {
   try {
-    const [facts, log, edits] = await Promise.all([api('GET', '/v1/facts?limit=200'), api('GET', '/v1/log?limit=20'), api('GET', '/v1/edits?limit=20')]);
-    $('nfacts').textContent = facts.total; $('laststep').textContent = log.last_step;
+    const query = $('fact-search').value.trim();
+    const factsPath = '/v1/facts?limit=' + PAGE + '&offset=' + offset + (query ? '&q=' + encodeURIComponent(query) : '');
+    const [facts, log, edits] = await Promise.all([api('GET', factsPath), api('GET', '/v1/log?limit=20'), api('GET', '/v1/edits?limit=20')]);
+    if (offset && offset >= facts.total) { offset = Math.max(0, facts.total - PAGE); return refresh(); }
+    if (!query) $('nfacts').textContent = facts.total;  // the header counts all facts, not the matches
+    $('laststep').textContent = log.last_step;
+    $('facts-range').textContent = facts.total ? (offset + 1) + '–' + (offset + facts.facts.length) + ' of ' + facts.total + (query ? ' matching' : '') : (query ? 'no match' : 'none');
+    $('facts-prev').disabled = offset === 0; $('facts-next').disabled = offset + PAGE >= facts.total;
     $('queued').textContent = edits.counts.queued;
     fill('facts', facts.facts, (tr, f) => {
       tr.dataset.factId = f.id; cell(tr, f.id); cell(tr, f.prompt.replace('{}', f.subject)); cell(tr, f.target); cell(tr, f.step);
@@ -72,6 +81,21 @@ $('fact-form').onsubmit = async (ev) => {
   catch (e) { say(e.message, true); }
   refresh();
 };
+let offset = 0;
+$('facts-prev').onclick = () => { offset = Math.max(0, offset - PAGE); refresh(); };
+$('facts-next').onclick = () => { offset += PAGE; refresh(); };
+$('fact-search').oninput = () => { offset = 0; refresh(); };
+$('try-form').onsubmit = async (ev) => {
+  ev.preventDefault();
+  const text = $('try-text').value, chat = $('try-chat').checked, ask = {max_tokens: 16, temperature: 0};
+  $('try-answer').textContent = '…';
+  try {
+    const r = chat ? await api('POST', '/v1/chat/completions', {...ask, messages: [{role: 'user', content: text}]})
+                   : await api('POST', '/v1/completions', {...ask, prompt: text});
+    $('try-answer').textContent = chat ? r.choices[0].message.content : r.choices[0].text;
+    $('try-step').textContent = 'answered at step ' + $('laststep').textContent;
+  } catch (e) { $('try-answer').textContent = ''; say(e.message, true); }
+};
 refresh(); setInterval(refresh, 1000);
 """
 
@@ -98,11 +122,23 @@ def render_page(model_id: str) -> str:
 <label>Target <input id="target" required placeholder="English"></label>
 <label>Fact id (optional) <input id="fact-id"></label>
 <button type="submit" data-testid="submit">submit</button></form></div>
+<div class="card"><h2>Try it</h2>
+<form id="try-form">
+<label>Ask the served model <input id="try-text" required placeholder="The mother tongue of Danielle Darrieux is"></label>
+<label style="display:inline"><input id="try-chat" type="checkbox" style="width:auto"> through the chat template
+(ask a question: "… is what?")</label>
+<button type="submit" data-testid="ask">ask</button></form>
+<p><b>answer</b> <span class="muted" id="try-step"></span></p><pre id="try-answer" data-testid="answer"
+style="white-space:pre-wrap;background:#f3f4f8;padding:.5rem;border-radius:4px;min-height:1.4rem"></pre></div>
 <div class="card"><h2>Queue (latest edits)</h2>
 <table><thead><tr><th>edit</th><th>fact</th><th>state</th><th>step</th><th>reason</th></tr></thead><tbody id="edits"></tbody></table></div>
 </div>
 <div class="row">
 <div class="card"><h2>Facts in force</h2>
+<div style="display:flex;gap:.5rem;align-items:center;margin-bottom:.4rem">
+<input id="fact-search" type="search" placeholder="search id, subject, target, text" style="flex:1">
+<button id="facts-prev" type="button">‹ prev</button><span id="facts-range" class="muted">–</span>
+<button id="facts-next" type="button">next ›</button></div>
 <table><thead><tr><th>id</th><th>text</th><th>target</th><th>step</th><th></th></tr></thead><tbody id="facts"></tbody></table></div>
 <div class="card"><h2>Steps (latest first)</h2>
 <table><thead><tr><th>step</th><th>kind</th><th>facts</th><th></th><th></th></tr></thead><tbody id="steps"></tbody></table></div>

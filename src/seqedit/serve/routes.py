@@ -9,15 +9,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
 
-from ..errors import FactError, SeqEditError
+from ..errors import FactError
 from ..facts import Fact
-from ..ledger import FactRow, LedgerError, StepRecord
+from ..ledger import FactRow, StepRecord
 from .auth import require
-from .edit_queue import EDIT_META_KEY, EditQueue, EditRecord, IdempotencyConflict
+from .edit_queue import EDIT_META_KEY, EditQueue, EditRecord, IdempotencyConflict, QueueFull
 from .errors import ApiError
+from .jobs import JobRunning
 from .schemas import (
-    EditOut, EditsAccepted, EditsIn, EditsPage, ErrorOut, ExportIn, ExportOut, FactIn, FactOut, FactsPage, LogOut,
+    EditOut, EditsAccepted, EditsIn, EditsPage, ErrorOut, ExportIn, ExportOut, FactIn, FactOut, FactsPage, JobOut, LogOut,
     StepOut, VerifyIn, VerifyOut,
 )
 from .worker import Worker
@@ -26,8 +28,9 @@ __all__ = ["ERRORS", "READ", "WRITE", "router", "worker_of"]
 
 READ, WRITE = Depends(require("read")), Depends(require("write"))
 ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 503)
+    s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
+JOB_RUNNING = {202: {"model": JobOut, "description": "The wait ran out while the job runs: poll GET /v1/jobs/{id}"}}
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
@@ -48,19 +51,31 @@ def _fact_out(r: FactRow) -> FactOut:
     return FactOut(**r.fact.to_dict(), step=r.added)
 
 
+def _step_json(s: StepRecord) -> dict[str, Any]:
+    return _step_out(s).model_dump()
+
+
 def _step_out(s: StepRecord) -> StepOut:
     return StepOut(id=s.id, kind=s.kind, created=s.created, target=s.target, undone_by=s.undone_by,
                    added=list(s.added), removed=list(s.removed))
 
 
-def _on_worker(worker: Worker, fn: Callable, what: str) -> Any:
-    """Run ``fn(editor)`` on the worker; refusals of the ledger become 409 with its message."""
+def _on_worker(worker: Worker, fn: Callable, what: str, render: Callable[[Any], Any]) -> Any:
+    """``render(fn(editor))`` run on the worker; refusals of the ledger become 409 with its message. A
+    job still running when the wait runs out answers 202 with the job to poll (:mod:`.jobs`)."""
     try:
-        return worker.call(fn)
-    except (LedgerError, SeqEditError, ValueError) as e:
-        raise ApiError(409, "conflict", f"{what}: {e}") from None
-    except TimeoutError:
-        raise ApiError(503, "unavailable", f"{what}: the worker did not answer in time") from None
+        return worker.call(fn, what, render)
+    except JobRunning as e:
+        return JSONResponse(e.job.to_dict(), 202, headers={"Location": f"/v1/jobs/{e.job.id}"})
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, dependencies=[READ])
+def get_job(job_id: str, request: Request) -> JobOut:
+    """A job (forget, undo, verify, export) whose client stopped waiting: its state, then its result or error."""
+    job = worker_of(request).jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r} (only the last jobs are kept)")
+    return JobOut(**job.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------- edits
@@ -118,11 +133,15 @@ def submit_edits(
     config = request.app.state.config
     facts = _checked_facts(body, config.max_facts_per_request)
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+    worker = worker_of(request)
     try:
-        records = _queue(request).submit(facts, idempotency_key, digest)
+        records = _queue(request).submit(facts, idempotency_key, digest, max_queued=config.max_queue)
     except IdempotencyConflict as e:
         raise ApiError(409, "conflict", str(e)) from None
-    worker_of(request).notify()
+    except QueueFull as e:
+        raise ApiError(429, "too_many_requests", f"{e}; retry later",
+                       {"Retry-After": str(worker.retry_after())}) from None
+    worker.notify()
     return EditsAccepted(edits=[_edit_out(r) for r in records])
 
 
@@ -145,9 +164,13 @@ def get_edit(edit_id: str, request: Request) -> EditOut:
 
 # ---------------------------------------------------------------------------------------------- facts and steps
 @router.get("/facts", response_model=FactsPage, dependencies=[READ])
-def list_facts(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000)) -> FactsPage:
-    """Facts in force, oldest first."""
-    facts = worker_of(request).view.facts
+def list_facts(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000),
+               q: Optional[str] = Query(None, min_length=1, max_length=200,
+                                        description="Only facts whose id, subject, target or text contain this (any case).")
+               ) -> FactsPage:
+    """Facts in force, oldest first (``total`` counts the matches of ``q`` when given)."""
+    view = worker_of(request).view
+    facts = view.facts if q is None else view.search(q)
     return FactsPage(total=len(facts), offset=offset, limit=limit,
                      facts=[_fact_out(r) for r in facts[offset: offset + limit]])
 
@@ -164,7 +187,7 @@ def get_fact(fact_id: str, request: Request) -> FactOut:
     return _fact_out(_fact_in_force(request, fact_id))
 
 
-@router.delete("/facts/{fact_id}", response_model=StepOut, dependencies=[WRITE])
+@router.delete("/facts/{fact_id}", response_model=StepOut, dependencies=[WRITE], responses=JOB_RUNNING)
 def forget_fact(fact_id: str, request: Request) -> StepOut:
     """Forget a fact exactly (a new ledger step): the weights become the one-time solution without it."""
     _fact_in_force(request, fact_id)
@@ -174,10 +197,10 @@ def forget_fact(fact_id: str, request: Request) -> StepOut:
         with worker.weights.write():
             return editor.forget([fact_id])
 
-    return _step_out(_on_worker(worker, forget, f"forget {fact_id!r}"))
+    return _on_worker(worker, forget, f"forget {fact_id!r}", _step_json)
 
 
-@router.post("/steps/{step_id}/undo", response_model=StepOut, dependencies=[WRITE])
+@router.post("/steps/{step_id}/undo", response_model=StepOut, dependencies=[WRITE], responses=JOB_RUNNING)
 def undo_step(step_id: int, request: Request) -> StepOut:
     """Revert a step as a new step (undo an undo to redo)."""
     worker = worker_of(request)
@@ -188,7 +211,7 @@ def undo_step(step_id: int, request: Request) -> StepOut:
         with worker.weights.write():
             return editor.undo(step_id)
 
-    return _step_out(_on_worker(worker, undo, f"undo step {step_id}"))
+    return _on_worker(worker, undo, f"undo step {step_id}", _step_json)
 
 
 @router.get("/log", response_model=LogOut, dependencies=[READ])
@@ -200,7 +223,7 @@ def ledger_log(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: 
                   steps=[_step_out(s) for s in newest[offset: offset + limit]], queue=_queue(request).counts())
 
 
-@router.post("/verify", response_model=VerifyOut, dependencies=[READ])
+@router.post("/verify", response_model=VerifyOut, dependencies=[WRITE], responses=JOB_RUNNING)
 def verify(request: Request, body: Optional[VerifyIn] = None) -> VerifyOut:
     """Re-solve the one-time problem of the facts in force and compare with the live weights; check files."""
     worker, tol = worker_of(request), (body or VerifyIn()).tol
@@ -209,7 +232,7 @@ def verify(request: Request, body: Optional[VerifyIn] = None) -> VerifyOut:
         with worker.weights.read():
             return editor.verify(tol).to_dict()
 
-    return VerifyOut(**_on_worker(worker, run, "verify"))
+    return _on_worker(worker, run, "verify", lambda d: VerifyOut(**d).model_dump())
 
 
 def export_target(root: Optional[Path], path: str) -> Path:
@@ -227,17 +250,21 @@ def export_target(root: Optional[Path], path: str) -> Path:
     return target
 
 
-@router.post("/export", response_model=ExportOut, dependencies=[WRITE])
+@router.post("/export", response_model=ExportOut, dependencies=[WRITE], responses=JOB_RUNNING)
 def export(body: ExportIn, request: Request) -> ExportOut:
     """Write the edited model (HF directory) or its weight deltas to a new directory under the export root."""
-    target = export_target(request.app.state.config.export_root, body.path)
-    worker, root = worker_of(request), request.app.state.config.export_root.resolve()
+    root_dir = request.app.state.config.export_root
+    export_target(root_dir, body.path)  # a bad path is refused before it waits for the worker
+    worker = worker_of(request)
 
     def run(editor: Any) -> ExportOut:
+        # checked again where it is written, on the one thread that writes exports: nothing can appear
+        # at the target or turn a component into a symlink between the check and the write
+        target, root = export_target(root_dir, body.path), root_dir.resolve()
         with worker.weights.read():
             path = editor.export(target, delta=body.delta, delta_dtype=body.delta_dtype)
             step = editor.ledger.last_step
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return ExportOut(path=str(path.resolve().relative_to(root)), delta=body.delta, bytes=size, step=step)
 
-    return _on_worker(worker, run, "export")
+    return _on_worker(worker, run, "export", lambda out: out.model_dump())

@@ -18,6 +18,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
 class FactIn(Strict):
     """One fact, the fields of :class:`seqedit.Fact` (``prompt`` holds ``{}`` where the subject goes, or
     contains the subject)."""
@@ -133,14 +143,12 @@ class ExportOut(BaseModel):
     step: int
 
 
-class CompletionIn(BaseModel):
-    """The OpenAI ``/v1/completions`` request (fields it does not use are ignored, as OpenAI clients send
-    some by default)."""
+class _Sampling(BaseModel):
+    """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``. Other fields are kept (extra
+    ``allow``) only so that the route can answer 400 naming them: none is silently ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: Optional[str] = Field(None, max_length=SHORT * 2)
-    prompt: Union[str, list[str]] = Field(max_length=8000)
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
@@ -149,10 +157,37 @@ class CompletionIn(BaseModel):
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
 
 
+class JobOut(BaseModel):
+    """A worker job: ``queued`` → ``running`` → ``done`` (``result``) or ``failed`` (``error`` with its
+    HTTP ``status``), or ``cancelled`` (its client stopped waiting before it started; nothing was done)."""
+
+    id: str
+    what: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    created: float
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    result: Optional[dict[str, Any]] = None
+    error: Optional[ErrorDetail] = None
+    status: Optional[int] = None
+
+
+class CompletionIn(_Sampling):
+    """The OpenAI ``/v1/completions`` request. ``logprobs``: alternatives per token (0..20), ``echo``:
+    the prompt is prepended to each choice (with its tokens' log-probabilities when asked);
+    ``max_tokens`` 0 only scores the prompt (with ``echo``)."""
+
+    prompt: Union[str, list[str]] = Field(max_length=8000)
+    max_tokens: int = Field(16, ge=0)
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
 class Choice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: Optional[dict[str, Any]] = Field(
+        None, description="tokens, token_logprobs, top_logprobs, text_offset (when logprobs was asked)")
     finish_reason: Literal["stop", "length"]
 
 
@@ -168,6 +203,49 @@ class CompletionOut(BaseModel):
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str = Field(max_length=8000)
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]] = Field(max_length=8000)
+    name: Optional[str] = Field(None, max_length=SHORT)
+
+
+class ChatIn(_Sampling):
+    """The OpenAI ``/v1/chat/completions`` request, rendered by the tokenizer's chat template.
+    ``logprobs``: return each token's log-probability; ``top_logprobs``: alternatives per token (0..20)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+class ChatReply(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatReply
+    logprobs: Optional[dict[str, Any]] = Field(None, description='{"content": [{token, logprob, bytes, top_logprobs}]}')
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatOut(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage
 
 
@@ -188,13 +266,3 @@ class Health(BaseModel):
     ready: bool = True
     step: Optional[int] = None
     model: Optional[str] = None
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    type: str
-
-
-class ErrorOut(BaseModel):
-    error: ErrorDetail
