@@ -379,3 +379,20 @@ def test_eval_reads_its_facts_file_before_the_model(tmp_path: Path, model_dir: P
     bad.write_text('{"prompt": "{} is in", "subject": "Paris", "target": "\\u200b"}\n')
     assert_refused(invoke("eval", "--model", model_dir, "--out", tmp_path / "run", "--facts", bad, "--n", "1"),
                    str(bad), "no visible character")
+
+
+def test_export_reads_the_umask_without_setting_it(tmp_path: Path, ledger: Path, monkeypatch) -> None:
+    """Inside the threaded server another thread may create files while an export runs: the export must
+    read the umask, never set it (Linux reports it in /proc/self/status)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("the OS does not report the umask; it can only be read by setting it")
+    old = os.umask(0o027)
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+    try:
+        assert invoke("export", tmp_path / "full", "--ledger", ledger).exit_code == 0
+    finally:
+        real(old)
+    assert calls == []
+    assert (tmp_path / "full").stat().st_mode & 0o777 == 0o750

@@ -103,7 +103,16 @@ def _publish(tmp: Path, path: Path) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    """The process umask, read without changing it where the OS reports it (Linux: ``/proc/self/status``),
+    so that an export inside the threaded server never races another thread's file creation. Elsewhere
+    the only way to read it is to set it and put it straight back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
