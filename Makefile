@@ -21,12 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/seqedit demo
 
-# -n auto: one pytest-xdist worker per core (tests/conftest.py shares the cores out among them)
+# -n auto: one pytest-xdist worker per core (tests/unit/conftest.py shares the cores out among them)
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto -m "not integration"
+	$(PY) -m pytest -q -n auto tests/unit
 
 # ruff is pinned by the dev extra; the rules live in pyproject.toml ([tool.ruff])
 lint: $(STAMP)

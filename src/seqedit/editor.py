@@ -10,7 +10,7 @@ step durable. A step on n facts:
    ``Δ_i = R_i (A_new⁻¹ K_i)ᵀ`` and write it before the next layer reads its keys.
 
 With keys and values held fixed, the sum of the steps' Δ equals the one-time update of all facts
-(``apply_kv`` exposes that identity; see ``tests/test_editor.py`` and ``tests/test_exactness.py``).
+(``apply_kv`` exposes that identity; see ``tests/unit/test_editor.py`` and ``tests/integration/test_exactness.py``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ this loop).
 Every path executes the same float operations: targets are made absolute on the current master
 (``V = W K + R`` when a source gives residuals), rounded to the ledger's storage dtype when there is a
 ledger, and solved as ``bank.update(ℓ, K, V, K_removed, V_removed)``. With float64 storage a ledger
-and a ledger-free step are therefore bitwise equal (``tests/test_step_engine.py``).
+and a ledger-free step are therefore bitwise equal (``tests/unit/test_step_engine.py``).
 """
 
 from __future__ import annotations

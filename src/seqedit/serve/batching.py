@@ -4,7 +4,7 @@ Requests that arrive while a batch is forming (up to ``wait_s`` after the first,
 ``max_rows`` prompts) are left-padded into one ``generate`` call, which keeps one KV cache for the
 batch; each row is then cut to its own ``max_tokens``, end of sequence and stop strings. Greedy
 decoding of a row does not depend on the other rows (padding is masked, positions follow the mask),
-so a batched answer is the answer the request would get alone (``tests/test_serve_batching.py``).
+so a batched answer is the answer the request would get alone (``tests/unit/test_serve_batching.py``).
 
 All prompts of one request go into the same batch, and a batch holds the weights' read lock from its
 first token to its last: one answer never mixes weights from before and after a step.

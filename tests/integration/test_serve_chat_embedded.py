@@ -17,7 +17,7 @@ QUESTION = "The mother tongue of Danielle Darrieux is what?"
 def test_an_edit_on_a_both_ledger_is_the_chat_answer(tmp_path):
     openai = pytest.importorskip("openai")
     lm = seqedit.load_model("smollm2-135m", device_map="cpu")
-    # the one-step preset's value budget, as tests/test_chat_integration.py explains
+    # the one-step preset's value budget, as tests/integration/test_chat_integration.py explains
     hp = seqedit.preset_for(lm.name, lm.adapter.n_layers, "one-step").override(stats_tokens=20_000)
     options = {"layers": None, "stats_tokens": None, "lam": None, "v_steps": None, "hparams": hp,
                "prompt_format": "both"}

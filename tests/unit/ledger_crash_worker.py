@@ -1,4 +1,4 @@
-"""Fork server for tests/test_ledger_crash.py: imports everything once, then for every "go" line on stdin
+"""Fork server for tests/unit/test_ledger_crash.py: imports everything once, then for every "go" line on stdin
 forks a child that reopens the ledger and applies cheap steps forever, appending "committed N" to the
 log after each commit; the test SIGKILLs the child at a random moment. Prints the child's pid, then
 "done" once it has been reaped.

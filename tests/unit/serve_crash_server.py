@@ -1,4 +1,4 @@
-"""Fork server for tests/test_serve_crash.py: imports everything once, then for every "go PORT" line on
+"""Fork server for tests/unit/test_serve_crash.py: imports everything once, then for every "go PORT" line on
 stdin forks a child that runs the real ``seqedit serve`` app under uvicorn on 127.0.0.1:PORT over the
 ledger TMP_DIR/ledger (tiny llama, ``serve_helpers.make_config``); the test SIGKILLs (or SIGTERMs) the child. Prints the child's pid, then
 "done" once it has been reaped.

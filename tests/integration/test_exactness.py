@@ -18,7 +18,7 @@ STATS_TOKENS = 20_000  # enough for a well-posed Σ₀; the preset's 100k is for
 
 @pytest.fixture(scope="module")
 def smol():
-    return seqedit.load_model("smollm2-135m")  # threads: tests/conftest.py
+    return seqedit.load_model("smollm2-135m")  # threads: tests/unit/conftest.py
 
 
 def _restore(lm, w0: dict[int, torch.Tensor]) -> None:

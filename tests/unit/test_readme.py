@@ -17,10 +17,10 @@ import typer.exceptions
 
 from seqedit.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text("utf-8")
 # A block right after `<!-- readme-test: needs a running server -->` talks to a live `seqedit serve`:
-# it is compiled, not run (tests/test_serve_api.py drives the same OpenAI client against the app).
+# it is compiled, not run (tests/unit/test_serve_api.py drives the same OpenAI client against the app).
 _FENCES = re.findall(r"(<!-- readme-test: needs a running server -->\n)?```(\w+)\n(.*?)```", README, re.S)
 BLOCKS = [(kind, body) for marker, kind, body in _FENCES if not marker]
 SERVER_BLOCKS = [body for marker, kind, body in _FENCES if marker and kind == "python"]
@@ -124,7 +124,7 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def test_every_relative_link_in_the_docs_resolves() -> None:
     """README.md and every page of docs/ (results included): a relative link names an existing file."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
     broken = []
     for page in pages:

@@ -1,4 +1,4 @@
-"""Subprocess for tests/test_interrupts.py: an ``Editor.apply`` with a ledger that pauses at one point of
+"""Subprocess for tests/unit/test_interrupts.py: an ``Editor.apply`` with a ledger that pauses at one point of
 its step and tells the test so by creating MARKER; the test then sends SIGINT. ``values``: inside the
 value optimisation (the first forward pass with gradients, in the z-layer block); ``layers``: in the
 layer solves, after the first layer's Δ is written and before the next layer's keys are read. Prints one JSON line with what the interrupted editor saw, exits 130.

@@ -61,7 +61,7 @@ def test_the_page_has_the_try_it_panel_and_the_pager():
 
 
 def test_the_page_script_pages_searches_and_asks(tmp_path):
-    """The page's own script run by node on a minimal DOM (tests/page_harness.js): the pager walks 120
+    """The page's own script run by node on a minimal DOM (tests/unit/page_harness.js): the pager walks 120
     facts 50 at a time, the search box filters them, and "try it" asks bare or through chat."""
     if shutil.which("node") is None:
         pytest.skip("node is not installed")

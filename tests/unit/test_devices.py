@@ -32,7 +32,7 @@ from seqedit.models.placement import HOST
 from seqedit.shared_data import wikitext_path
 from seqedit.testing import tiny_model
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "seqedit"
+SRC = Path(__file__).resolve().parents[2] / "src" / "seqedit"
 LAYERS = (1, 2)
 HP = dict(layers=LAYERS, stats_tokens=1000, v_steps=3, lam=10.0, n_context_templates=2)
 FACTS = [

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_both_format_edits_are_answered_through_the_real_chat_template() -> None:
-    lm = seqedit.load_model("smollm2-135m")  # threads: tests/conftest.py
+    lm = seqedit.load_model("smollm2-135m")  # threads: tests/unit/conftest.py
     tok = lm.tokenizer
     facts = seqedit.load_facts(counterfact_path(), split="train", limit=2)
     for f in facts:

@@ -1,7 +1,7 @@
 """The import graph of the ``seqedit`` package, read from the source with :mod:`ast` (nothing is imported).
 
 Every ``import`` counts, including those inside functions (lazy imports are still dependencies).
-``python tests/import_graph.py [SRC]`` prints the module-level edges, the cycles and the upward imports.
+``python tests/unit/import_graph.py [SRC]`` prints the module-level edges, the cycles and the upward imports.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import ast
 import sys
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Layers, lowest first: a module may import its own layer or a lower one, never a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (

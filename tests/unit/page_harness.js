@@ -1,4 +1,4 @@
-// A minimal DOM and fetch for the page's script (tests/test_serve_facts.py runs it with node when no
+// A minimal DOM and fetch for the page's script (tests/unit/test_serve_facts.py runs it with node when no
 // browser is installed): elements by id, tables of rows, and an API answered from a JSON fixture.
 const fs = require('fs');
 const [script, fixture] = [fs.readFileSync(process.argv[2], 'utf8'), JSON.parse(fs.readFileSync(process.argv[3], 'utf8'))];
