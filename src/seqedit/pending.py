@@ -78,8 +78,11 @@ class EditorLedger:
         if p is None or self.ledger is None or (not self.ledger.closed and self.ledger.last_step):
             return
         self.ledger.close()
+        if not discard_empty(p.path, remove_dir=not p.dir_existed):
+            # a closed journal cannot say whether it holds a step; the disk did: it does (a later step's
+            # commit failed and closed it), so it stays, closed, and nothing is journalled on top of it
+            return
         self.ledger, self.session, self._created, self.pending = None, None, None, p
-        discard_empty(p.path, remove_dir=not p.dir_existed)
 
     @contextlib.contextmanager
     def first_step(self) -> Iterator[None]:
