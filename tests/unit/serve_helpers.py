@@ -101,3 +101,25 @@ def wait_http_ready(base: str, token: str, timeout: float = 60) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{base} did not become ready")
+
+
+def start_tiny_server(tmp: Path, *extra: str) -> tuple[Any, str]:
+    """``seqedit serve`` as a real process on a tiny Llama saved under ``tmp`` (layers 1–2, λ 10, two value
+    steps), with a read token file and the write token in its environment; ``extra`` are more CLI
+    options. Returns the process and its base URL (the caller waits for readiness and stops it)."""
+    import os
+    import subprocess
+    import sys
+
+    model = tmp / "tiny-llama"
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(model)
+    lm.tokenizer.save_pretrained(model)
+    (tmp / "tokens").write_text(f"read {READ_TOKEN}\n")
+    port = free_port()
+    env = {**os.environ, "SEQEDIT_API_TOKEN": WRITE_TOKEN, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "seqedit.cli", "serve", "--ledger", str(tmp / "ledger"), "--model", str(model),
+           "--layers", "1,2", "--lam", "10", "--v-steps", "2", "--stats-tokens", "2000", "--port", str(port),
+           "--token-file", str(tmp / "tokens"), "--log-level", "warning", *extra]
+    return subprocess.Popen(cmd, env=env), f"http://127.0.0.1:{port}"
+

@@ -6,34 +6,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from serve_helpers import READ_TOKEN, WRITE_TOKEN, applied_in_ledger, auth, fact, free_port, wait_http_ready
+from serve_helpers import READ_TOKEN, WRITE_TOKEN, applied_in_ledger, auth, fact, start_tiny_server, wait_http_ready
 
-from seqedit.testing import tiny_model
 
 EDITS, CLIENTS, MAX_QUEUE = int(os.environ.get("SEQEDIT_FLOOD_EDITS", 2000)), 16, 500
 
 
 def test_a_flood_gets_429s_and_loses_none_of_the_accepted(tmp_path: Path) -> None:
-    model = tmp_path / "tiny-llama"
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(model)
-    lm.tokenizer.save_pretrained(model)
-    (tmp_path / "tokens").write_text(f"read {READ_TOKEN}\n")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SEQEDIT_API_TOKEN": WRITE_TOKEN, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "seqedit.cli", "serve", "--ledger", str(tmp_path / "ledger"), "--model", str(model),
-           "--layers", "1,2", "--lam", "10", "--v-steps", "2", "--stats-tokens", "2000", "--port", str(port),
-           "--token-file", str(tmp_path / "tokens"), "--max-batch", "16", "--max-wait-s", "0.2",
-           "--max-queue", str(MAX_QUEUE), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, env=env)
+    server, base = start_tiny_server(tmp_path, "--max-batch", "16", "--max-wait-s", "0.2", "--max-queue", str(MAX_QUEUE))
     accepted: list[str] = []
     refused: list[str] = []
     lock = threading.Lock()

@@ -9,16 +9,13 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from serve_helpers import READ_TOKEN, WRITE_TOKEN, applied_in_ledger, auth, fact, free_port, wait_http_ready
+from serve_helpers import READ_TOKEN, WRITE_TOKEN, applied_in_ledger, auth, fact, start_tiny_server, wait_http_ready
 
-from seqedit.testing import tiny_model
 
 FACTS, SUBMITTERS, GENERATORS = 500, 8, 2
 
@@ -29,19 +26,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def test_500_facts_from_8_clients_while_others_generate(tmp_path: Path) -> None:
-    model = tmp_path / "tiny-llama"
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(model)
-    lm.tokenizer.save_pretrained(model)
-    (tmp_path / "tokens").write_text(f"read {READ_TOKEN}\n")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SEQEDIT_API_TOKEN": WRITE_TOKEN, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "seqedit.cli", "serve", "--ledger", str(tmp_path / "ledger"), "--model", str(model),
-           "--layers", "1,2", "--lam", "10", "--v-steps", "2", "--stats-tokens", "2000", "--port", str(port),
-           "--token-file", str(tmp_path / "tokens"), "--max-batch", "64", "--max-wait-s", "0.2",
-           "--log-level", "warning"]
-    server = subprocess.Popen(cmd, env=env)
+    server, base = start_tiny_server(tmp_path, "--max-batch", "64", "--max-wait-s", "0.2")
     edit_ms: list[float] = []
     gen_ms: list[float] = []
     accepted: list[str] = []
