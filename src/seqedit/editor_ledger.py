@@ -78,6 +78,12 @@ class LedgerOperations:
         return self._lh.ledger
 
     @property
+    def committed_ledger(self) -> Ledger | None:
+        """The ledger if it exists: ``None`` without one and while a new one waits for its first commit
+        (unlike :attr:`ledger`, reading this never creates it)."""
+        return self._lh.ledger
+
+    @property
     def session(self) -> LedgerSession | None:
         self._lh.create(self.bank)
         return self._lh.session

@@ -366,3 +366,16 @@ def test_the_command_refuses_a_public_address_without_a_token(tmp_path, monkeypa
     assert run.exit_code == 2 and "at least 16 characters" in run.output
     run = CliRunner().invoke(app, ["serve", "--ledger", str(tmp_path / "L")])
     assert run.exit_code == 2 and "--model is needed" in run.output
+
+
+def test_a_new_ledger_is_created_by_the_first_edit_not_at_start(tmp_path):
+    """docs/serve.md: the ledger is created on the first edit; until then the service is ready, lists no
+    step and no fact, and its folder holds only the queue."""
+    from seqedit.ledger import Ledger
+
+    with serve_client(tmp_path) as c:
+        assert not Ledger.exists(tmp_path / "ledger")
+        assert c.get("/v1/facts", headers=auth(READ_TOKEN)).json()["facts"] == []
+        states = wait_settled(c, submit(c, fact(1)))
+        assert {s["state"] for s in states.values()} == {"applied"}
+        assert Ledger.exists(tmp_path / "ledger")

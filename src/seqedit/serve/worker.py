@@ -189,7 +189,9 @@ class Worker:
 
     def _reconcile(self) -> int:
         """Edits a crash left queued although their apply step was committed become applied."""
-        ledger = self.editor.ledger
+        ledger = self.editor.committed_ledger
+        if ledger is None:  # a new ledger: created by the first edit's commit, nothing to reconcile
+            return 0
         applied: dict[str, int] = {}
         for step in range(self.queue.max_applied_step() + 1, ledger.last_step + 1):
             if ledger.step(step).kind != "apply":
@@ -203,7 +205,10 @@ class Worker:
     def _refresh(self) -> None:
         """Read the steps since the last refresh (and the targets of new undos, whose ``undone_by``
         changed) and the facts in force; the cost does not grow with the ledger's history."""
-        ledger = self.editor.ledger
+        ledger = self.editor.committed_ledger
+        if ledger is None:  # not created yet: no step, no fact
+            self.view = LedgerView()
+            return
         steps = {s.id: s for s in self.view.steps}
         new = [ledger.step(i) for i in range(self.view.last_step + 1, ledger.last_step + 1)]
         for s in new:
