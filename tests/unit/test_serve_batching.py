@@ -50,33 +50,34 @@ def test_a_closed_batcher_answers_what_is_still_queued():
     from seqedit.serve.errors import ApiError
 
     lm = tiny_model("llama")
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
 
     class Held:  # the first batch holds the lock until the batcher is closed
         def __enter__(self):
+            holding.set()
             gate.wait(30)
 
         def __exit__(self, *exc):
             return False
 
     b = Batcher(lm, Held, max_rows=1, wait_s=0.0)
-    outcomes: list[object] = []
+    outcomes: dict[int, object] = {}  # by asker: the order in which they finish is not the point
 
-    def ask() -> None:
+    def ask(k: int) -> None:
         try:
-            outcomes.append(b.complete([prompt_ids(lm, "The")], 2, []))
+            outcomes[k] = b.complete([prompt_ids(lm, "The")], 2, [])
         except ApiError as e:
-            outcomes.append(e.status)
+            outcomes[k] = e.status
 
     import time
 
-    threads = [threading.Thread(target=ask)]
+    threads = [threading.Thread(target=ask, args=(0,))]
     threads[0].start()
-    time.sleep(0.3)  # its batch runs, and holds the lock
+    assert holding.wait(30)  # its batch runs, and holds the lock
     closer = threading.Thread(target=b.close)
     closer.start()
     time.sleep(0.1)
-    threads += [threading.Thread(target=ask) for _ in range(2)]  # queued behind the close
+    threads += [threading.Thread(target=ask, args=(k,)) for k in (1, 2)]  # queued behind the close
     for t in threads[1:]:
         t.start()
     time.sleep(0.2)
@@ -84,4 +85,4 @@ def test_a_closed_batcher_answers_what_is_still_queued():
     for t in threads + [closer]:
         t.join(30)
     assert not any(t.is_alive() for t in threads)  # nobody waits forever
-    assert len(outcomes) == 3 and outcomes.count(503) == 2 and isinstance(outcomes[0], list)
+    assert isinstance(outcomes[0], list) and outcomes[1] == outcomes[2] == 503
