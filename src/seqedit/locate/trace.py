@@ -114,13 +114,20 @@ def shadow_forward(modules: list[nn.Module], forward: Callable) -> Iterator[None
     still run afterwards. Skipped blocks run no hook at all, which is what a skip wants: an offloaded
     block would otherwise load its weights only to pass its input through.
     """
-    saved = [m.__dict__.get("forward") for m in modules]
-    for m in modules:
+    with shadow_forwards([(m, forward) for m in modules]):
+        yield
+
+
+@contextmanager
+def shadow_forwards(pairs: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """:func:`shadow_forward` with a forward of its own for each module."""
+    saved = [m.__dict__.get("forward") for m, _ in pairs]
+    for m, forward in pairs:
         m.forward = forward
     try:
         yield
     finally:
-        for m, own in zip(modules, saved):
+        for (m, _), own in zip(pairs, saved):
             if own is None:
                 del m.forward  # ours: the class's forward shows through again
             else:

@@ -31,12 +31,12 @@ at label positions and the KL position, and parameters are frozen so autograd co
 Facts never interact (the total loss is a sum, Adam is element-wise and converged rows are
 frozen, moments included), so optimising a chunk of facts together equals optimising each alone.
 
-Precision (``hp.v_compute_dtype``): with ``"bfloat16"`` (or ``"float16"``) on a float32 model the
-forward and backward matmuls run under autocast (4.5× the float32 GEMM rate on a CPU with AMX); δ,
-Adam's moments and the losses stay float32. The returned ``h0`` is then re-read in the model's own
-precision (one truncated forward of the bare rows) and ``z = h0 + δ``, so that the residual
-``z − H`` the solver sees carries no reduced-precision error in ``h0`` itself (which, at ‖h0‖ ≈ 150,
-would be of the size of a small edit).
+Precision (``hp.v_compute_dtype``): with ``"bfloat16"`` (or ``"float16"``; ``"auto"``: bfloat16 where it
+is native, :func:`compute_dtype`) on a float32 model, the linear layers of the blocks above the z-layer
+compute from a reduced-precision copy of their weights made once per call (``locate/low_precision.py``;
+4–7× the float32 GEMM rate on a CPU with AMX). Everything else stays in the model's dtype: norms,
+attention, the residual stream, the unembedding and losses, δ and Adam's moments; the blocks up to
+the z-layer too, so h0 is the model's own and independent of the compute dtype.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ..facts import Fact
 from ..models.presets import EditHParams
 from .chat import formats
 from .keys import ContextRows, read_keys
+from .low_precision import bf16_matmul_native, low_precision_linears
 from .trace import block_hidden, replace_block_hidden
 from .value_rows import KL_PROMPT, RowGroup, build_rows, length_groups
 
@@ -116,13 +118,27 @@ def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> Non
     p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
 
 
-def _reduced_precision(loaded, hp: EditHParams):
-    """The autocast context of the value optimisation, or ``None`` when it runs in the model's dtype."""
-    dtype = getattr(torch, hp.v_compute_dtype)
+def compute_dtype(loaded, hp: EditHParams) -> torch.dtype | None:
+    """The reduced precision the upper blocks' linear layers run in (``hp.v_compute_dtype``), or ``None``
+    when the value optimisation runs in the model's own dtype. ``"auto"`` is bfloat16 where bfloat16
+    matrix products are native on the device δ lives on (:func:`~.low_precision.bf16_matmul_native`),
+    the model's dtype elsewhere."""
     weight = loaded.adapter.unembed.weight
-    if dtype.itemsize >= weight.dtype.itemsize:
-        return None
-    return torch.autocast(device_type=weight.device.type, dtype=dtype)
+    if hp.v_compute_dtype == "auto":
+        native = bf16_matmul_native(loaded.adapter.device(hp.z_layer))
+        dtype = torch.bfloat16 if native else weight.dtype
+    else:
+        dtype = getattr(torch, hp.v_compute_dtype)
+    return dtype if dtype.itemsize < weight.dtype.itemsize else None
+
+
+def _precision(loaded, hp: EditHParams):
+    """The context the chunk runs in: the blocks above the z-layer in :func:`compute_dtype`, if any."""
+    dtype = compute_dtype(loaded, hp)
+    if dtype is None:
+        return nullcontext()
+    adapter = loaded.adapter
+    return low_precision_linears([adapter.block(i) for i in range(hp.z_layer + 1, adapter.n_layers)], dtype)
 
 
 def delta_budget(hp: EditHParams, prompt_format: str) -> float:
@@ -221,17 +237,20 @@ def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkS
         return replace_block_hidden(out, h + add)
 
     a = len(active)
-    nll, kl, cont_kl, misses = (torch.zeros(a, device=device) for _ in range(4))
-    tokens = heads = 0
+    tokens = 0
+    # the scored positions of every group, unembedded together: one pass over the vocabulary matrix
+    # per iteration instead of three per group (its reads dominate these small products)
+    lab_h, lab_y, lab_w, lab_f = [], [], [], []
+    kl_h, kl_f = [], []
+    cont_h, cont_ids, cont_f = [], [], []
     for group in groups:
         if not group.rows:
             continue
-        hidden = group.forward(loaded, hp.z_layer, inject)
+        with record_function("values.forward.first" if first else "values.forward"):
+            hidden = group.forward(loaded, hp.z_layer, inject)
         tokens += int(group.tokens.sum())
         st.counts["padded_tokens"] += group.suf_ids.numel()
-        lab_r, lab_p, lab_y, lab_w, lab_f = [], [], [], [], []
-        kl_r, kl_f = [], []
-        cont_r, cont_p, cont_ids, cont_f = [], [], [], []
+        lab_r, lab_p, kl_r, cont_r, cont_p = [], [], [], [], []
         for j, r in enumerate(group.rows):
             if r.kl:
                 kl_r.append(j)
@@ -248,28 +267,35 @@ def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkS
                 lab_y.append(y)
                 lab_w.append(1.0 / (len(r.labels) * n_templates))
                 lab_f.append(local[r.fact])
-        heads += len(lab_r) + len(kl_r) + len(cont_r)
-        if lab_r:  # NLL at label positions only: mean per row, mean over the fact's templates
-            logp = torch.log_softmax(unembed(hidden[lab_r, lab_p]).float(), -1)
-            y = torch.tensor(lab_y, device=logp.device)
-            tok_nll = -logp.gather(1, y[:, None])[:, 0]
-            f_idx = torch.tensor(lab_f, device=device)
-            nll = nll.index_add(0, f_idx, (tok_nll * torch.tensor(lab_w, device=logp.device)).to(device))
-            misses = misses.index_add(0, f_idx, _label_misses(logp, y, hp.stop_margin).to(device))
-        if kl_r:  # KL(p_δ ‖ p_0) of the next token after the subject
-            kl_logp = torch.log_softmax(unembed(hidden[kl_r, 0]).float(), -1)
-            fidx = torch.tensor(kl_f, device=device)
-            if first:
-                st.kl_init[fidx] = kl_logp.detach().to(device)
-            vals = _kl(kl_logp, st.kl_init[fidx])
-            kl = kl.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), vals.to(device))
-        if cont_r:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
-            c_logp = torch.log_softmax(unembed(hidden[cont_r, cont_p]).float(), -1)
+        lab_h.append(hidden[lab_r, lab_p])
+        kl_h.append(hidden[kl_r, 0])
+        cont_h.append(hidden[cont_r, cont_p])
+    with record_function("values.heads"):
+        sizes = [len(lab_y), len(kl_f), len(cont_f)]
+        logp_all = torch.log_softmax(unembed(torch.cat(lab_h + kl_h + cont_h)).float(), -1)
+        logp, kl_logp, c_logp = logp_all.split(sizes)
+        out_dev = logp_all.device
+        # NLL at label positions only: mean per row, mean over the fact's templates
+        y = torch.tensor(lab_y, device=out_dev)
+        tok_nll = -logp.gather(1, y[:, None])[:, 0]
+        f_idx = torch.tensor(lab_f, device=device)
+        zeros = torch.zeros(a, device=device)
+        nll = zeros.index_add(0, f_idx, (tok_nll * torch.tensor(lab_w, device=out_dev)).to(device))
+        misses = zeros.index_add(0, f_idx, _label_misses(logp, y, hp.stop_margin).to(device))
+        # KL(p_δ ‖ p_0) of the next token after the subject
+        fidx = torch.tensor(kl_f, device=device)
+        if first:
+            st.kl_init[fidx] = kl_logp.detach().to(device)
+        kl = zeros.index_add(0, torch.tensor([local[f] for f in kl_f], device=device),
+                             _kl(kl_logp, st.kl_init[fidx]).to(device))
+        cont_kl = zeros
+        if cont_f:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
             cidx = torch.tensor(cont_ids, device=device)
             if first:
                 st.cont_init[cidx] = c_logp.detach().to(device)
             vals = _kl(c_logp, st.cont_init[cidx]) / n_formats
-            cont_kl = cont_kl.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
+            cont_kl = zeros.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
+    heads = sum(sizes)
     act_idx = torch.tensor(active, device=device)
     wd = hp.v_weight_decay * d_act.norm(dim=-1) / st.h0[act_idx].norm(dim=-1) ** 2
     loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl
@@ -302,11 +328,9 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     budget (the clean model's norms with ``hp.budget_anchor="clean"``)."""
     adapter = loaded.adapter
     device = adapter.device(hp.z_layer)  # δ lives where it is injected
-    autocast = _reduced_precision(loaded, hp)
-    compute = autocast if autocast is not None else nullcontext()
     continuation = hp.continuation_kl > 0
     rows = build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation)
-    with compute:
+    with record_function("values.rows_and_prefix_cache"):
         groups = [RowGroup(loaded, [rows[i] for i in g], hp.z_layer) for g in length_groups([len(r.suffix) for r in rows])]
     n_formats = len(formats(prompt_format))
     n, n_templates = len(facts), len(templates) * n_formats  # rewriting rows per fact
@@ -322,7 +346,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
         act_idx = torch.tensor(active, device=device)
         # δ of the active facts as a leaf, so the graph and the gradient cover only them
         d_act = st.delta[act_idx].clone().requires_grad_(True)
-        with torch.enable_grad(), compute:
+        with torch.enable_grad():
             step = _iteration_loss(loaded, hp, groups, st, active, d_act, it == 0, n_templates, n_formats)
         st.counts["row_tokens"] += step.tokens
         st.counts["head_positions"] += step.heads
@@ -338,24 +362,21 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
             break
         keep = (~done).nonzero()[:, 0]
         # the sum of per-fact losses: ∂/∂δ_f only sees fact f's own loss
-        (grad,) = torch.autograd.grad(step.loss[keep].sum(), d_act)
+        with record_function("values.backward"):
+            (grad,) = torch.autograd.grad(step.loss[keep].sum(), d_act)
         st.counts["stepped_tokens"] += step.tokens
         st.counts["stepped_heads"] += step.heads
-        _adam_clamped(st, act_idx[keep], grad[keep], it + 1, hp.v_lr, limit)
-        if bool(done.any()):
-            active = [active[j] for j in keep.tolist()]
-            alive = set(active)
-            for group in groups:
-                group.keep(alive)
+        with record_function("values.adam_and_bookkeeping"):
+            _adam_clamped(st, act_idx[keep], grad[keep], it + 1, hp.v_lr, limit)
+            if bool(done.any()):
+                active = [active[j] for j in keep.tolist()]
+                alive = set(active)
+                for group in groups:
+                    group.keep(alive)
 
     assert bool(st.h0_seen.all()), "every fact has a bare row"
-    h0, delta = st.h0, st.delta
-    if autocast is None:
-        z, h0 = (h0 + delta).to(torch.float64).cpu(), h0.to(torch.float64).cpu()
-    else:  # h0 in the model's precision (see the module docstring)
-        bare = ContextRows.build(loaded.tokenizer, facts, ["{}"], formats(prompt_format)[0])
-        h0 = read_keys(loaded, bare, [], z_layer=hp.z_layer, batch_rows=hp.key_batch_rows).z_hidden.T
-        z = h0 + delta.to(torch.float64).cpu()
+    h0, delta = st.h0, st.delta  # h0 comes from blocks 0..z, which always run in the model's dtype
+    z, h0 = (h0 + delta).to(torch.float64).cpu(), h0.to(torch.float64).cpu()
     return ChunkResult(z, h0, st.steps, st.final_loss, st.final_nll, delta.norm(dim=-1).tolist(), limit.tolist(),
                        iterations, st.counts)
 
@@ -394,13 +415,14 @@ def compute_values(
         raise ValueError(f"h0_norm_ref must have one norm per fact ({len(facts)}), got shape {tuple(h0_norm_ref.shape)}")
     t0 = time.perf_counter()
     chunks: list[ChunkResult] = []
-    for lo in range(0, len(facts), hp.v_batch_facts):
-        chunk = facts[lo : lo + hp.v_batch_facts]
-        ref = None if h0_norm_ref is None else h0_norm_ref[lo : lo + hp.v_batch_facts]
-        with _frozen_parameters(loaded.model):
+    # one reduced-precision copy of the upper blocks' weights for the whole pass (they do not change in it)
+    with _frozen_parameters(loaded.model), _precision(loaded, hp):
+        for lo in range(0, len(facts), hp.v_batch_facts):
+            chunk = facts[lo : lo + hp.v_batch_facts]
+            ref = None if h0_norm_ref is None else h0_norm_ref[lo : lo + hp.v_batch_facts]
             chunks.append(_optimise_chunk(loaded, chunk, templates, hp, prompt_format, ref))
-        if progress is not None:
-            progress(len(chunk))
+            if progress is not None:
+                progress(len(chunk))
     return ValueResult(
         z=torch.cat([c.z for c in chunks]).T.contiguous(),
         h0=torch.cat([c.h0 for c in chunks]).T.contiguous(),
@@ -434,4 +456,4 @@ def clean_h0_norms(loaded, facts: Sequence[Fact], hp: EditHParams, base_weights:
     return h.to(torch.float64).norm(dim=0).cpu()  # z_hidden: [d_out, n]
 
 
-__all__ = ["KL_PROMPT", "ChunkResult", "ValueResult", "clean_h0_norms", "compute_values", "delta_budget"]
+__all__ = ["KL_PROMPT", "ChunkResult", "ValueResult", "clean_h0_norms", "compute_dtype", "compute_values", "delta_budget"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 STOP_RULES = ("nll", "most_probable")
 BUDGET_ANCHORS = ("current", "clean")
 
@@ -51,8 +51,10 @@ class EditHParams:
     # an edited residual stream whose norm grew does not buy later facts a larger δ
     budget_anchor: str = "current"
     v_batch_facts: int = 50  # facts optimised together (memory bound, results do not depend on it)
-    # matmul precision of the value optimisation: "float32", or "bfloat16"/"float16" autocast (the
-    # optimised δ and every returned value stay float32/float64; see locate/values.py)
+    # matmul precision of the value optimisation's upper blocks: "float32", "bfloat16"/"float16" (their
+    # linear layers compute from a weight copy in that dtype, everything else stays float32; δ, h0 and
+    # every returned value stay float32/float64), or "auto" (bfloat16 where it is native, AMX/AVX512-BF16
+    # or CUDA; see locate/values.py and locate/low_precision.py)
     v_compute_dtype: str = "float32"
     # context templates averaged into keys and values
     n_context_templates: int = 5
