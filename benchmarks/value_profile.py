@@ -16,7 +16,6 @@ shapes measured in the same process (``--dtype`` decides which precision the lim
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path

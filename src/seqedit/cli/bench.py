@@ -63,6 +63,7 @@ def bench(
     import torch
 
     from ..editor import Editor
+    from ..locate.values import compute_dtype
     from ..shared_data import counterfact_path
 
     overrides = parse_sets(sets, layers=parse_layers(layers), lam=lam, v_steps=v_steps)
@@ -102,6 +103,8 @@ def bench(
         "efficacy_before": before,
         "efficacy_after": after,
         "torch_threads": torch.get_num_threads(),
+        # what v_compute_dtype resolved to on this machine ("auto" depends on the hardware)
+        "value_compute_dtype": str(compute_dtype(lm, editor.hparams) or lm.adapter.unembed.weight.dtype).removeprefix("torch."),
     }
     if as_json:
         out.print_json(data=result)
@@ -122,7 +125,8 @@ def bench(
                 f"step {s['step']} values: {w['delta_gflop']:.0f} GFLOP of δ-dependent work "
                 f"({w['suffix_tokens']} suffix tokens, {w['padded_tokens']} with padding, "
                 f"{w['iterations']} iterations) in {s['values']:.1f} s = "
-                f"{w['delta_gflop'] / max(s['values'], 1e-9):.0f} GFLOP/s"
+                f"{w['delta_gflop'] / max(s['values'], 1e-9):.0f} GFLOP/s, upper blocks in "
+                f"{result['value_compute_dtype']}"
             )
     out.print(
         f"Σ₀: {result['stats_seconds']:.1f} s (cached after the first run) · factorise: "

@@ -53,6 +53,7 @@ from torch.profiler import record_function
 from ..facts import Fact
 from ..models.presets import EditHParams
 from .chat import formats
+from .head_loss import head_losses, label_misses
 from .keys import ContextRows, read_keys
 from .low_precision import bf16_matmul_native, low_precision_linears
 from .trace import block_hidden, replace_block_hidden
@@ -103,11 +104,6 @@ class ValueResult:
         tokens = self.row_tokens + self.stepped_tokens
         heads = self.head_positions + self.stepped_heads
         return 2.0 * (upper * tokens + head * heads)
-
-
-def _kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``KL(p ‖ p_0)`` per row of log-probabilities ``logp, ref: [rows, vocab]``."""
-    return (logp.exp() * (logp - ref.to(logp.device))).sum(-1)
 
 
 def _adam_step(p, g, m, v, t: int, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> None:
@@ -205,15 +201,6 @@ class ChunkResult:
     counts: dict[str, int]
 
 
-def _label_misses(logp: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
-    """1 where the label does not lead every other token by more than ``margin`` nats (``logp: [m, V]``,
-    ``labels: [m]``), else 0, as float ``[m]``."""
-    top2 = logp.detach().topk(2, dim=-1)
-    lab = logp.detach().gather(1, labels[:, None])[:, 0]
-    rival = torch.where(top2.indices[:, 0] == labels, top2.values[:, 1], top2.values[:, 0])
-    return (lab - rival <= margin).float()
-
-
 def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkState, active: list[int],
                     d_act: torch.Tensor, first: bool, n_templates: int, n_formats: int) -> _IterationLoss:
     """Forward every length group with δ injected at the z-layer and form the per-fact loss
@@ -271,31 +258,24 @@ def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkS
         kl_h.append(hidden[kl_r, 0])
         cont_h.append(hidden[cont_r, cont_p])
     with record_function("values.heads"):
-        sizes = [len(lab_y), len(kl_f), len(cont_f)]
-        logp_all = torch.log_softmax(unembed(torch.cat(lab_h + kl_h + cont_h)).float(), -1)
-        logp, kl_logp, c_logp = logp_all.split(sizes)
-        out_dev = logp_all.device
+        z = unembed(torch.cat(lab_h + kl_h + cont_h))
+        y = torch.tensor(lab_y, device=z.device)
+        fidx = torch.tensor(kl_f, device=device, dtype=torch.long)
+        cidx = torch.tensor(cont_ids, device=device, dtype=torch.long)
+        ref = None if first else torch.cat([st.kl_init[fidx], st.cont_init[cidx]])
+        tok_nll, kls, logp_kl = head_losses(z, y, ref)
+        if first:  # the KL references: each row's distribution before any update
+            st.kl_init[fidx], st.cont_init[cidx] = logp_kl[: len(kl_f)].to(device), logp_kl[len(kl_f) :].to(device)
+        kls = kls.to(device)
         # NLL at label positions only: mean per row, mean over the fact's templates
-        y = torch.tensor(lab_y, device=out_dev)
-        tok_nll = -logp.gather(1, y[:, None])[:, 0]
         f_idx = torch.tensor(lab_f, device=device)
         zeros = torch.zeros(a, device=device)
-        nll = zeros.index_add(0, f_idx, (tok_nll * torch.tensor(lab_w, device=out_dev)).to(device))
-        misses = zeros.index_add(0, f_idx, _label_misses(logp, y, hp.stop_margin).to(device))
-        # KL(p_δ ‖ p_0) of the next token after the subject
-        fidx = torch.tensor(kl_f, device=device)
-        if first:
-            st.kl_init[fidx] = kl_logp.detach().to(device)
-        kl = zeros.index_add(0, torch.tensor([local[f] for f in kl_f], device=device),
-                             _kl(kl_logp, st.kl_init[fidx]).to(device))
-        cont_kl = zeros
-        if cont_f:  # KL(p_δ ‖ p_0) after the whole target, mean over the fact's formats
-            cidx = torch.tensor(cont_ids, device=device)
-            if first:
-                st.cont_init[cidx] = c_logp.detach().to(device)
-            vals = _kl(c_logp, st.cont_init[cidx]) / n_formats
-            cont_kl = zeros.index_add(0, torch.tensor(cont_f, device=device), vals.to(device))
-    heads = sum(sizes)
+        nll = zeros.index_add(0, f_idx, (tok_nll * torch.tensor(lab_w, device=z.device)).to(device))
+        misses = zeros.index_add(0, f_idx, label_misses(z[: len(lab_y)], y, hp.stop_margin).to(device))
+        # KL(p_δ ‖ p_0) of the next token after the subject; after the whole target, mean over formats
+        kl = zeros.index_add(0, torch.tensor([local[f] for f in kl_f], device=device), kls[: len(kl_f)])
+        cont_kl = zeros.index_add(0, torch.tensor(cont_f, device=device, dtype=torch.long), kls[len(kl_f) :] / n_formats)
+    heads = len(lab_y) + len(kl_f) + len(cont_f)
     act_idx = torch.tensor(active, device=device)
     wd = hp.v_weight_decay * d_act.norm(dim=-1) / st.h0[act_idx].norm(dim=-1) ** 2
     loss = nll + hp.kl_factor * kl + wd + hp.continuation_kl * cont_kl
