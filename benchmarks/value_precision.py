@@ -1,4 +1,4 @@
-"""float32 vs bfloat16-autocast value optimisation on the embedded model: time and edit quality.
+"""float32 vs bfloat16 (upper blocks from weight copies, locate/low_precision.py) value optimisation on the embedded model: time and edit quality.
 
 Both precisions optimise the target values of the same CounterFact `train` facts on the unedited
 model, alternating chunk by chunk in one process (so that other load on the machine hits both

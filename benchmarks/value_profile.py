@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 import seqedit
 from seqedit.atomic import atomic_write_json
 from seqedit.datasets import load_facts
-from seqedit.locate.values import compute_values
+from seqedit.locate.values import compute_dtype, compute_values
 from seqedit.shared_data import counterfact_path
 
 PHASES = ("values.rows_and_prefix_cache", "values.forward.first", "values.forward", "values.heads",
@@ -107,7 +107,7 @@ def main() -> None:
             flops[phase] += f
             mm_seconds[phase] += e.cpu_time_total / 1e6
 
-    dtype = getattr(torch, hp.v_compute_dtype)
+    dtype = compute_dtype(lm, hp) or lm.adapter.unembed.weight.dtype
     d, d_ff = lm.adapter.dims(hp.z_layer)[0], lm.adapter.dims(hp.z_layer)[1]
     limit = {str(dtype).removeprefix("torch."): min(gemm_rate(dtype, 600, d, d_ff), gemm_rate(dtype, 600, d_ff, d)),
              "float32": min(gemm_rate(torch.float32, 600, d, d_ff), gemm_rate(torch.float32, 600, d_ff, d))}
@@ -128,7 +128,7 @@ def main() -> None:
                                         key=lambda r: -r["seconds"])[:6] for ph in PHASES},
     }
     lim = limit[str(dtype).removeprefix("torch.")]
-    print(f"{len(facts)} facts, {torch.get_num_threads()} threads, {hp.v_compute_dtype}: {wall:.1f} s, "
+    print(f"{len(facts)} facts, {torch.get_num_threads()} threads, upper blocks in {dtype}: {wall:.1f} s, "
           f"δ-work {delta_gflop:.0f} GFLOP at {delta_gflop / wall:.0f} GFLOP/s (GEMM limit {lim:.0f})")
     print(f"{'phase':32} {'s':>7} {'share':>6} {'GFLOP':>8} {'GFLOP/s':>8} {'of limit':>8}")
     for r in rows:

@@ -9,6 +9,7 @@ layer solves, after the first layer's Δ is written and before the next layer's 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,9 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
+# a shell's background job starts with SIGINT ignored, and children inherit that: Python's own handler
+# (KeyboardInterrupt) is what the test is about
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from ledger_helpers import make_editor  # noqa: E402
 

@@ -21,13 +21,17 @@ from torch import nn
 from .trace import shadow_forwards
 
 
-def _cast_forward(module: nn.Linear, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def _cast_forward(module: nn.Linear, dtype: torch.dtype, last: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     weight = module.weight.detach().to(dtype)
     bias = None if module.bias is None else module.bias.detach().to(dtype)
     out_dtype = module.weight.dtype
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.to(dtype), weight, bias).to(out_dtype)
+        # q/k/v (and gate/up) read the same input one after the other: cast it once. ``last`` holds the
+        # input itself, so an identity match cannot be a recycled id.
+        if last.get("x") is not x:
+            last["x"], last["cast"] = x, x.to(dtype)
+        return nn.functional.linear(last["cast"], weight, bias).to(out_dtype)
 
     return forward
 
@@ -51,8 +55,12 @@ def low_precision_linears(blocks: Sequence[nn.Module], dtype: torch.dtype) -> It
     from weight copies made on entry; yields how many were switched. The copies reflect the weights at
     entry: the caller keeps the weights fixed for the duration (the value optimisation does)."""
     linears = castable_linears(blocks, dtype)
-    with shadow_forwards([(m, _cast_forward(m, dtype)) for m in linears]):
-        yield len(linears)
+    last: dict = {}
+    try:
+        with shadow_forwards([(m, _cast_forward(m, dtype, last)) for m in linears]):
+            yield len(linears)
+    finally:
+        last.clear()
 
 
 def bf16_matmul_native(device: torch.device) -> bool:
