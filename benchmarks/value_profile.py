@@ -7,7 +7,7 @@ log-softmax and losses at the scored positions), the backward pass, and Adam wit
 Each operator is charged to the innermost phase that encloses it. Per phase the table gives wall
 seconds, the FLOPs of its matrix products (the profiler's count for ``mm``/``addmm``/``bmm``/
 ``matmul``, SDPA's counted from its shapes) and the rate they ran at, against this machine's GEMM rate on the model's
-shapes measured in the same process (``--dtype`` decides which precision the limit is measured in).
+shapes measured in the same process, in float32 and in the precision the upper blocks ran in.
 
     python benchmarks/value_profile.py --n 50 --out docs/results/value-profile-float32.json
     python benchmarks/value_profile.py --n 50 --set v_compute_dtype=bfloat16 --out docs/results/value-profile-bfloat16.json
@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 import seqedit
 from seqedit.atomic import atomic_write_json
 from seqedit.datasets import load_facts
-from seqedit.locate.values import compute_dtype, compute_values
+from seqedit.locate.values import compute_values, upper_blocks_dtype
 from seqedit.shared_data import counterfact_path
 
 PHASES = ("values.rows_and_prefix_cache", "values.forward.first", "values.forward", "values.heads",
@@ -91,26 +91,25 @@ def main() -> None:
     seconds: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
     mm_seconds: dict[str, float] = defaultdict(float)
-    ops: dict[str, float] = defaultdict(float)
     phase_ops: dict[tuple[str, str], float] = defaultdict(float)
     for e in prof.events():
         if e.name in PHASES:
             seconds[e.name] += e.cpu_time_total / 1e6  # a phase label's interval: its wall time
             continue
-        ops[e.name] += e.self_cpu_time_total / 1e6  # self time: nested calls are not counted twice
-        phase_ops[(phase_of(e), e.name)] += e.self_cpu_time_total / 1e6
+        phase = phase_of(e)
+        phase_ops[(phase, e.name)] += e.self_cpu_time_total / 1e6  # self time: nested calls count once
         f = float(e.flops or 0)  # the profiler counts the leaf matrix products (mm, addmm, bmm)
         if e.name == "aten::scaled_dot_product_attention":
             f = sdpa_flops(e)
         if f:
-            phase = phase_of(e)
             flops[phase] += f
             mm_seconds[phase] += e.cpu_time_total / 1e6
 
-    dtype = compute_dtype(lm, hp) or lm.adapter.unembed.weight.dtype
-    d, d_ff = lm.adapter.dims(hp.z_layer)[0], lm.adapter.dims(hp.z_layer)[1]
-    limit = {str(dtype).removeprefix("torch."): min(gemm_rate(dtype, 600, d, d_ff), gemm_rate(dtype, 600, d_ff, d)),
-             "float32": min(gemm_rate(torch.float32, 600, d, d_ff), gemm_rate(torch.float32, 600, d_ff, d))}
+    dtype = upper_blocks_dtype(lm, hp)
+    name = str(dtype).removeprefix("torch.")
+    d, d_ff = lm.adapter.dims(hp.z_layer)[:2]
+    limit = {str(t).removeprefix("torch."): min(gemm_rate(t, 600, d, d_ff), gemm_rate(t, 600, d_ff, d))
+             for t in {torch.float32, dtype}}
     rows = []
     for ph in (*PHASES, "other"):
         s = seconds.get(ph, 0.0)
@@ -118,6 +117,9 @@ def main() -> None:
                      "matmul_seconds": mm_seconds.get(ph, 0.0),
                      "gflop_per_s": flops.get(ph, 0.0) / 1e9 / s if s else 0.0})
     delta_gflop = values.delta_flops(lm, hp.z_layer) / 1e9
+    ops: dict[str, float] = defaultdict(float)
+    for (_, op), sec in phase_ops.items():
+        ops[op] += sec
     result = {
         "model": lm.name, "n": len(facts), "threads": torch.get_num_threads(), "hparams": hp.to_dict(),
         "wall_seconds": wall, "mean_value_steps": sum(values.steps) / len(values.steps),
@@ -127,7 +129,7 @@ def main() -> None:
         "top_ops_by_phase": {ph: sorted(({"op": k, "seconds": v} for (p, k), v in phase_ops.items() if p == ph),
                                         key=lambda r: -r["seconds"])[:6] for ph in PHASES},
     }
-    lim = limit[str(dtype).removeprefix("torch.")]
+    lim = limit[name]
     print(f"{len(facts)} facts, {torch.get_num_threads()} threads, upper blocks in {dtype}: {wall:.1f} s, "
           f"δ-work {delta_gflop:.0f} GFLOP at {delta_gflop / wall:.0f} GFLOP/s (GEMM limit {lim:.0f})")
     print(f"{'phase':32} {'s':>7} {'share':>6} {'GFLOP':>8} {'GFLOP/s':>8} {'of limit':>8}")

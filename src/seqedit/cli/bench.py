@@ -63,7 +63,7 @@ def bench(
     import torch
 
     from ..editor import Editor
-    from ..locate.values import compute_dtype
+    from ..locate.values import upper_blocks_dtype
     from ..shared_data import counterfact_path
 
     overrides = parse_sets(sets, layers=parse_layers(layers), lam=lam, v_steps=v_steps)
@@ -104,7 +104,7 @@ def bench(
         "efficacy_after": after,
         "torch_threads": torch.get_num_threads(),
         # what v_compute_dtype resolved to on this machine ("auto" depends on the hardware)
-        "value_compute_dtype": str(compute_dtype(lm, editor.hparams) or lm.adapter.unembed.weight.dtype).removeprefix("torch."),
+        "value_compute_dtype": str(upper_blocks_dtype(lm, editor.hparams)).removeprefix("torch."),
     }
     if as_json:
         out.print_json(data=result)

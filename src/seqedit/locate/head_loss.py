@@ -5,8 +5,8 @@ The scored positions are few (a few hundred per iteration) but each carries a wh
 matrix products. Autograd through ``log_softmax → gather / exp · (logp − ref) · sum → split`` makes
 about ten passes over ``[m, V]`` in the backward pass (a zero-filled scatter for the gather, one per
 factor of the KL, the log-softmax backward, a concatenation for the split). :class:`HeadLoss` writes the
-gradient once, from what its forward kept:
-the gradient of both losses with respect to the logits is closed-form,
+gradient once, from what its forward kept, since the gradient of both losses with respect to the
+logits is closed-form:
 
     NLL_i = −log p_i[y_i]           ∂NLL_i/∂z_i = p_i − onehot(y_i)
     KL_i  = Σ_v p_iv (log p_iv − r_iv)   ∂KL_i/∂z_i = p_i ⊙ (log p_i − r_i − KL_i)

@@ -128,6 +128,11 @@ def compute_dtype(loaded, hp: EditHParams) -> torch.dtype | None:
     return dtype if dtype.itemsize < weight.dtype.itemsize else None
 
 
+def upper_blocks_dtype(loaded, hp: EditHParams) -> torch.dtype:
+    """The dtype the upper blocks' linear layers run in: :func:`compute_dtype`, else the model's own."""
+    return compute_dtype(loaded, hp) or loaded.adapter.unembed.weight.dtype
+
+
 def _precision(loaded, hp: EditHParams):
     """The context the chunk runs in: the blocks above the z-layer in :func:`compute_dtype`, if any."""
     dtype = compute_dtype(loaded, hp)
@@ -436,4 +441,5 @@ def clean_h0_norms(loaded, facts: Sequence[Fact], hp: EditHParams, base_weights:
     return h.to(torch.float64).norm(dim=0).cpu()  # z_hidden: [d_out, n]
 
 
-__all__ = ["KL_PROMPT", "ChunkResult", "ValueResult", "clean_h0_norms", "compute_dtype", "compute_values", "delta_budget"]
+__all__ = ["KL_PROMPT", "ChunkResult", "ValueResult", "clean_h0_norms", "compute_dtype", "compute_values", "delta_budget",
+           "upper_blocks_dtype"]
