@@ -1,4 +1,4 @@
-"""Throughput of `seqedit serve` completions with and without dynamic batching (serve/batching.py), on
+"""Throughput of `seqedit serve` completions with and without continuous batching (serve/batching.py), on
 the embedded SmolLM2-135M by default: tokens/s for 1, 4 and 8 concurrent clients against the same
 requests one at a time, and p50/p99 latency of 8 clients while edits are applied in between.
 

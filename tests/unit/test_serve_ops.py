@@ -26,6 +26,8 @@ def test_metrics_count_queue_steps_latency_and_facts(tmp_path):
         ids = [e["id"] for e in c.post("/v1/edits", json={"facts": [fact(1), fact(2), fact(3)]}, headers=auth()).json()["edits"]]
         wait_settled(c, ids)
         c.post("/v1/completions", json={"prompt": "Place 1 is", "max_tokens": 2}, headers=auth(READ_TOKEN))
+        greedy = c.post("/v1/completions", json={"prompt": "Place 2 is", "max_tokens": 3, "temperature": 0},
+                        headers=auth(READ_TOKEN)).json()["usage"]["completion_tokens"]
         c.get("/v1/edits/nope", headers=auth())
         c.get("/no/such/path/123", headers=auth())
         r = c.get("/metrics", headers=auth(READ_TOKEN))
@@ -38,9 +40,13 @@ def test_metrics_count_queue_steps_latency_and_facts(tmp_path):
     assert s[("seqedit_batch_steps_total", (("outcome", "applied"),))] >= 1
     assert s[("seqedit_step_seconds_count", ())] == s[("seqedit_batch_steps_total", (("outcome", "applied"),))]
     assert s[("seqedit_step_seconds_sum", ())] > 0 and s[("seqedit_facts_applied_total", ())] == 3
+    # the greedy request went through the batched decode: a step for each token after the first
+    assert s[("seqedit_decode_steps_total", (("requests", "one"),))] == greedy - 1
+    assert s[("seqedit_decode_steps_total", (("requests", "several"),))] == 0
+    assert s[("seqedit_decode_rows", ())] == 0  # nothing decoding once it answered
     post = (("method", "POST"), ("route", "/v1/completions"))
-    assert s[("seqedit_http_request_seconds_count", post)] == 1
-    assert s[("seqedit_http_requests_total", (*post, ("status", "200")))] == 1
+    assert s[("seqedit_http_request_seconds_count", post)] == 2
+    assert s[("seqedit_http_requests_total", (*post, ("status", "200")))] == 2
     assert s[("seqedit_http_requests_total", (("method", "GET"), ("route", "/v1/edits/{edit_id}"), ("status", "404")))] == 1
     assert s[("seqedit_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
     assert not any("/no/such" in str(k) for k in s)  # paths never become labels

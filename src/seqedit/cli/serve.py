@@ -35,7 +35,7 @@ def serve(
     max_jobs: int = typer.Option(64, "--max-jobs", help="Most forget/undo/verify/export jobs waiting (429 beyond)."),
     keep_applied_days: Optional[float] = typer.Option(
         None, "--keep-applied-days", help="Delete applied queue entries older than this (default: keep them)."),
-    batch_rows: int = typer.Option(16, "--batch-rows", help="Greedy prompts sharing one forward pass (1: no batching)."),
+    batch_rows: int = typer.Option(16, "--batch-rows", help="Greedy prompts decoding together, joining and leaving between steps (1: no batching)."),
     workers: int = typer.Option(1, "--workers", help="Must be 1: one process owns the editor and its ledger."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error."),
 ) -> None:

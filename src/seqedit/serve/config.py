@@ -94,8 +94,8 @@ class ServeConfig:
     max_queue: int = 10_000  # queued edits; a submission over it answers 429
     max_jobs: int = 64  # forget/undo/verify/export jobs waiting for the worker
     keep_applied_days: float | None = None  # None: applied queue entries are kept forever
-    batch_rows: int = 16  # greedy prompts sharing one generate call (serve/batching.py); 1: no batching
-    batch_wait_s: float = 0.01  # how long a forming batch waits for more requests
+    batch_rows: int = 16  # greedy prompts decoding together (serve/batching.py); 1: no batching
+    batch_wait_s: float = 0.01  # how long a first request that finds others queued waits for company
 
     def __post_init__(self) -> None:
         self.ledger = Path(self.ledger)

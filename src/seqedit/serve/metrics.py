@@ -3,7 +3,8 @@
 Measured as they happen: request latency (histogram by method and route template, so unmatched paths
 cannot grow the label set), requests by status, and the seconds of each batch step. Read at scrape
 time from the worker and the queue: queue depth per state, facts in force, the ledger's last step,
-steps applied and failed, waiting jobs, readiness and the current retry backoff.
+steps applied and failed, waiting jobs, readiness and the current retry backoff, and the batched
+decode's rows now, its steps and how many of them served more than one request.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ class _State:
                                 value=1.0 if w.ready else 0.0)
         yield GaugeMetricFamily("seqedit_step_backoff_seconds", "Wait before retrying a failed step (0: none)",
                                 value=w.backoff_s)
+        b = w.batcher
+        if b is not None:
+            yield GaugeMetricFamily("seqedit_decode_rows", "Greedy prompts decoding together now", value=b.live_rows)
+            decode = CounterMetricFamily("seqedit_decode_steps", "Batched decode steps, by how many requests they served",
+                                         labels=["requests"])
+            decode.add_metric(["one"], b.steps - b.shared_steps)
+            decode.add_metric(["several"], b.shared_steps)
+            yield decode
 
 
 class Metrics:

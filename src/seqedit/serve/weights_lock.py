@@ -21,6 +21,11 @@ class WeightsLock:
         self._writer = False
         self._writers_waiting = 0
 
+    def writer_waiting(self) -> bool:
+        """Whether a writer waits for the lock (a reader that holds it should let go soon)."""
+        with self._cond:
+            return self._writers_waiting > 0
+
     @contextmanager
     def read(self) -> Iterator[None]:
         with self._cond:

@@ -168,7 +168,8 @@ class Worker:
         self.status = "loading the model"
         self.loaded = self._load()
         if self.config.batch_rows > 1:
-            self.batcher = Batcher(self.loaded, self.weights.read, self.config.batch_rows, self.config.batch_wait_s)
+            self.batcher = Batcher(self.loaded, self.weights.read, self.config.batch_rows, self.config.batch_wait_s,
+                                   writer_waiting=self.weights.writer_waiting)
         self.status = "opening the ledger"
         options = {k: v for k, v in self.config.editor_options.items() if v is not None}
         self.editor = Editor(self.loaded, ledger=self.config.ledger, **options)
