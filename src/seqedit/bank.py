@@ -218,6 +218,23 @@ class LayerBank:
             return state, W0.clone()
         return state, W0 + state.step(K, V - W0 @ K, W0).applied
 
+    def set_lam(self, lam: float) -> dict[int, Tensor]:
+        """Re-form every layer's system with preservation weight ``lam`` (``A' = A + (λ' − λ)Σ₀``, kept
+        Σ₀ needed) and write the exact move of its optimum: afterwards each layer holds the one-time
+        solution of the same constraints with ``lam``. All layers or none; returns the updates written.
+        ``ValueError`` for forms without an exact re-formation (:meth:`LayerMethodState.relam`)."""
+        if not self.sigma0:
+            raise RuntimeError("LayerBank.set_lam needs the kept Σ₀ (keep_sigma0=True)")
+        out: dict[int, Tensor] = {}
+        if float(lam) == self.lam:
+            return out
+        with self.transaction():
+            for layer, state in self.states.items():
+                out[layer] = state.relam(lam, self.sigma0[layer], self.master[layer], self.w0[layer])
+                self.write(layer, out[layer])
+        self.lam = float(lam)
+        return out
+
     def finalize(self) -> dict[int, Tensor]:
         """Write the end-of-run update of each layer (forms with ``Capabilities.finalize``); returns the
         updates written (empty for other forms)."""

@@ -26,7 +26,8 @@ import torch
 from .bank import LayerBank
 from .editor_ledger import LedgerOperations
 from .facts import Fact
-from .guards import check_batch, check_editor_args, check_fit, check_reopen, editor_options, ledger_settings
+from .guards import (check_batch, check_editor_args, check_fit, check_lam_growth, check_reopen, editor_options,
+                     ledger_settings)
 from .ledger.manifest import recorded_base, reconcile
 from .ledger.store import Ledger, StepRecord
 from .locate.chat import check_chat_template, formats
@@ -148,8 +149,10 @@ class Editor(LedgerOperations):
                 raise ValueError(f"edited layer {layer} does not exist: the model has {n_layers} layers")
         self.stats_corpus = stats_corpus
         self.callbacks = list(callbacks)
+        check_lam_growth(self.hparams, self.spec, ledger)
         self.bank = LayerBank(self.loaded.adapter, self.spec, self.hparams.layers, self.hparams.lam,
-                              keep_sigma0=ledger is not None, solve_device=solve_device)
+                              keep_sigma0=ledger is not None or bool(self.hparams.lam_growth), solve_device=solve_device)
+        self._facts_solved = 0  # facts (ledger-free) or key columns solved so far: λ's schedule reads it
         self.steps: list[StepReport] = []
         self.setup_seconds: dict[str, float] = {}
         self.last_record: StepRecord | None = None
@@ -264,7 +267,9 @@ class Editor(LedgerOperations):
         with self._lh.first_step():
             plan = self.session.plan_apply(facts) if self.session is not None else None
             self.prepare(progress)
-            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext():
+            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext(), \
+                    self.bank.transaction():
+                self._grow_lam(len(facts))
                 report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
                                            values, plan, len(self.steps) + 1, progress, self.prompt_format)
                 if record is not None:
@@ -272,7 +277,14 @@ class Editor(LedgerOperations):
                     self.ledger.annotate(record.id, {"report": report.to_dict()})
         # the step's (K, V) are in the ledger (and on the returned report); a long run must not hold them all
         self.steps.append(dataclasses.replace(report, constraints={}))
+        self._facts_solved += len(facts)
         return report
+
+    def _grow_lam(self, adding: int) -> None:
+        """Re-form every layer for λ of the facts in force after a step that adds ``adding``
+        (``hparams.lam_growth``; exact, inside the step's bank transaction)."""
+        if self.hparams.lam_growth:
+            self.bank.set_lam(self.hparams.lam_for(self._facts_solved + adding))
 
     def _step_end(self, report: StepReport, position: RunPosition) -> None:
         for cb in self.callbacks:
@@ -362,11 +374,14 @@ class Editor(LedgerOperations):
         def columns(_i: int, layer: int):
             return K[layer], None if R is None else R[layer], None if V is None else V[layer]
 
+        n = {int(k.shape[1]) for k in K.values()}.pop() if K else 0
         with self.bank.transaction():
+            self._grow_lam(n)
             done = solve_layers(self.bank, self.session, self.hparams.layers, columns, removed=removed)
             if plan is not None:
                 self.last_record = self.session.commit_apply(facts, plan, done.constraints, done.update_norms,
                                                              self.hparams.to_dict())
+        self._facts_solved += n
         return done.deltas
 
     # ------------------------------------------------------------------ ledger

@@ -64,6 +64,20 @@ def check_editor_args(modes: Sequence[str], mode: Any, prompt_format: Any, ledge
         check_path(ledger, "ledger")
 
 
+def check_lam_growth(hparams: Any, spec: Any, ledger: Any) -> None:
+    """A λ schedule (``hparams.lam_growth``) needs a form that re-forms its system exactly (memit/aligned,
+    rlsedit), and is not journalled by a ledger yet (a replay or ``verify`` would solve with the
+    ledger's constant λ), so it runs ledger-free."""
+    if not hparams.lam_growth:
+        return
+    if ledger is not None:
+        raise InputError("lam_growth (a λ that grows with the facts in force) is not journalled by a ledger yet: "
+                         "run it without ledger=, or set lam_growth=0")
+    if spec.name not in ("memit", "rlsedit") or not spec.capabilities.matches_one_time:
+        raise InputError(f"lam_growth needs a form whose weights are the optimum of one accumulated system "
+                         f"(memit/aligned, rlsedit), not {spec.label}")
+
+
 def check_batch(facts: Iterable[Any], where: str = "facts", allow_empty: bool = False,
                 distinct: bool = True) -> list[Fact]:
     """``facts`` as a list of :class:`Fact`, refused when empty (unless ``allow_empty``), when an item
@@ -175,7 +189,7 @@ def editor_options(method_options: Optional[dict], overrides: dict[str, Any]) ->
 
 
 # int fields that may be 0 (no context templates; a seed); every other int field counts something, >= 1
-_MAY_BE_ZERO = frozenset({"n_context_templates", "template_seed"})
+_MAY_BE_ZERO = frozenset({"n_context_templates", "template_seed", "lam_growth"})
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:

@@ -134,6 +134,11 @@ class LayerSystem(GramSystem):
         return self._ridge
 
     @property
+    def lam(self) -> float:
+        """The preservation weight λ of ``λΣ₀`` in ``A``."""
+        return self._lam
+
+    @property
     def solver(self) -> str:
         return self._solver
 
@@ -189,6 +194,28 @@ class LayerSystem(GramSystem):
             self._since_anchor += 1
         self._n = step.n_constraints
         return step.R, self._solve(step.K)
+
+    def with_lam(self, lam: float, sigma0: Tensor, W_delta: Tensor) -> tuple[LayerSystem, Tensor]:
+        """The same constraints under preservation weight ``lam``: ``A' = A + (λ' − λ)Σ₀``, and the move
+        ``Δ: [d_out, d_in]`` of the optimum, given ``W_delta = W − W₀: [d_out, d_in]`` at the current one.
+
+        Exact: from ``(W − W₀)A = B`` and ``(W' − W₀)A' = B``, ``Δ = W' − W = −(λ' − λ)(W − W₀)Σ₀A'⁻¹``,
+        so ``W + Δ`` is the one-time solution of the same constraints with ``λ'``. ``sigma0`` must be the
+        ``Σ₀: [d_in, d_in]`` this system was built with. The new system is a fresh anchor (on the
+        Woodbury path ``C = A'⁻¹`` from its Cholesky); ``self`` is unchanged, also on error
+        (``IllConditionedError`` if ``A'`` is not positive definite).
+        """
+        lam = real(lam, "lam")
+        S = symmetric(sigma0, "sigma0", self.device)
+        if S.shape[0] != self.d_in:
+            raise ValueError(f"sigma0 is {S.shape[0]}×{S.shape[0]}, this system is {self.d_in}×{self.d_in}")
+        D = matrix(W_delta, "W_delta", None, self.d_in, self.device)
+        new = self.copy()
+        shift = lam - self._lam
+        A = self._A + shift * S if shift else self._A
+        new._lam = lam
+        new._install(A, new._factor(A, "a smaller lam leaves A singular: keep lam larger or add a ridge"))
+        return new, (-shift) * new.solve_right(D @ S) if shift else torch.zeros_like(D)
 
     def _solve(self, X: Tensor) -> Tensor:
         """``A⁻¹ X`` for ``X: [d_in, m]``."""

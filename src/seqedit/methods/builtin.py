@@ -118,10 +118,23 @@ class _Accumulated(_OneSystem):
     def _step(self, K: Tensor, R: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
         return _factored_step(self.spec, self._system, K, R, W, _post(self.spec))
 
+    _lam_scale: ClassVar[str | None] = None  # the spec field scaling λ in this form's system
+
+    def relam(self, lam: float, sigma0: Tensor, W: Tensor, W0: Tensor) -> Tensor:
+        # the deployed W is the system's optimum only without R_p (an uncorrected prune/rect is not)
+        if _post(self.spec) is not None:
+            return super().relam(lam, sigma0, W, W0)
+        scale = 1.0 if self._lam_scale is None else float(getattr(self.spec, self._lam_scale))
+        W = as64(W, "W")
+        self._system, delta = self._system.with_lam(scale * float(lam), sigma0, W - as64(W0, "W0").to(W.device))
+        return delta
+
 
 class _Woodbury(_Accumulated):
     """rlsedit: RLSEdit maintains C_t = A_t⁻¹ by rank-n Woodbury updates and never resets it (ANCHORS
     §1.4, observation 2: the released driver's reset is not the cumulative minimiser)."""
+
+    _lam_scale: ClassVar[str | None] = "mu2"
 
     @classmethod
     def create(cls, spec: MethodSpec, sigma0: Tensor, lam: float, W0: Tensor) -> LayerMethodState:

@@ -68,6 +68,14 @@ class LayerMethodState:
         ``update(K_add, R_add, K_remove, R_remove)`` adds and removes constraints exactly."""
         return None
 
+    def relam(self, lam: float, sigma0: Tensor, W: Tensor, W0: Tensor) -> Tensor:
+        """Change the preservation weight to ``lam`` (the state advances) and return the update
+        ``[d_out, d_in]`` that moves the deployed ``W`` to the optimum of the same constraints under it:
+        ``W`` + update is the one-time solution with ``lam``. Forms without an exact re-formation
+        raise ``ValueError``."""
+        raise ValueError(f"{self.spec.label} cannot change λ exactly (only forms whose weights are the "
+                         "optimum of one accumulated system can: memit/aligned, rlsedit)")
+
     def finalize(self, W: Tensor) -> Tensor | None:
         """Update ``[d_out, d_in]`` to add to the deployed ``W`` after the last step, or ``None``
         (forms with ``Capabilities.finalize`` only)."""

@@ -30,6 +30,11 @@ class EditHParams:
 
     layers: tuple[int, ...]
     lam: float = 15000.0
+    # preservation that keeps pace (issue 30): from lam_growth facts in force on, λ grows in proportion
+    # to them, λ_N = lam·max(1, N / lam_growth), so λΣ₀ keeps its weight against Σkkᵀ; each step re-forms
+    # A exactly (A' = A + (λ_N − λ)Σ₀, LayerBank.set_lam), and the same schedule applied one-time gives
+    # the same weights. 0: λ constant
+    lam_growth: int = 0
     # target-value optimisation (MEMIT compute_z)
     v_lr: float = 0.1
     v_steps: int = 25
@@ -91,8 +96,14 @@ class EditHParams:
             raise ValueError(f"stop_margin must be >= 0 (nats), got {self.stop_margin}")
         if self.budget_anchor not in BUDGET_ANCHORS:
             raise ValueError(f"budget_anchor must be one of {', '.join(BUDGET_ANCHORS)}, got {self.budget_anchor!r}")
+        if isinstance(self.lam_growth, bool) or not isinstance(self.lam_growth, int) or self.lam_growth < 0:
+            raise ValueError(f"lam_growth must be an int >= 0 (facts in force), got {self.lam_growth!r}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
+
+    def lam_for(self, n_facts: int) -> float:
+        """λ for ``n_facts`` facts in force (:attr:`lam_growth`'s schedule)."""
+        return self.lam if not self.lam_growth else self.lam * max(1.0, n_facts / self.lam_growth)
 
     @property
     def z_layer(self) -> int:
@@ -168,7 +179,7 @@ class EditHParams:
 
 
 _ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0, "stop_rule": "nll", "stop_margin": 0.0,
-                "budget_anchor": "current"}  # field -> the value that older stored dicts imply
+                "budget_anchor": "current", "lam_growth": 0}  # field -> the value that older stored dicts imply
 
 
 def _as_bool(raw: str) -> bool:
