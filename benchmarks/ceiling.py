@@ -16,6 +16,12 @@ finishes (a finished N is skipped on restart). Values are computed in editing or
 measured as soon as its facts have values, so the small N's arrive first.
 
     python benchmarks/ceiling.py --out docs/results/ceiling --ns 1000,2500,5000,7500,9900
+
+Step 5 (widen the memory): ``--layers 0-10`` edits that span instead of the preset's 4–10, with the same
+z-layer and so the same (cached) values: only the capacity differs. Its points go to
+``one_time_layers/<span>`` in the same results file.
+
+    python benchmarks/ceiling.py --out docs/results/ceiling --ns 2500 --layers 0-10
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=100, help="facts per cached value chunk")
     ap.add_argument("--gen-limit", type=int, default=1000, help="facts whose greedy generations are scored")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--layers", default="", help="edited span LO-HI ending at the preset's z-layer (default: the preset's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,13 +109,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
-    results.setdefault("one_time", {})
-
     lm = load_model("smollm2-135m")
     hp = preset_for(lm.name, lm.adapter.n_layers).override(continuation_kl=0.0).for_formats(1)
+    edit_hp, where = hp, results.setdefault("one_time", {})
+    if args.layers:  # the values stay those of the preset (same z-layer): only the edited span changes
+        lo, _, hi = args.layers.partition("-")
+        span = tuple(range(int(lo), int(hi) + 1))
+        if span[-1] != hp.z_layer:
+            raise SystemExit(f"--layers must end at the preset's z-layer {hp.z_layer}, got {args.layers}")
+        edit_hp = hp.override(layers=span)
+        where = results.setdefault("one_time_layers", {}).setdefault(args.layers, {})
     sel = select_facts("counterfact", max(ns), 0, split="edit", unique_slots=True)
     facts = sel.facts
-    base = {l: lm.adapter.weight(l).detach().clone() for l in hp.layers}
+    base = {l: lm.adapter.weight(l).detach().clone() for l in edit_hp.layers}
     templates = context_templates(lm, hp.n_context_templates, hp.context_template_len, hp.template_seed)
     refs_dir = out / "refs"
     refs = References.load(refs_dir, "counterfact", 32)
@@ -126,7 +139,7 @@ def main() -> None:
     parts: list[Any] = []
     t_values = 0.0
     for n in ns:
-        if str(n) in results["one_time"]:
+        if str(n) in where:
             continue
         while sum(p.n for p in parts) < n:
             lo = sum(p.n for p in parts)
@@ -139,15 +152,15 @@ def main() -> None:
         for l, w in base.items():
             lm.adapter.set_weight(l, w)
         t = time.perf_counter()
-        editor = Editor(lm, method="memit", mode="one_time", hparams=hp)
+        editor = Editor(lm, method="memit", mode="one_time", hparams=edit_hp)
         step = editor.apply(facts[:n], values=ValueResult(vals.z[:, :n], vals.h0[:, :n], vals.steps[:n],
                                                           vals.loss[:n], vals.nll[:n]))
         solve_s = time.perf_counter() - t
-        row = measure(lm, facts[:n], refs, base, hp.layers, args.gen_limit)
+        row = measure(lm, facts[:n], refs, base, edit_hp.layers, args.gen_limit)
         row.update({"n": n, "seconds_solve": solve_s, "seconds_values_this_run": t_values,
                     "mean_value_steps": sum(vals.steps[:n]) / n,
                     "residual_norms": {str(k): float(v) for k, v in (step.residual_norms or {}).items()}})
-        results["one_time"][str(n)] = row
+        where[str(n)] = row
         atomic_write_json(res_path, results)
         e, d = row["edit"], row["drift"] or {}
         print(f"N={n}: eff {e['efficacy']:.3f} gen {e['generalization']:.3f} spe {e['specificity']:.3f} "
