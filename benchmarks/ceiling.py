@@ -7,8 +7,8 @@ same N, the limit is the objective's capacity (λΣ₀ + KKᵀ, d_in = 1,536, 7 
 less, the limit is the sequential process.
 
 The facts are those of the 10,000-edit run (`docs/results/cf-10000`): CounterFact `edit` split,
-seed 0, one fact per (subject, prompt) slot, the `long-run` preset with continuation KL off, so the
-first N facts here are the first N facts the sequential run edited.
+seed 0, one fact per (subject, prompt) slot, the `long-run` preset with continuation KL off and float32
+values (as that run), so the first N facts here are the first N facts the sequential run edited.
 
 Resumable at two grains: each chunk of values is cached under ``$SEQEDIT_CACHE/frozen`` (a killed
 run re-optimises at most one chunk) and each N's measurement is written to ``OUT/results.json`` as it
@@ -110,7 +110,10 @@ def main() -> None:
     res_path = out / "results.json"
     results: dict[str, Any] = json.loads(res_path.read_text()) if res_path.is_file() else {}
     lm = load_model("smollm2-135m")
-    hp = preset_for(lm.name, lm.adapter.n_layers).override(continuation_kl=0.0).for_formats(1)
+    # float32 values in chunks of 50, as the sequential run compared with (made before issue 34's bfloat16
+    # preset) and as the cached values of the published points (the chunk size is part of the cache key)
+    hp = preset_for(lm.name, lm.adapter.n_layers).override(continuation_kl=0.0, v_compute_dtype="float32",
+                                                           v_batch_facts=50).for_formats(1)
     edit_hp, where = hp, results.setdefault("one_time", {})
     if args.layers:  # the values stay those of the preset (same z-layer): only the edited span changes
         lo, _, hi = args.layers.partition("-")
