@@ -40,6 +40,7 @@ from seqedit.evaluate.drift import drift_reference
 from seqedit.evaluate.generation_efficacy import generation_efficacy
 from seqedit.evaluate.measure import References, cohort_means, drift_summary
 from seqedit.evaluate.counterfact import counterfact_metrics
+from seqedit.evaluate.schema import DriftSummary, EditMetrics, read_results
 from seqedit.evaluate.selection import select_facts
 from seqedit.locate.frozen import frozen_targets
 from seqedit.locate.templates import context_templates
@@ -60,21 +61,22 @@ def concat(parts: list[Any]) -> ValueResult:
 
 def sequential_points() -> dict[int, dict[str, Any]]:
     """The real-protocol run's measurements at its edit counts (retention points and final)."""
+    def row(edit: EditMetrics, drift: DriftSummary | None) -> dict[str, Any]:
+        return {"efficacy": edit.efficacy, "generalization": edit.generalization, "specificity": edit.specificity,
+                "drift": None if drift is None else drift.to_dict()}
+
     out: dict[int, dict[str, Any]] = {}
     for name in ("memit-aligned", "memit-aligned-final"):
         path = SEQUENTIAL / name / "results.json"
         if not path.is_file():
             continue
-        cfg = json.loads(path.read_text())["configs"]["memit/aligned/se"]
-        drift = {c["edits"]: c.get("drift") for c in cfg.get("curve", [])}
-        for r in cfg.get("retention", []):
-            out[r["edits"]] = {"efficacy": r["efficacy"], "generalization": r["generalization"],
-                               "specificity": r["specificity"], "drift": drift.get(r["edits"])}
-        final = cfg.get("final")
-        if final and cfg.get("edited"):
-            e = final["edit"]
-            out[cfg["edited"]] = {"efficacy": e["efficacy"], "generalization": e["generalization"],
-                                  "specificity": e["specificity"], "drift": final.get("drift")}
+        cfg = read_results(path).configs["memit/aligned/se"]
+        drift = {c.edits: c.drift for c in cfg.curve}
+        for r in cfg.retention:
+            out[r.edits] = row(r, drift.get(r.edits))
+        final = cfg.final
+        if final is not None and final.edit is not None and cfg.edited:
+            out[cfg.edited] = row(final.edit, final.drift)
     return out
 
 

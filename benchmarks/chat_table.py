@@ -18,32 +18,34 @@ perplexity. Runs still in progress (``seqedit eval --checkpoint``) are shown wit
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from seqedit.evaluate.schema import DriftSummary, EditMetrics, FinalMetrics, read_results
+
 FORMATS = ("bare", "chat", "both")
-# (column, paths into a point's "edit" metrics, the first one present wins): ZsRE's bare specificity is the
-# agreement with the unedited model's argmax on the neighbour question (the paper's Eq. 39)
-COLUMNS = [("bare Eff.", [("efficacy",)]), ("bare Gen.", [("generalization",)]),
-           ("bare Spe.", [("specificity",), ("specificity_vs_pre_edit",)]),
-           ("chat Eff.", [("chat", "efficacy")]), ("chat Gen.", [("chat", "generalization")]),
-           ("chat Spe.", [("chat", "specificity")]), ("chat answer (new)", [("chat", "answer_new")])]
+# (column, metric names in a point's edit metrics, the first one present wins; chat: of its chat-template
+# metrics): ZsRE's bare specificity is the agreement with the unedited model's argmax on the neighbour
+# question (the paper's Eq. 39)
+COLUMNS = [("bare Eff.", False, ("efficacy",)), ("bare Gen.", False, ("generalization",)),
+           ("bare Spe.", False, ("specificity", "specificity_vs_pre_edit")),
+           ("chat Eff.", True, ("efficacy",)), ("chat Gen.", True, ("generalization",)),
+           ("chat Spe.", True, ("specificity",)), ("chat answer (new)", True, ("answer_new",))]
 
 
-def _get(d: Any, *path: str) -> Any:
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
+def _value(edit: EditMetrics | None, chat: bool, names: tuple[str, ...]) -> float | None:
+    holder = edit.chat if chat and edit is not None else edit
+    if holder is None:
+        return None
+    return next((v for name in names if (v := holder.metric(name)) is not None), None)
 
 
-def _row(label: str, edits: Any, point: dict | None) -> str:
-    values = [next((v for p in paths if (v := _get(point, "edit", *p)) is not None), None) for _, paths in COLUMNS]
-    cells = [f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–" for v in values]
-    ppl = _get(point, "drift", "ppl")
-    cells.append(f"{ppl:.2f}" if isinstance(ppl, (int, float)) else "–")
+def _row(label: str, edits: Any, edit: EditMetrics | None, drift: DriftSummary | None) -> str:
+    """One table row: the edit metrics ×100 (``–`` where not measured) and the perplexity."""
+    values = [_value(edit, chat, names) for _, chat, names in COLUMNS]
+    cells = [f"{100 * v:.1f}" if v is not None else "–" for v in values]
+    ppl = None if drift is None else drift.ppl
+    cells.append(f"{ppl:.2f}" if ppl is not None else "–")
     return f"| {label} | {edits} | " + " | ".join(cells) + " |"
 
 
@@ -59,7 +61,7 @@ def _run_folders(dataset: Path) -> list[tuple[Path, str]]:
 
 def table(runs: Path) -> str:
     """The markdown table of every ``<dataset>/<format>/results.json`` under ``runs``."""
-    lines = ["| dataset / editing format | edits | " + " | ".join(c for c, _ in COLUMNS) + " | PPL |",
+    lines = ["| dataset / editing format | edits | " + " | ".join(c for c, _, _ in COLUMNS) + " | PPL |",
              "|---|---:|" + "---:|" * (len(COLUMNS) + 1)]
     for ds in sorted(p.name for p in runs.iterdir() if p.is_dir()):
         pre_done = False
@@ -67,19 +69,20 @@ def table(runs: Path) -> str:
             f = folder / "results.json"
             if not f.is_file():
                 continue
-            data = json.loads(f.read_text())
-            if not pre_done and data.get("baseline"):
-                lines.append(_row(f"{ds} / pre-edit", 0, data["baseline"]))
+            data = read_results(f)
+            if not pre_done and data.baseline is not None:
+                lines.append(_row(f"{ds} / pre-edit", 0, data.baseline.edit, data.baseline.drift))
                 pre_done = True
-            for key, cfg in data["configs"].items():
+            for key, cfg in data.configs.items():
                 if not key.endswith("/se"):
                     continue
-                curve = cfg.get("curve") or []
-                edits = curve[-1]["edits"] if curve else "–"
-                if cfg.get("status") == "done":
-                    lines.append(_row(f"{ds} / {name}", edits, cfg.get("final")))
+                last = cfg.curve[-1] if cfg.curve else None
+                edits = "–" if last is None else last.edits
+                if cfg.status == "done":
+                    final = cfg.final or FinalMetrics()
+                    lines.append(_row(f"{ds} / {name}", edits, final.edit, final.drift))
                 else:  # a checkpointed run still going: only its curve's drift is known
-                    lines.append(_row(f"{ds} / {name} (running)", edits, curve[-1] if curve else None))
+                    lines.append(_row(f"{ds} / {name} (running)", edits, None, None if last is None else last.drift))
     return "\n".join(lines) + "\n"
 
 

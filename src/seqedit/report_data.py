@@ -1,13 +1,18 @@
-"""What the report reads from ``results.json``: the metrics per dataset, their short names, the
-configurations by method and alignment, and the path lookups the tables and plots share."""
+"""What the report reads from ``results.json`` (typed: :mod:`seqedit.evaluate.schema`): the metrics per
+dataset, their short names, the configurations by method and alignment, and the value getters the
+tables and plots share."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["EDIT_METRICS", "SHORT_NAMES", "cohort_points", "config_rows", "get_path", "load_results"]
+from .evaluate.schema import (ConfigEntry, DriftSummary, EditMetrics, GeneralSummary, ResultsFile, RetentionPoint,
+                              read_results)
+
+__all__ = ["EDIT_METRICS", "SHORT_NAMES", "Getter", "as_results", "cohort_points", "config_rows", "drift_metric",
+           "edit_metric", "f1", "load_results", "of_drift", "of_edit", "of_f1"]
 
 EDIT_METRICS = {
     "counterfact": ("efficacy", "generalization", "specificity"),
@@ -16,35 +21,69 @@ EDIT_METRICS = {
 SHORT_NAMES = {"efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe.", "specificity_vs_pre_edit":
           "Spe. (vs pre-edit)", "specificity_vs_gold": "Spe. (vs gold)", "fluency": "Flu.", "consistency": "Consis."}
 
+# A value of one measurement: of a FinalMetrics or Baseline, and (general and drift getters) of a CurvePoint.
+Getter = Callable[[Any], Optional[float]]
 
-def load_results(folder: str | Path) -> dict[str, Any]:
+
+def load_results(folder: str | Path) -> ResultsFile:
+    """``folder/results.json``, validated (:class:`~seqedit.evaluate.schema.ResultsFileError` names a bad key)."""
     path = Path(folder) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in {folder}")
-    return json.loads(path.read_text("utf-8"))
+    return read_results(path)
 
 
-def config_rows(data: dict[str, Any], running: bool = False) -> dict[tuple[str, str], dict[str, dict]]:
+def as_results(data: ResultsFile | Mapping[str, Any]) -> ResultsFile:
+    """``data`` typed: a :class:`ResultsFile` as it is, a results.json dict validated."""
+    return data if isinstance(data, ResultsFile) else ResultsFile.from_dict(data)
+
+
+def config_rows(data: ResultsFile, running: bool = False) -> dict[tuple[str, str], dict[str, ConfigEntry]]:
     """``{(method, alignment): {"se": entry, "ote": entry}}`` of the completed configurations, and with
     ``running`` also of those still running that have points along the run (a checkpointed run saves
     them after every step)."""
-    out: dict[tuple[str, str], dict[str, dict]] = {}
-    for label, e in data.get("configs", {}).items():
-        going = running and e.get("status") == "running" and bool(e.get("retention") or e.get("curve"))
-        if e.get("status") == "done" or going:
+    out: dict[tuple[str, str], dict[str, ConfigEntry]] = {}
+    for label, e in data.configs.items():
+        going = running and e.status == "running" and bool(e.retention or e.curve)
+        if e.status == "done" or going:
             m, a, mode = label.split("/")
             out.setdefault((m, a), {})[mode] = e
     return out
 
 
-def get_path(d: dict | None, *path: str) -> Any:
-    for k in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def cohort_points(se: dict) -> list[dict]:
+def cohort_points(se: ConfigEntry) -> list[RetentionPoint]:
     """The retention points of an SE entry that carry per-cohort means, in order of edits."""
-    return sorted((p for p in se.get("retention") or [] if p.get("by_cohort")), key=lambda p: p["edits"])
+    return sorted((p for p in se.retention if p.by_cohort), key=lambda p: p.edits)
+
+
+def edit_metric(edit: EditMetrics | None, name: str, chat: bool = False) -> float | None:
+    """Edit metric ``name`` (a fraction) of ``edit``, or of its chat-template metrics with ``chat``."""
+    holder = edit.chat if chat and edit is not None else edit
+    return None if holder is None else holder.metric(name)
+
+
+def f1(general: GeneralSummary | None, task: str | None = None) -> float | None:
+    """The weighted F1 of general ``task``, or without one the mean F1 over the tasks."""
+    if general is None:
+        return None
+    if task is None:
+        return general.mean_f1
+    score = general.tasks.get(task)
+    return None if score is None else score.f1
+
+
+def drift_metric(drift: DriftSummary | None, name: str) -> float | None:
+    """``ppl`` or top-1 ``agreement`` of a drift measurement."""
+    return None if drift is None else drift.metric(name)
+
+
+def of_edit(name: str, chat: bool = False) -> Getter:
+    return lambda m: edit_metric(m.edit, name, chat)
+
+
+def of_f1(task: str | None = None) -> Getter:
+    return lambda m: f1(m.general, task)
+
+
+def of_drift(name: str) -> Getter:
+    return lambda m: drift_metric(m.drift, name)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
-from .report_data import EDIT_METRICS, SHORT_NAMES, cohort_points, config_rows, get_path
+from .evaluate.schema import ConfigEntry, CurvePoint, EditMetrics, FinalMetrics, ResultsFile, RetentionPoint, Settings
+from .report_data import (EDIT_METRICS, SHORT_NAMES, Getter, as_results, cohort_points, config_rows, edit_metric,
+                          of_drift, of_f1)
 
 __all__ = ["PLOTS", "render_plots", "save_png"]
 
@@ -18,12 +21,18 @@ def _style(rows: dict) -> dict[tuple[str, str], dict]:
             for m, a in rows}
 
 
-def _series(points: list[dict], *path: str) -> tuple[list[int], list[float]]:
+# A curve point: a retention point (edit metrics) or a general/drift point, with its number of edits.
+Point = RetentionPoint | CurvePoint
+# (title, "retention" or "curve", the value: of edit metrics for retention, of a CurvePoint or FinalMetrics for curve)
+Panel = tuple[str, str, Getter]
+
+
+def _series(points: Sequence[Point], get: Getter) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for p in points:
-        y = get_path(p, *path)
+        y = get(p)
         if y is not None:
-            xs.append(p["edits"])
+            xs.append(p.edits)
             ys.append(y)
     return xs, ys
 
@@ -39,38 +48,46 @@ def save_png(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def _points(entry: dict, source: str, n: int) -> list[dict]:
+def _points(entry: ConfigEntry, source: str, n: int) -> Sequence[Point]:
     """Curve points of one configuration: ``retention`` (edit metrics, else the final one) or ``curve``."""
-    if "final" not in entry:  # still running: the points so far
-        return entry.get(source) or []
+    final = entry.final
+    if final is None:  # still running: the points so far
+        return entry.retention if source == "retention" else entry.curve
     if source == "retention":
-        return entry.get("retention") or [{"edits": n, **entry["final"]["edit"]}]
-    return entry.get("curve") or [{"edits": n, **entry["final"]}]
+        return entry.retention or [RetentionPoint.of(final.edit or EditMetrics(), edits=n)]
+    return entry.curve or [CurvePoint(edits=n, general=final.general, drift=final.drift)]
 
 
-def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], path: Path,
-                  scales: dict[str, float]) -> Path:
-    """One panel per ``(title, source, value path)``; ``source`` is ``retention`` (path inside the edit
-    metrics) or ``curve`` (path inside a general/drift point)."""
+def _measured(m: FinalMetrics | None, source: str, get: Getter) -> float | None:
+    """A panel's value of a final model or the baseline (its edit metrics for a ``retention`` panel)."""
+    if m is None:
+        return None
+    if source == "retention":
+        return None if m.edit is None else get(m.edit)
+    return get(m)
+
+
+def _curve_panels(data: ResultsFile, panels: list[Panel], path: Path, scales: dict[str, float]) -> Path:
+    """One panel per ``(title, source, value)``; ``source`` is ``retention`` (a value of edit metrics) or
+    ``curve`` (a value of a general/drift point)."""
     import matplotlib.pyplot as plt
 
-    rows, n = config_rows(data, running=True), data.get("settings", {}).get("n", 0)
+    rows, n = config_rows(data, running=True), (data.settings or Settings()).n or 0
     style = _style(rows)
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows + (0 if cols * nrows > len(panels) else 0.8)),
                              squeeze=False)
-    for ax, (title, source, vpath) in zip(axes.flat, panels):
+    for ax, (title, source, get) in zip(axes.flat, panels):
         scale = scales.get(title, 100.0)
-        inner = ("edit", *vpath) if source == "retention" else vpath
-        b = get_path(data.get("baseline"), *inner)
+        b = _measured(data.baseline, source, get)
         for (m, a), e in rows.items():
             if e.get("se"):
-                xs, ys = _series(_points(e["se"], source, n), *vpath)
+                xs, ys = _series(_points(e["se"], source, n), get)
                 if b is not None:
                     xs, ys = [0, *xs], [b, *ys]
                 ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, label=f"{m}/{a} SE", **style[(m, a)])
-            if (y := get_path(e.get("ote"), "final", *inner)) is not None:
+            if (ote := e.get("ote")) is not None and (y := _measured(ote.final, source, get)) is not None:
                 ax.plot([n], [y * scale], marker="x", ms=8, ls="none", color=style[(m, a)]["color"],
                         label=f"{m}/{a} OTE")
         ax.set_title(title, fontsize=9)
@@ -90,7 +107,7 @@ def _curve_panels(data: dict, panels: list[tuple[str, str, tuple[str, ...]]], pa
     return save_png(fig, path, tight=False)
 
 
-def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
+def _se_vs_ote(data: ResultsFile, metrics: tuple[str, ...], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -98,14 +115,14 @@ def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
     labels = [f"{m}/{a}" for m, a in rows]
     # only the modes that ran get bars, and a metric not measured gets none (a 0 bar would read as a score)
     modes = [(mode, color) for mode, color in (("se", "C0"), ("ote", "C1"))
-             if any(get_path(e.get(mode), "final") for e in rows.values())]
+             if any(e[mode].final is not None for e in rows.values() if mode in e)]
     width = 0.76 / max(1, len(modes))
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False)
     x = np.arange(len(rows))
     for ax, metric in zip(axes.flat, metrics):
         for k, (mode, color) in enumerate(modes):
-            ys = [np.nan if (y := get_path(e.get(mode), "final", "edit", metric)) is None else y * 100
-                  for e in rows.values()]
+            edits = [e[mode].final.edit if mode in e and e[mode].final is not None else None for e in rows.values()]
+            ys = [np.nan if (y := edit_metric(edit, metric)) is None else y * 100 for edit in edits]
             ax.bar(x + (k - (len(modes) - 1) / 2) * width, ys, width, label=mode.upper(), color=color)
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(SHORT_NAMES.get(metric, metric) + " ×100", fontsize=9)
@@ -115,27 +132,27 @@ def _se_vs_ote(data: dict, metrics: tuple[str, ...], path: Path) -> Path:
     return save_png(fig, path)
 
 
-def _cohort_curves(data: dict, metrics: tuple[str, ...], path: Path) -> Path | None:
+def _cohort_curves(data: ResultsFile, metrics: tuple[str, ...], path: Path) -> Path | None:
     """Per SE configuration with cohort data, one panel per metric: one line per cohort (the facts edited
     between two retention points, early ones dark) against the number of edits."""
     import matplotlib.pyplot as plt
 
-    rows = [((m, a), cohort_points(e["se"])) for (m, a), e in config_rows(data, running=True).items() if e.get("se")]
+    rows = [((m, a), cohort_points(e["se"])) for (m, a), e in config_rows(data, running=True).items() if "se" in e]
     rows = [(key, pts) for key, pts in rows if len(pts) >= 2]
     if not rows:
         return None
     fig, axes = plt.subplots(len(rows), len(metrics), figsize=(3.2 * len(metrics), 2.6 * len(rows)), squeeze=False)
     cmap = plt.get_cmap("viridis")
     for r, ((m, a), points) in enumerate(rows):
-        cohorts = [tuple(c["facts"]) for c in points[-1]["by_cohort"]]
+        cohorts = [c.facts for c in points[-1].by_cohort or ()]
         for ax, metric in zip(axes[r], metrics):
             for i, key in enumerate(cohorts):
                 xs, ys = [], []
                 for p in points:
-                    c = next((c for c in p["by_cohort"] if tuple(c["facts"]) == key), None)
-                    if c is not None and c.get(metric) is not None:
-                        xs.append(p["edits"])
-                        ys.append(100 * c[metric])
+                    c = next((c for c in p.by_cohort or () if c.facts == key), None)
+                    if c is not None and c.metric(metric) is not None:
+                        xs.append(p.edits)
+                        ys.append(100 * c.metric(metric))
                 ax.plot(xs, ys, marker="o", ms=3, color=cmap(i / max(1, len(cohorts) - 1)),
                         label=f"facts {key[0]:,}–{key[1]:,}")
             ax.set_title(f"{m}/{a}: {SHORT_NAMES.get(metric, metric)} by cohort", fontsize=9)
@@ -145,29 +162,34 @@ def _cohort_curves(data: dict, metrics: tuple[str, ...], path: Path) -> Path | N
     return save_png(fig, path)
 
 
-def render_plots(data: dict[str, Any], folder: str | Path) -> list[Path]:
-    """Write the PNG plots of ``data`` into ``folder``; returns their paths (none if nothing is done)."""
+def _edit_value(name: str) -> Getter:
+    return lambda e: edit_metric(e, name)
+
+
+def render_plots(data: ResultsFile | Mapping[str, Any], folder: str | Path) -> list[Path]:
+    """Write the PNG plots of ``data`` (typed, or a results.json dict) into ``folder``; returns their
+    paths (none if nothing is done)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
+    data = as_results(data)
     folder = Path(folder)
     if not config_rows(data, running=True):
         return []
-    ds = data.get("settings", {}).get("dataset", "counterfact")
-    metrics = EDIT_METRICS.get(ds, ())
+    st = data.settings or Settings()
+    metrics = EDIT_METRICS.get("counterfact" if st.dataset is None else st.dataset, ())
     out = [
-        _curve_panels(data, [(SHORT_NAMES[m], "retention", (m,)) for m in metrics],
+        _curve_panels(data, [(SHORT_NAMES[m], "retention", _edit_value(m)) for m in metrics],
                       folder / "edit_metrics_vs_edits.png", {}),
     ]
     if config_rows(data):  # final models to compare
         out.append(_se_vs_ote(data, metrics, folder / "se_vs_ote.png"))
-    st = data.get("settings", {})
-    panels: list[tuple[str, str, tuple[str, ...]]] = []
-    if st.get("general_n"):
-        panels.append(("mean F1", "curve", ("general", "mean_f1")))
-        panels += [(f"{t} F1", "curve", ("general", "tasks", t, "f1")) for t in st.get("general_tasks", [])]
-    if st.get("drift_windows"):
-        panels += [("PPL", "curve", ("drift", "ppl")), ("top-1 agree", "curve", ("drift", "agreement"))]
+    panels: list[Panel] = []
+    if st.general_n:
+        panels.append(("mean F1", "curve", of_f1()))
+        panels += [(f"{t} F1", "curve", of_f1(t)) for t in st.general_tasks or ()]
+    if st.drift_windows:
+        panels += [("PPL", "curve", of_drift("ppl")), ("top-1 agree", "curve", of_drift("agreement"))]
     if panels:
         out.append(_curve_panels(data, panels, folder / "general_vs_edits.png", {"PPL": 1.0}))
     if (cohorts := _cohort_curves(data, metrics, folder / "retention_by_cohort.png")) is not None:

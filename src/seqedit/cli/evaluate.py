@@ -171,12 +171,12 @@ def compare(
     as_json: bool = JsonOpt,
 ) -> None:
     """One report.md and one set of plots over several eval folders (aligned vs naive run apart, presets side by side)."""
-    from ..evaluate.compare import merge_results
+    from ..evaluate.compare import merge
     from ..evaluate.config import EvalSettingsError
     from ..report import render_data
 
     try:
-        paths = render_data(merge_results(folders, join=join), out_dir)
+        paths = render_data(merge(folders, join=join), out_dir)
     except (EvalSettingsError, OSError, ValueError, KeyError) as e:
         fail(f"cannot compare: {e}")
     if as_json:

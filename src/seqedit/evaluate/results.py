@@ -1,9 +1,10 @@
 """The results store of an evaluation run: ``results.json`` in the output folder.
 
-Owns the file's :data:`FORMAT`, :class:`ResultsStore` (loaded if present, settings checked, rewritten
-atomically), :func:`check_out_dir`, and what the records are made of: the final-weights fingerprint
-(:func:`weights_sha`), the already scored final models (:func:`scored_finals`), the software
-versions (:func:`library_versions`) and timestamps (:func:`utc_now`).
+Owns the file's :data:`FORMAT`, :class:`ResultsStore` (loaded and validated if present, settings
+checked, held as a typed :class:`~.schema.ResultsFile`, rewritten atomically), :func:`check_out_dir`,
+and what the records are made of: the final-weights fingerprint (:func:`weights_sha`), the already
+scored final models (:func:`scored_finals`), the software versions (:func:`library_versions`) and
+timestamps (:func:`utc_now`). What the file holds is :mod:`seqedit.evaluate.schema`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from ..atomic import atomic_write_json
 from ..models.presets import EditHParams
 from .config import EvalConfig, EvalSettingsError, baseline_settings
+from .schema import ConfigEntry, FinalMetrics, ResultsFile, Settings, read_results
 
 __all__ = ["FORMAT", "ResultsStore", "baseline_differences", "check_out_dir", "library_versions", "read_measured",
            "scored_finals", "utc_now", "weights_sha"]
@@ -55,13 +58,13 @@ def weights_sha(base: dict[int, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def scored_finals(configs: dict[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+def scored_finals(configs: Mapping[str, ConfigEntry]) -> dict[str, tuple[str, FinalMetrics]]:
     """``{final_weights_sha256: (label, final metrics)}`` of the done configurations that scored their
     own final model (the first such one per sha)."""
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    out: dict[str, tuple[str, FinalMetrics]] = {}
     for label, c in configs.items():
-        if c.get("status") == "done" and c.get("final_weights_sha256") and not c.get("final_reused_from"):
-            out.setdefault(c["final_weights_sha256"], (label, c["final"]))
+        if c.status == "done" and c.final_weights_sha256 and not c.final_reused_from and c.final is not None:
+            out.setdefault(c.final_weights_sha256, (label, c.final))
     return out
 
 
@@ -71,35 +74,41 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:limit])
 
 
-def read_measured(folder: str | Path, label: str) -> dict[str, Any]:
+def read_measured(folder: str | Path, label: str) -> ResultsFile:
     """``folder/results.json``, which must hold a pre-edit baseline; raises :class:`EvalSettingsError`
-    starting with ``label`` (how the caller names the folder) when it cannot be read or has none."""
+    starting with ``label`` (how the caller names the folder) when it cannot be read or has none, and
+    :class:`~.schema.ResultsFileError` (an ``EvalSettingsError``) naming the key path of a malformed one."""
     path = Path(folder) / "results.json"
     try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError) as e:
+        data = read_results(path)
+    except (OSError, json.JSONDecodeError) as e:
         raise EvalSettingsError(f"{label}: cannot read {path} ({e})") from None
-    if "baseline" not in data:
+    if data.baseline is None:
         raise EvalSettingsError(f"{label}: it has no baseline yet (its run stopped before the pre-edit metrics)")
     return data
 
 
-def baseline_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+def baseline_differences(theirs: ResultsFile, mine: ResultsFile) -> str:
     """``""`` when two runs measure their pre-edit baseline alike, else what differs, in words.
 
-    ``theirs`` and ``mine`` are results.json dicts, or the same keys of a run about to start
-    (``model``: name and base-weight ``cache_key``; ``settings``; ``selection``: ``fact_ids``). Alike
-    means the same model, the same facts and the same metrics (:func:`~.config.baseline_settings`);
-    how the facts are edited may differ.
+    ``mine`` may be a run about to start, holding only its ``model`` (name and base-weight
+    ``cache_key``), ``settings`` and ``selection`` (``fact_ids``). Alike means the same model, the same
+    facts and the same metrics (:func:`~.config.baseline_settings`); how the facts are edited may differ.
     """
-    keys = ("name", "cache_key")
-    a = {k: theirs.get("model", {}).get(k) for k in keys}
-    b = {k: mine.get("model", {}).get(k) for k in keys}
-    if a != b:
+    def model(r: ResultsFile) -> dict[str, Any]:
+        return {"name": r.model.name if r.model else None, "cache_key": r.model.cache_key if r.model else None}
+
+    def settings(r: ResultsFile) -> dict[str, Any]:
+        return baseline_settings(r.settings.to_dict() if r.settings else {})
+
+    def fact_ids(r: ResultsFile) -> tuple[str, ...] | None:
+        return r.selection.fact_ids if r.selection else None
+
+    if (a := model(theirs)) != (b := model(mine)):
         return f"another model ({a} vs {b})"
-    if shown := differences(baseline_settings(theirs.get("settings", {})), baseline_settings(mine.get("settings", {}))):
+    if shown := differences(settings(theirs), settings(mine)):
         return f"its baseline was measured differently ({shown})"
-    if theirs.get("selection", {}).get("fact_ids") != mine.get("selection", {}).get("fact_ids"):
+    if fact_ids(theirs) != fact_ids(mine):
         return "other facts were selected"
     return ""
 
@@ -108,7 +117,7 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _respelt(before: dict[str, Any], now: dict[str, Any], hparams: dict[str, Any] | None) -> bool:
+def _respelt(before: dict[str, Any], now: dict[str, Any], hparams: Mapping[str, Any] | None) -> bool:
     """Whether overrides ``now`` may differ from ``before`` only in spelling: every value given anew is
     the one the folder's recorded ``hparams`` already hold (a dropped override is left to the runner)."""
     if hparams is None:
@@ -121,7 +130,9 @@ def _respelt(before: dict[str, Any], now: dict[str, Any], hparams: dict[str, Any
 
 
 class ResultsStore:
-    """``results.json`` under ``folder``: loaded if present (settings must match), rewritten atomically."""
+    """``results.json`` under ``folder``: loaded if present (validated; settings must match), held as
+    :attr:`results` (a :class:`~.schema.ResultsFile` the run replaces piece by piece) and rewritten
+    atomically by :meth:`write`."""
 
     def __init__(self, folder: Path, settings: dict[str, Any]):
         self.path = folder / "results.json"
@@ -132,8 +143,9 @@ class ResultsStore:
                 raise EvalSettingsError(f"{self.path} is not valid JSON ({e}); move it away to start afresh") from None
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise EvalSettingsError(f"{self.path} is not a {FORMAT} results file; use another output folder")
-            before = data.get("settings", {})
-            if _respelt(before.get("overrides", {}), settings.get("overrides", {}), data.get("hparams")):
+            self.results = ResultsFile.from_dict(data, source=self.path)
+            before = self.results.settings.to_dict() if self.results.settings else {}
+            if _respelt(before.get("overrides", {}), settings.get("overrides", {}), self.results.hparams):
                 # the overrides only spell how the folder's hyperparameters were reached: after a preset
                 # changes, its old values are passed as overrides to continue it (the runner then compares
                 # the resolved hyperparameters exactly, once the preset is known)
@@ -145,12 +157,19 @@ class ResultsStore:
                     f"{folder} holds results of other settings ({shown}); use another --out folder "
                     "(results of different settings are never mixed)"
                 )
-            self.data = data
         else:
-            self.data = {"format": FORMAT, "settings": settings, "configs": {}, "runs": []}
+            self.results = ResultsFile(format=FORMAT, settings=Settings.from_dict(settings, at="settings"))
+
+    def update(self, **fields: Any) -> None:
+        """Replace these top-level fields of :attr:`results` (written at the next :meth:`write`)."""
+        self.results = dataclasses.replace(self.results, **fields)
+
+    def set_config(self, label: str, entry: ConfigEntry) -> None:
+        """Put configuration ``label``'s entry (in its place if it has one, else last)."""
+        self.update(configs={**self.results.configs, label: entry})
 
     def write(self) -> None:
-        atomic_write_json(self.path, self.data)
+        atomic_write_json(self.path, self.results.to_dict())
 
 
 def check_out_dir(config: EvalConfig, out_dir: str | Path) -> None:

@@ -15,13 +15,15 @@ step optimises its values on the current, already edited model. Keys are always 
 model, layer by layer, as the editor does.
 
 This module owns the run (``_Run``, :func:`run_eval`); the settings and the plan are
-:mod:`seqedit.evaluate.config`, the results.json store :mod:`seqedit.evaluate.results`.
+:mod:`seqedit.evaluate.config`, the results.json store :mod:`seqedit.evaluate.results` and what it
+holds :mod:`seqedit.evaluate.schema` (the run builds those objects).
 """
 
 from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,15 +35,19 @@ from .config import MODES, VALUES_PROTOCOL, EvalConfig, EvalSettingsError, plan,
 from .fluency import CONSISTENCY_UNAVAILABLE
 from .generation_efficacy import generation_efficacy
 from .measure import References, drift_summary, edit_summary, general_summary
-from .results import (ResultsStore, baseline_differences, differences, library_versions, read_measured, scored_finals,
-                      utc_now, weights_sha)
+from .results import (FORMAT, ResultsStore, baseline_differences, differences, library_versions, read_measured,
+                      scored_finals, utc_now, weights_sha)
+from .schema import (Baseline, ConfigEntry, ConfigSeconds, CurvePoint, DriftSummary, EditMetrics, FinalMetrics,
+                     FluencySummary, GeneralSummary, ModelInfo, Protocol, Requested, ResultsFile, RetentionPoint,
+                     RunRecord, SelectionRecord, Settings, Skipped, StepRecord, Versions)
 from .selection import Selection, select_facts
 
 __all__ = ["run_eval"]
 
-def _step_dict(report: dict[str, Any]) -> dict[str, Any]:
+def _step_record(report: dict[str, Any]) -> StepRecord:
     """A step report as results.json keeps it (``StepReport.to_dict()``, or the copy a ledger journals)."""
-    return {k: v for k, v in report.items() if k != "fact_ids"}  # the selection's order already names them
+    # the selection's order already names the facts
+    return StepRecord.from_dict({k: v for k, v in report.items() if k != "fact_ids"}, at="step report")
 
 
 class _Offset:
@@ -93,7 +99,7 @@ class _Run:
         return self._targets
 
     # ---------------------------------------------------------------- measurements
-    def edit(self, facts: list[Fact]) -> dict[str, Any]:
+    def edit(self, facts: list[Fact]) -> EditMetrics:
         self.say(f"{self.cfg.dataset} metrics on {len(facts)} facts")
         c = self.cfg
         # retention cohorts: the facts edited between two retention points
@@ -104,17 +110,20 @@ class _Run:
             self.say(f"generation efficacy on {min(c.generation_n, len(facts))} facts")
             gen = generation_efficacy(self.lm, facts, limit=c.generation_n, batch_rows=c.eval_batch_rows)
             out["generation"] = {k: gen[k] for k in ("generation_efficacy", "generation_generalization", "n_records")}
-        return out
+        return EditMetrics.from_dict(out, at="edit metrics")
 
-    def capability(self) -> dict[str, Any]:
+    def capability(self) -> tuple[GeneralSummary | None, DriftSummary | None]:
+        """General capability and drift (``None`` where turned off)."""
         c = self.cfg
         self.say("general capability")
         gen = general_summary(self.lm, c.general_tasks, c.general_n, c.general_scoring, c.official_rte_inversion,
                               c.eval_batch_rows)
         self.say("WikiText-2 drift")
-        return {"general": gen, "drift": drift_summary(self.lm, self.refs)}
+        drift = drift_summary(self.lm, self.refs)
+        return (None if gen is None else GeneralSummary.from_dict(gen, at="general"),
+                None if drift is None else DriftSummary.from_dict(drift, at="drift"))
 
-    def fluency(self) -> dict[str, Any] | None:
+    def fluency(self) -> FluencySummary | None:
         if self.cfg.dataset != "counterfact" or self.cfg.fluency_n == 0:
             return None
         from .cf_fluency import counterfact_fluency
@@ -124,13 +133,15 @@ class _Run:
         out = counterfact_fluency(self.lm, self.facts, self.cfg.fluency_n, seed=self.cfg.seed,
                                   max_total_tokens=self.cfg.fluency_tokens,
                                   batch_rows=max(1, self.cfg.eval_batch_rows // 2))
-        return {**out, "seconds": time.perf_counter() - t}
+        return FluencySummary.from_dict({**out, "seconds": time.perf_counter() - t}, at="fluency")
 
-    def final(self) -> dict[str, Any]:
-        return {"edit": self.edit(self.facts), **self.capability(), "fluency": self.fluency()}
+    def final(self) -> FinalMetrics:
+        edit = self.edit(self.facts)
+        general, drift = self.capability()
+        return FinalMetrics(edit=edit, general=general, drift=drift, fluency=self.fluency())
 
     # ---------------------------------------------------------------- runs
-    def baseline(self) -> dict[str, Any]:
+    def baseline(self) -> Baseline:
         self.restore()
         t = time.perf_counter()
         self.say("pre-edit references")
@@ -138,16 +149,16 @@ class _Run:
         self.refs = References.compute(self.lm, c.dataset, self.facts, c.drift_window, c.drift_windows,
                                        c.eval_batch_rows)
         self.refs.save(self.folder)
-        out = self.final()
-        out["seconds"] = time.perf_counter() - t
-        return out
+        f = self.final()
+        return Baseline(edit=f.edit, general=f.general, drift=f.drift, fluency=f.fluency,
+                        seconds=time.perf_counter() - t)
 
     def final_weights_sha(self) -> str:
         return weights_sha({l: self.lm.adapter.weight(l) for l in self.hp.layers})
 
-    def config(self, method: str, alignment: str, mode: str, scored: dict[str, tuple[str, dict[str, Any]]],
-               partial: dict[str, Any] | None = None,
-               save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def config(self, method: str, alignment: str, mode: str, scored: dict[str, tuple[str, FinalMetrics]],
+               partial: ConfigEntry | None = None,
+               save: Callable[[ConfigEntry], None] | None = None) -> ConfigEntry:
         """Run one configuration. ``scored`` maps the final-weights sha256 of configurations already
         scored to ``(label, final metrics)`` (see :func:`scored_finals`).
 
@@ -166,24 +177,29 @@ class _Run:
         ledger = ledger_folder(self.folder, label) if c.checkpoint and mode == "se" else None
         # The ledger is the truth of what was edited: a run killed after a commit but before results.json
         # was written continues from it too (the folder's settings and the ledger's manifest both match).
-        prior = (partial or {}) if ledger is not None and ledger.exists() else {}
-        steps, curve, retention = (list(prior.get(k, [])) for k in ("steps", "curve", "retention"))
-        spent = dict(prior.get("seconds_so_far", {}))
+        prior = partial if partial is not None and ledger is not None and ledger.exists() else None
+        steps: list[StepRecord] = list(prior.steps) if prior else []
+        curve: list[CurvePoint] = list(prior.curve) if prior else []
+        retention: list[RetentionPoint] = list(prior.retention) if prior else []
+        spent = (prior.seconds_so_far if prior else None) or ConfigSeconds()
+        spent_edit, spent_eval = spent.edit or 0.0, spent.evaluation or 0.0
         eval_s = 0.0
 
-        def entry(done_edits: int) -> dict[str, Any]:
-            return {"method": method, "alignment": alignment, "mode": mode, "steps": steps, "curve": curve,
-                    "retention": retention, "edited": done_edits, "ledger": str(ledger),
-                    "seconds_so_far": {"edit": spent.get("edit", 0.0) + time.perf_counter() - t0 - eval_s,
-                                       "evaluation": spent.get("evaluation", 0.0) + eval_s}}
+        def entry(done_edits: int) -> ConfigEntry:
+            return ConfigEntry.running(method=method, alignment=alignment, mode=mode, steps=tuple(steps),
+                                       curve=tuple(curve), retention=tuple(retention), edited=done_edits,
+                                       ledger=str(ledger),
+                                       seconds_so_far=ConfigSeconds(edit=spent_edit + time.perf_counter() - t0 - eval_s,
+                                                                    evaluation=spent_eval + eval_s))
 
         def measure(step: int, edited: int) -> None:
             nonlocal eval_s
             t1 = time.perf_counter()
-            if c.general_every and step % c.general_every == 0 and not any(p["step"] == step for p in curve):
-                curve.append({"step": step, "edits": edited, **self.capability()})
-            if c.retention_every and step % c.retention_every == 0 and not any(p["step"] == step for p in retention):
-                retention.append({"step": step, "edits": edited, **self.edit(self.facts[:edited])})
+            if c.general_every and step % c.general_every == 0 and not any(p.step == step for p in curve):
+                general, drift = self.capability()
+                curve.append(CurvePoint(step=step, edits=edited, general=general, drift=drift))
+            if c.retention_every and step % c.retention_every == 0 and not any(p.step == step for p in retention):
+                retention.append(RetentionPoint.of(self.edit(self.facts[:edited]), edits=edited, step=step))
             eval_s += time.perf_counter() - t1
 
         done = 0  # steps already committed (a resumed checkpoint)
@@ -192,7 +208,7 @@ class _Run:
         class Measure:  # between steps: the curves (the final model is scored below, after finalize)
             def on_step_end(_, editor: Editor, report: StepReport, at: RunPosition) -> None:
                 step, edited = done + at.step, done * c.batch_size + at.edited
-                steps.append(_step_dict(report.to_dict()))
+                steps.append(_step_record(report.to_dict()))
                 if step < total_steps:
                     measure(step, edited)
                 if save is not None:
@@ -206,7 +222,7 @@ class _Run:
             applied = [r for r in editor.ledger.steps() if r.kind == "apply"]
             done = len(applied)
             # committed, but killed before results.json was written
-            steps += [_step_dict(r.info.get("report", {})) for r in applied[len(steps):]]
+            steps += [_step_record(r.info.get("report", {})) for r in applied[len(steps):]]
             if done:
                 self.say(f"resuming {label} after step {done} of {total_steps} (ledger {ledger})")
                 if rekey_due(done, c.rekey_every) and editor.ledger.step(editor.ledger.last_step).kind == "apply":
@@ -219,8 +235,8 @@ class _Run:
             values = _Offset(targets, done * c.batch_size) if done else targets
         self.say("editing")
         editor.run(rest, c.batch_size, self.progress, values=values, rekey_every=c.rekey_every if ledger is not None else 0)
-        edit_s = spent.get("edit", 0.0) + time.perf_counter() - t0 - eval_s
-        eval_s += spent.get("evaluation", 0.0)
+        edit_s = spent_edit + time.perf_counter() - t0 - eval_s
+        eval_s += spent_eval
         t0 = time.perf_counter()
         # Bit-identical weights give bit-identical scores, so such a final model is scored once (e.g. a
         # one-step SE and its OTE; over several steps SE reads keys on the edited model and differs).
@@ -228,25 +244,25 @@ class _Run:
         hit = scored.get(sha)
         reused_from, final = hit if hit else (None, self.final())
         eval_s += time.perf_counter() - t0
-        curve.append({"step": len(steps), "edits": n, "general": final["general"], "drift": final["drift"]})
-        if c.retention_every:
-            retention.append({"step": len(steps), "edits": n, **final["edit"]})
+        curve.append(CurvePoint(step=len(steps), edits=n, general=final.general, drift=final.drift))
+        if c.retention_every and final.edit is not None:
+            retention.append(RetentionPoint.of(final.edit, edits=n, step=len(steps)))
         setup = dict(editor.setup_seconds)
         if ledger is not None:
             editor.close()
         del editor
         gc.collect()
-        step_totals = [s["seconds"]["total"] for s in steps]
-        return {
-            "method": method, "alignment": alignment, "mode": mode, "same_as": None,
-            "values": "original (frozen, unedited model)" if frozen else "current (optimised on the edited model)",
-            "n_steps": len(steps), "steps": steps, "final": final, "curve": curve, "retention": retention,
-            "final_weights_sha256": sha, "final_reused_from": reused_from,
-            **({"ledger": str(ledger), "continued_after_step": done} if ledger is not None else {}),
-            "seconds": {"setup": setup, "edit": edit_s, "mean_step": sum(step_totals) / len(step_totals),
-                        "evaluation": eval_s,
-                        "total": time.perf_counter() - t_start + spent.get("edit", 0.0) + spent.get("evaluation", 0.0)},
-        }
+        step_totals = [s.seconds["total"] for s in steps if s.seconds is not None]
+        return ConfigEntry(
+            method=method, alignment=alignment, mode=mode, same_as=None,
+            values="original (frozen, unedited model)" if frozen else "current (optimised on the edited model)",
+            n_steps=len(steps), steps=tuple(steps), final=final, curve=tuple(curve), retention=tuple(retention),
+            final_weights_sha256=sha, final_reused_from=reused_from,
+            ledger=None if ledger is None else str(ledger), continued_after_step=None if ledger is None else done,
+            seconds=ConfigSeconds(setup=setup, edit=edit_s, mean_step=sum(step_totals) / len(step_totals),
+                                  evaluation=eval_s, total=time.perf_counter() - t_start + spent_edit + spent_eval),
+            status="done",
+        )
 
 
 def _load_model(config: EvalConfig, loaded):
@@ -257,21 +273,23 @@ def _load_model(config: EvalConfig, loaded):
     return load_model(config.model, dtype=config.dtype, device_map=parse_device_map(config.device_map))
 
 
-def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: dict[str, Any],
-                   selection: Selection) -> tuple[dict[str, Any], References]:
+def adopt_baseline(source: Path, folder: Path, config: EvalConfig, model_info: ModelInfo,
+                   selection: Selection) -> tuple[Baseline, References]:
     """The baseline of results folder ``source`` and its references (copied into ``folder``), when it
     was measured on the same model, facts and metrics as ``config`` would measure it (the editing
     settings may differ: format, method, batch size, hyperparameters). Raises
     :class:`EvalSettingsError` naming what differs otherwise."""
     other = read_measured(source, f"--baseline-from {source}")
-    mine = {"model": model_info, "settings": config.settings(), "selection": selection.to_dict()}
+    mine = ResultsFile(format=FORMAT, model=model_info, settings=Settings.from_dict(config.settings()),
+                       selection=SelectionRecord.from_dict(selection.to_dict()))
     if shown := baseline_differences(other, mine):
         raise EvalSettingsError(f"--baseline-from {source}: {shown}")
     refs = References.load(Path(source), config.dataset, config.drift_windows)
     if refs is None:
         raise EvalSettingsError(f"--baseline-from {source}: its pre-edit reference files are missing")
     refs.save(folder)
-    return {**other["baseline"], "adopted_from": str(source)}, refs
+    assert other.baseline is not None  # read_measured refuses a folder without one
+    return replace(other.baseline, adopted_from=str(source)), refs
 
 
 def config_selection(config: EvalConfig):
@@ -286,7 +304,8 @@ def config_selection(config: EvalConfig):
 
 def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback | None = None, *,
              loaded=None, baseline_from: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) the evaluation ``config`` into ``out_dir``; returns the results dict.
+    """Run (or resume) the evaluation ``config`` into ``out_dir``; returns what it wrote to results.json
+    (``ResultsFile.to_dict()``, :mod:`seqedit.evaluate.schema`).
 
     ``baseline_from``: another results folder whose baseline (pre-edit metrics and references) this
     folder adopts instead of measuring it again (:func:`adopt_baseline` checks that it would be the same).
@@ -311,82 +330,92 @@ def run_eval(config: EvalConfig, out_dir: str | Path, progress: ProgressCallback
     except (TypeError, ValueError) as e:
         raise EvalSettingsError(f"bad preset or hyperparameter override: {e}") from None
     run = _Run(config, lm, hp, selection, folder, progress)
-    model_info = {"name": lm.name, "cache_key": lm.cache_key, "edited_layers_sha256": weights_sha(run.base)}
-    data = store.data
-    if "model" in data and data["model"] != model_info:
+    model_info = ModelInfo(name=lm.name, cache_key=lm.cache_key, edited_layers_sha256=weights_sha(run.base))
+    data = store.results
+    if data.model is not None and data.model.to_dict() != model_info.to_dict():
         raise EvalSettingsError(
-            f"{folder} holds results for another model or base weights ({data['model']} vs {model_info}); "
-            "use another --out folder"
+            f"{folder} holds results for another model or base weights ({data.model.to_dict()} vs "
+            f"{model_info.to_dict()}); use another --out folder"
         )
     # the settings record only the overrides: a preset changed under a resumed folder shows here
-    if "hparams" in data and (shown := differences(data["hparams"], hp.to_dict())):
+    if data.hparams is not None and (shown := differences(dict(data.hparams), hp.to_dict())):
         raise EvalSettingsError(
             f"{folder} holds results made with other hyperparameters ({shown}); use another --out folder, or "
             "pass the old values with --set to continue it"
         )
-    data["settings"]["overrides"] = settings["overrides"]  # how these hparams are spelt today
     runs, skipped = plan(config)
-    data.update({
-        "model": model_info, "hparams": hp.to_dict(), "selection": selection.to_dict(), "versions": library_versions(),
-        "protocol": {
-            "values": config.values, "values_description": VALUES_PROTOCOL[config.values],
-            "evaluation": "each configuration starts from the base weights; metrics on the final model after all "
-                          "steps (and finalize); curves/retention at intermediate steps are before finalize",
-            "zsre_target": "answers[0] (ROME/MEMIT), alt as the competing answer" if config.zsre_target == "answers"
-                           else "alt (EasyEdit), answers[0] as the competing answer",
-            "zsre_specificity": "specificity_vs_pre_edit = agreement with the unedited model's argmax (paper Eq. 39); "
-                                "specificity_vs_gold = accuracy on the gold neighbour answer (official code)",
-            "rte_labels": "official inversion (label 1 -> True) reproduced" if config.official_rte_inversion
-                          else "GLUE labels (0 = entailment -> True); the official inversion is NOT copied",
-            "general_scoring": config.general_scoring,
-            "consistency": CONSISTENCY_UNAVAILABLE,
-        },
-    })
-    data.setdefault("configs", {})
-    # A folder can grow (methods or modes added by a later run): keep what earlier runs requested.
-    asked = {"methods": config.methods, "alignments": config.alignments, "modes": config.modes}
-    data["requested"] = {k: union_in_order(data.get("requested", {}).get(k, []), v) for k, v in asked.items()}
-    data["planned"] = union_in_order(data.get("planned", []), [r["label"] for r in runs])
-    data["skipped"] = union_in_order(data.get("skipped", []), skipped)
-    this_run = {"started": utc_now(), "finished": None, "ran": [], "resumed": [], "reused": []}
-    data.setdefault("runs", []).append(this_run)
+    old_requested = data.requested or Requested()
+    store.update(
+        # how these hparams are spelt today
+        settings=replace(data.settings or Settings(), overrides=Settings.from_dict(settings).overrides),
+        model=model_info, hparams=hp.to_dict(), selection=SelectionRecord.from_dict(selection.to_dict()),
+        versions=Versions.from_dict(library_versions()),
+        protocol=Protocol(
+            values=config.values, values_description=VALUES_PROTOCOL[config.values],
+            evaluation="each configuration starts from the base weights; metrics on the final model after all "
+                       "steps (and finalize); curves/retention at intermediate steps are before finalize",
+            zsre_target="answers[0] (ROME/MEMIT), alt as the competing answer" if config.zsre_target == "answers"
+                        else "alt (EasyEdit), answers[0] as the competing answer",
+            zsre_specificity="specificity_vs_pre_edit = agreement with the unedited model's argmax (paper Eq. 39); "
+                             "specificity_vs_gold = accuracy on the gold neighbour answer (official code)",
+            rte_labels="official inversion (label 1 -> True) reproduced" if config.official_rte_inversion
+                       else "GLUE labels (0 = entailment -> True); the official inversion is NOT copied",
+            general_scoring=config.general_scoring,
+            consistency=CONSISTENCY_UNAVAILABLE,
+        ),
+        # A folder can grow (methods or modes added by a later run): keep what earlier runs requested.
+        requested=Requested(methods=tuple(union_in_order(old_requested.methods, config.methods)),
+                            alignments=tuple(union_in_order(old_requested.alignments, config.alignments)),
+                            modes=tuple(union_in_order(old_requested.modes, config.modes))),
+        planned=tuple(union_in_order(data.planned, [r["label"] for r in runs])),
+        skipped=tuple(union_in_order(data.skipped, [Skipped.from_dict(s) for s in skipped])),
+    )
+    this_run = RunRecord(started=utc_now())
+    store.update(runs=(*store.results.runs, this_run))
+
+    def note(**changes: Any) -> None:  # this run's record, the last of the folder's runs
+        nonlocal this_run
+        this_run = replace(this_run, **changes)
+        store.update(runs=(*store.results.runs[:-1], this_run))
+
     t_run = time.perf_counter()
     try:
-        if "baseline" in data and (refs := References.load(folder, config.dataset, config.drift_windows)):
+        if data.baseline is not None and (refs := References.load(folder, config.dataset, config.drift_windows)):
             run.refs = refs
         elif baseline_from is not None:
-            data["baseline"], run.refs = adopt_baseline(Path(baseline_from), folder, config, model_info, selection)
+            baseline, run.refs = adopt_baseline(Path(baseline_from), folder, config, model_info, selection)
+            store.update(baseline=baseline)
         else:
-            data["baseline"] = run.baseline()
+            store.update(baseline=run.baseline())
         store.write()
         emit(progress, ProgressEvent(Phase.CONFIGS, total=len(runs), start=True))
         for r in runs:
             label = r["label"]
-            if data["configs"].get(label, {}).get("status") == "done":
-                this_run["resumed"].append(label)
+            held = store.results.configs.get(label)
+            if held is not None and held.status == "done":
+                note(resumed=(*this_run.resumed, label))
             elif r["same_as"]:
-                data["configs"][label] = {**data["configs"][r["same_as"]], "alignment": r["alignment"],
-                                          "same_as": r["same_as"], "status": "done"}
-                this_run["reused"].append(label)
+                store.set_config(label, replace(store.results.configs[r["same_as"]], alignment=r["alignment"],
+                                                same_as=r["same_as"], status="done"))
+                note(reused=(*this_run.reused, label))
             else:
-                partial = data["configs"].get(label) if data["configs"].get(label, {}).get("status") == "running" else None
+                partial = held if held is not None and held.status == "running" else None
 
-                def save(entry: dict[str, Any], label: str = label) -> None:
-                    data["configs"][label] = {**entry, "status": "running", "updated": utc_now()}
+                def save(entry: ConfigEntry, label: str = label) -> None:
+                    store.set_config(label, replace(entry, updated=utc_now()))
                     store.write()
 
-                entry = run.config(r["method"], r["alignment"], r["mode"], scored_finals(data["configs"]),
+                entry = run.config(r["method"], r["alignment"], r["mode"], scored_finals(store.results.configs),
                                    partial, save)
-                data["configs"][label] = {**entry, "status": "done", "completed": utc_now()}
-                this_run["ran"].append(label)
-                if entry.get("continued_after_step"):
-                    this_run.setdefault("continued", []).append(label)
-            this_run["wall_seconds"] = time.perf_counter() - t_run
+                store.set_config(label, replace(entry, completed=utc_now()))
+                note(ran=(*this_run.ran, label))
+                if entry.continued_after_step:
+                    note(continued=(*(this_run.continued or ()), label))
+            note(wall_seconds=time.perf_counter() - t_run)
             store.write()
             emit(progress, ProgressEvent(Phase.CONFIGS, advance=1, total=len(runs)))
     finally:
         run.restore()
-    this_run["finished"] = utc_now()
-    this_run["wall_seconds"] = time.perf_counter() - t_run
+    note(finished=utc_now(), wall_seconds=time.perf_counter() - t_run)
     store.write()
-    return data
+    return store.results.to_dict()

@@ -108,7 +108,8 @@ def step(lm: LoadedModel, rows: DecodeRows) -> DecodeRows:
     """Feed every row its ``next_ids`` token; the rows one column longer, with their next greedy token."""
     position = rows.mask.sum(dim=1, keepdim=True)  # 0-based: the number of real tokens before it
     mask = torch.cat([rows.mask, rows.mask.new_ones((rows.size, 1))], dim=1)
-    logits = _forward(lm, rows.next_ids[:, None], mask, position, rows.cache)
+    # the logits (and so next_ids) may sit on the last device of a model spread over several
+    logits = _forward(lm, rows.next_ids[:, None].to(mask.device), mask, position, rows.cache)
     return DecodeRows(rows.cache, mask, logits.argmax(-1), rows.joinable)
 
 
