@@ -86,6 +86,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # each step; the same schedule one-time gives the same weights). A λ schedule is not journalled by a ledger
     # yet, so this configuration runs ledger-free: an interrupted run starts again from the base weights
     "s30-mp-lamN": {"stop_rule": "most_probable", "lam_growth": 1000},
+    # the contrast at 2,000 with the winner's preset: aligned AlphaEdit, naive MEMIT ("method"/"alignment"
+    # in method_options choose the method form; the rest of them are its options)
+    "s30-mp-alphaedit": {"stop_rule": "most_probable", "method_options": {"method": "alphaedit", "alignment": "aligned"}},
+    "s30-mp-memit-naive": {"stop_rule": "most_probable", "method_options": {"method": "memit", "alignment": "naive"}},
 }
 # fixed for every configuration (none: the preset's float32 value optimisation, the fastest on a CPU)
 COMMON: dict[str, Any] = {}
@@ -121,8 +125,10 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
     base_w.update({l: lm.adapter.weight(l).detach().clone() for l in touched - set(base_w)})
     journalled = not hp.lam_growth  # a λ schedule runs ledger-free (not journalled yet): it is not resumable
     prior = json.loads(partial.read_text()) if journalled and partial.is_file() and ledger.exists() else {}
-    editor = seqedit.Editor(lm, hparams=hp, ledger=ledger if journalled else None, kv_dtype="float32",
-                            method_options=method_options)
+    options = dict(method_options or {})
+    method, alignment = options.pop("method", None), options.pop("alignment", None)
+    editor = seqedit.Editor(lm, method=method, alignment=alignment, hparams=hp, ledger=ledger if journalled else None,
+                            kv_dtype="float32", method_options=options or None)
     committed = editor.ledger.last_step if journalled else 0
     steps, points = prior.get("steps", [])[:committed], [p for p in prior.get("points", [])
                                                           if p["edits"] <= committed * batch_size]
