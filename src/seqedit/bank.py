@@ -149,13 +149,14 @@ class LayerBank:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """All-or-nothing for a multi-layer change: a failure part-way restores every layer's method
-        state, master and deployed weight. States share their tensors with the snapshot (they replace
+        state, master, deployed weight and λ. States share their tensors with the snapshot (they replace
         tensors, never modify them), so entering costs no copies."""
         saved_states = {l: s.state_dict() for l, s in self.states.items()}
-        saved_master = dict(self.master)
+        saved_master, saved_lam = dict(self.master), self.lam
         try:
             yield
         except BaseException:
+            self.lam = saved_lam  # set_lam inside it
             self.states = {l: LayerMethodState.from_state_dict(d) for l, d in saved_states.items()}
             for layer, W in saved_master.items():
                 self._set_master(layer, W)

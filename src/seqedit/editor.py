@@ -267,8 +267,10 @@ class Editor(LedgerOperations):
         with self._lh.first_step():
             plan = self.session.plan_apply(facts) if self.session is not None else None
             self.prepare(progress)
-            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext(), \
-                    self.bank.transaction():
+            # a λ schedule (ledger-free) re-forms the bank before the step: a failed step takes that back too.
+            # Never around a ledger step: a step committed before a later error must stay in the bank
+            grow = self.bank.transaction() if self.hparams.lam_growth else contextlib.nullcontext()
+            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext(), grow:
                 self._grow_lam(len(facts))
                 report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
                                            values, plan, len(self.steps) + 1, progress, self.prompt_format)

@@ -127,3 +127,29 @@ def test_a_schedule_is_refused_with_a_ledger_or_an_inexact_form(tmp_path):
     assert not (tmp_path / "l").exists()
     with pytest.raises(InputError, match="memit/aligned, rlsedit"):
         Editor(lm, method="memit", alignment="naive", layers=(1, 2), stats_tokens=2000, lam=10.0, lam_growth=8)
+
+
+def test_a_failed_step_takes_the_reformation_back(monkeypatch):
+    import seqedit.editor
+
+    lm = tiny_model("llama")
+    ed = Editor(lm, layers=(1, 2), stats_tokens=2000, lam=10.0, lam_growth=4)
+    K, V = _kv(lm, 12)
+    ed.apply_kv({l: K[l][:, :6] for l in K}, {l: V[l][:, :6] for l in V})
+    lam, masters = ed.bank.lam, {l: ed.master[l].clone() for l in (1, 2)}
+    assert lam == 15.0
+
+    def boom(*a, **k):
+        raise RuntimeError("solve failed")
+
+    monkeypatch.setattr(seqedit.editor, "solve_layers", boom)
+    with pytest.raises(RuntimeError, match="solve failed"):  # λ would have become 30 for 12 facts
+        ed.apply_kv({l: K[l][:, 6:] for l in K}, {l: V[l][:, 6:] for l in V})
+    assert ed.systems[1].lam == ed.systems[2].lam == ed.bank.lam == 15.0
+    assert all(torch.equal(ed.master[l], masters[l]) for l in (1, 2))
+    monkeypatch.undo()  # the retry re-forms from 15 to 30 and equals the one-time solve of all 12 with λ = 30
+    ed.apply_kv({l: K[l][:, 6:] for l in K}, {l: V[l][:, 6:] for l in V})
+    ote = Editor(tiny_model("llama"), layers=(1, 2), stats_tokens=2000, lam=10.0, lam_growth=4)
+    ote.apply_kv(K, V)
+    assert ed.bank.lam == ote.bank.lam == 30.0
+    assert float((ed.delta(1) - ote.delta(1)).norm() / ote.delta(1).norm()) < 1e-9
