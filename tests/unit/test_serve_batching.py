@@ -36,7 +36,7 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
         ask = [{"prompt": p, "max_tokens": 10, "temperature": 0} for p in PROMPTS * 2]
         alone = [c.post("/v1/completions", json=a, headers=auth(READ_TOKEN)).json()["choices"][0]["text"] for a in ask]
         batcher = c.app.state.worker.batcher
-        before = batcher.shared_steps
+        before = batcher.counts.shared_steps
         got: dict[int, str] = {}
 
         def one(k: int) -> None:
@@ -48,7 +48,7 @@ def test_concurrent_requests_share_forward_passes(tmp_path):
         for t in threads:
             t.join()
         assert [got[k] for k in range(len(ask))] == alone
-        assert batcher.shared_steps > before  # some requests shared decode steps
+        assert batcher.counts.shared_steps > before  # some requests shared decode steps
 
 
 def test_a_closed_batcher_answers_what_is_still_queued():
@@ -153,8 +153,8 @@ def test_requests_join_running_rows_and_answer_as_alone(monkeypatch, family):
     b.close()
     for k in range(3):
         assert [(c.text, c.finish_reason) for c in got[k]] == [(c.text, c.finish_reason) for c in alone[k]]
-    assert b.batches == 2 and b.read_lock.taken == 1  # the later two joined the running rows, in one group
-    assert b.shared_steps > 0
+    assert b.counts.batches == 2 and b.read_lock.taken == 1  # the later two joined the running rows, in one group
+    assert b.counts.shared_steps > 0
 
 
 def test_no_request_joins_while_a_writer_waits(monkeypatch):
@@ -172,6 +172,6 @@ def test_no_request_joins_while_a_writer_waits(monkeypatch):
     second = b.complete([prompt_ids(lm, "Place 3 is")], 4, [])
     first.join(60)
     b.close()
-    assert second and b.batches == 2
+    assert second and b.counts.batches == 2
     assert sessions.taken == 2  # the second request ran in a new read-lock session, after the lock was let go
-    assert b.shared_steps == 0
+    assert b.counts.shared_steps == 0

@@ -210,12 +210,13 @@ class LayerSystem(GramSystem):
         if S.shape[0] != self.d_in:
             raise ValueError(f"sigma0 is {S.shape[0]}×{S.shape[0]}, this system is {self.d_in}×{self.d_in}")
         D = matrix(W_delta, "W_delta", None, self.d_in, self.device)
-        new = self.copy()
-        shift = lam - self._lam
-        A = self._A + shift * S if shift else self._A
+        new, shift = self.copy(), lam - self._lam
+        if not shift:  # the same system: no factorisation to redo, no move
+            return new, torch.zeros_like(D)
+        A = self._A + shift * S
         new._lam = lam
         new._install(A, new._factor(A, "a smaller lam leaves A singular: keep lam larger or add a ridge"))
-        return new, (-shift) * new.solve_right(D @ S) if shift else torch.zeros_like(D)
+        return new, (-shift) * new.solve_right(D @ S)
 
     def _solve(self, X: Tensor) -> Tensor:
         """``A⁻¹ X`` for ``X: [d_in, m]``."""

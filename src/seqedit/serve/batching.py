@@ -30,7 +30,7 @@ from .decode_rows import DecodeRows, prefill, step
 from .errors import ApiError
 from .generate import Completion, cut_at_stop
 
-__all__ = ["Batcher", "complete_batch"]
+__all__ = ["Batcher", "DecodeCounts", "complete_batch"]
 
 log = logging.getLogger("seqedit.serve")
 
@@ -42,18 +42,19 @@ class _Row:
     def __init__(self, tok, max_tokens: int, stops: list[str]) -> None:
         self.tok, self.max_tokens, self.stops = tok, max_tokens, [s for s in stops if s]
         self.ids: list[int] = []
-        self.ended = self.stopped = False
+        self.ended = self.stopped = self.done = False
 
     def take(self, token: int) -> bool:
         """Record the next greedy token; whether the row is now done."""
         eos = self.tok.eos_token_id
         if eos is not None and token == eos:
             self.ended = True
-            return True
-        self.ids.append(token)
-        if self.stops:
-            self.stopped = cut_at_stop(self.tok.decode(self.ids, skip_special_tokens=True), self.stops)[1]
-        return self.stopped or len(self.ids) >= self.max_tokens
+        else:
+            self.ids.append(token)
+            if self.stops:
+                self.stopped = cut_at_stop(self.tok.decode(self.ids, skip_special_tokens=True), self.stops)[1]
+        self.done = self.ended or self.stopped or len(self.ids) >= self.max_tokens
+        return self.done
 
     def completion(self) -> Completion:
         text, stopped = cut_at_stop(self.tok.decode(self.ids, skip_special_tokens=True), self.stops)
@@ -62,19 +63,23 @@ class _Row:
 
 def complete_batch(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int],
                    stops: list[list[str]]) -> list[Completion]:
-    """One greedy completion per prompt, decoded together: ``prompts[i]`` (token ids) gets at most
-    ``max_tokens[i]`` new tokens (each ≥ 1), cut at end of sequence and at its own ``stops[i]``. A row
-    stops at its stop string, so ``tokens`` counts what was generated up to it."""
-    rows = [_Row(lm.tokenizer, m, s) for m, s in zip(max_tokens, stops)]
-    live, state = list(range(len(rows))), prefill(lm, prompts)
-    while True:
-        done = [rows[i].take(t) for i, t in zip(live, state.next_ids.tolist())]
-        keep = [k for k, d in enumerate(done) if not d]
-        if not keep:
-            return [r.completion() for r in rows]
-        if len(keep) < len(live):
-            state, live = state.select(keep), [live[k] for k in keep]
-        state = step(lm, state)
+    """One greedy completion per prompt, decoded together by the batcher's own loop: ``prompts[i]``
+    (token ids) gets at most ``max_tokens[i]`` new tokens (each ≥ 1), cut at end of sequence and at its
+    own ``stops[i]``. A row stops at its stop string, so ``tokens`` counts what was generated up to it."""
+    units = [_Unit([p], m, s) for p, m, s in zip(prompts, max_tokens, stops)]
+    _decode(lm, units, lambda _live: [], DecodeCounts())
+    return [u.future.result()[0] for u in units]
+
+
+@dataclass
+class DecodeCounts:
+    """What a decode loop did; the service's ``/metrics`` read them."""
+
+    batches: int = 0  # groups prefilled (requests that joined together)
+    rows: int = 0  # prompts decoded
+    steps: int = 0  # decode steps
+    shared_steps: int = 0  # decode steps of more than one request
+    live_rows: int = 0  # prompts decoding now
 
 
 @dataclass
@@ -86,7 +91,6 @@ class _Unit:
     stops: list[str]
     future: Future = field(default_factory=Future)
     rows: list[_Row] = field(default_factory=list)
-    left: int = 0
 
 
 class Batcher:
@@ -102,11 +106,7 @@ class Batcher:
         self._carry: _Unit | None = None  # taken from the queue, did not fit: it joins first
         self._closing = False
         self._running: list[_Unit] = []  # the units whose rows are decoding (or about to)
-        self.batches = 0  # groups prefilled (requests that joined together)
-        self.rows = 0  # prompts decoded
-        self.steps = 0  # decode steps
-        self.shared_steps = 0  # decode steps of more than one request
-        self.live_rows = 0  # prompts decoding now
+        self.counts = DecodeCounts()
         self._thread = threading.Thread(target=self._run, name="seqedit-batcher", daemon=True)
         self._thread.start()
 
@@ -131,13 +131,13 @@ class Batcher:
             self._running = [first, *self._gather(len(first.prompts), first_wait=not self._queue.empty())]
             try:
                 with self.read_lock():
-                    self._decode()
+                    _decode(self.lm, self._running, self._joiners, self.counts)
             except BaseException as e:  # every request still running hears of it
                 log.error("batched decode failed", exc_info=e, extra={"event": "batch_error"})
                 for u in self._running:
                     if not u.future.done():
                         u.future.set_exception(e)
-            self._running, self.live_rows = [], 0
+            self._running, self.counts.live_rows = [], 0
             if self._closing:
                 self._refuse_waiting()
                 return
@@ -174,46 +174,9 @@ class Batcher:
             rows += len(unit.prompts)
         return out
 
-    def _decode(self) -> None:
-        """Decode the running units and every unit that joins them, until no row is left (under the
-        read lock); each unit is answered when its last row is done."""
-        live: list[tuple[_Unit, _Row]] = []
-        state: DecodeRows | None = None
-        joining = list(self._running)
-        while True:
-            if joining:
-                state, live = self._join(state, live, joining)
-            assert state is not None
-            done = [row.take(t) for (_, row), t in zip(live, state.next_ids.tolist())]
-            for (unit, _), finished in zip(live, done):
-                if finished:
-                    unit.left -= 1
-                    if not unit.left:
-                        unit.future.set_result([r.completion() for r in unit.rows])
-            keep = [k for k, finished in enumerate(done) if not finished]
-            self.live_rows = len(keep)
-            if not keep:
-                return
-            if len(keep) < len(live):
-                state, live = state.select(keep), [live[k] for k in keep]
-            joining = [] if self.writer_waiting() or not state.joinable else self._gather(len(live), False)
-            self._running += joining
-            self.live_rows += sum(len(u.prompts) for u in joining)
-            state = step(self.lm, state)
-            self.steps += 1
-            self.shared_steps += len({id(u) for u, _ in live}) > 1
-
-    def _join(self, state: DecodeRows | None, live: list[tuple[_Unit, _Row]], units: list[_Unit]
-              ) -> tuple[DecodeRows, list[tuple[_Unit, _Row]]]:
-        """``units``' prompts prefilled as one group and merged after the running rows."""
-        tok = self.lm.tokenizer
-        for u in units:
-            u.rows, u.left = [_Row(tok, u.max_tokens, u.stops) for _ in u.prompts], len(u.prompts)
-        group = prefill(self.lm, [p for u in units for p in u.prompts])
-        self.batches += 1
-        self.rows += group.size
-        joined = [(u, r) for u in units for r in u.rows]
-        return (group if state is None else state.merge(group)), live + joined
+    def _joiners(self, live: int) -> list[_Unit]:
+        """The queued units that join ``live`` running rows now: none while a writer waits."""
+        return [] if self.writer_waiting() else self._gather(live, False)
 
     def _refuse_waiting(self) -> None:
         """After close: answer whatever is still queued (a request must not wait forever)."""
@@ -227,3 +190,43 @@ class Batcher:
         for unit in pending:
             if unit is not None:
                 unit.future.set_exception(ApiError(503, "unavailable", "the service is shutting down"))
+
+
+def _decode(lm: LoadedModel, running: list[_Unit], joiners: Callable[[int], list[_Unit]], counts: DecodeCounts) -> None:
+    """Decode ``running`` and, between two steps, the units ``joiners(live rows)`` gives (appended to
+    ``running``, so a caller that sees an error knows whom to tell), until no row is left; each unit is
+    answered when its last row is done. Joiners are asked only while the cache can take them."""
+    live: list[tuple[_Unit, _Row]] = []
+    state: DecodeRows | None = None
+    joining = list(running)
+    while True:
+        if joining:
+            state, live = _join(lm, state, live, joining, counts)
+        assert state is not None
+        counts.live_rows = len(live)
+        done = [row.take(t) for (_, row), t in zip(live, state.next_ids.tolist())]
+        for unit in {id(u): u for (u, _), finished in zip(live, done) if finished}.values():
+            if all(r.done for r in unit.rows):  # its last row(s) finished at this step
+                unit.future.set_result([r.completion() for r in unit.rows])
+        keep = [k for k, finished in enumerate(done) if not finished]
+        if not keep:
+            counts.live_rows = 0
+            return
+        if len(keep) < len(live):
+            state, live = state.select(keep), [live[k] for k in keep]
+        joining = joiners(len(live)) if state.joinable else []
+        running += joining
+        state = step(lm, state)
+        counts.steps += 1
+        counts.shared_steps += len({id(u) for u, _ in live}) > 1
+
+
+def _join(lm: LoadedModel, state: DecodeRows | None, live: list[tuple[_Unit, _Row]], units: list[_Unit],
+          counts: DecodeCounts) -> tuple[DecodeRows, list[tuple[_Unit, _Row]]]:
+    """``units``' prompts prefilled as one group and merged after the running rows."""
+    for u in units:
+        u.rows = [_Row(lm.tokenizer, u.max_tokens, u.stops) for _ in u.prompts]
+    group = prefill(lm, [p for u in units for p in u.prompts])
+    counts.batches += 1
+    counts.rows += group.size
+    return (group if state is None else state.merge(group)), live + [(u, r) for u in units for r in u.rows]

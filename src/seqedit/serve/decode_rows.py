@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..locate.tokens import pad_id_of, pad_left
 from ..models.cache import cache_arg, returned_cache
 from ..models.load import LoadedModel
 
@@ -88,14 +89,8 @@ def _joinable(cache: DynamicCache) -> bool:
 @torch.no_grad()
 def prefill(lm: LoadedModel, prompts: list[list[int]]) -> DecodeRows:
     """The rows of ``prompts`` (token ids, each non-empty), left-padded, with their first greedy token."""
-    tok = lm.tokenizer
-    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every row's last prompt token is at the same column
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    # left padding: every row's last prompt token is at the same column
+    ids, mask = pad_left(prompts, pad_id_of(lm.tokenizer))
     device = lm.input_device
     mask = mask.to(device)
     cache = DynamicCache(config=lm.model.config)

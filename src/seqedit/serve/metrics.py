@@ -44,7 +44,7 @@ class _State:
                                 value=1.0 if w.ready else 0.0)
         yield GaugeMetricFamily("seqedit_step_backoff_seconds", "Wait before retrying a failed step (0: none)",
                                 value=w.backoff_s)
-        b = w.batcher
+        b = w.batcher.counts if w.batcher is not None else None
         if b is not None:
             yield GaugeMetricFamily("seqedit_decode_rows", "Greedy prompts decoding together now", value=b.live_rows)
             decode = CounterMetricFamily("seqedit_decode_steps", "Batched decode steps, by how many requests they served",
