@@ -83,14 +83,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "s30-mp-clean": {"stop_rule": "most_probable", "budget_anchor": "clean"},
     "s30-ridge": {"method_options": {"ridge": 100.0}},
     # preservation that keeps pace: λ_N = λ·max(1, N/1000) over the N facts in force (exact re-formation of A
-    # each step; the same schedule one-time gives the same weights). A λ schedule is not journalled by a ledger
-    # yet, so this configuration runs ledger-free: an interrupted run starts again from the base weights
+    # each step; the same schedule one-time gives the same weights; the ledger journals each step's λ)
     "s30-mp-lamN": {"stop_rule": "most_probable", "lam_growth": 1000},
     # the contrast at 2,000 with the winner's preset: aligned AlphaEdit, naive MEMIT ("method"/"alignment"
     # in method_options choose the method form; the rest of them are its options)
     "s30-mp-alphaedit": {"stop_rule": "most_probable", "method_options": {"method": "alphaedit", "alignment": "aligned"}},
     "s30-mp-memit-naive": {"stop_rule": "most_probable", "method_options": {"method": "memit", "alignment": "naive"}},
 }
+# the method contrast (issue 30): the winner's preset with three methods, plotted per method
+CONTRAST = ("s30-mp", "s30-mp-alphaedit", "s30-mp-memit-naive")
 # fixed for every configuration (none: the preset's float32 value optimisation, the fastest on a CPU)
 COMMON: dict[str, Any] = {}
 
@@ -123,13 +124,12 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
         lm.adapter.set_weight(layer, w)
     touched = set(hp.layers)
     base_w.update({l: lm.adapter.weight(l).detach().clone() for l in touched - set(base_w)})
-    journalled = not hp.lam_growth  # a λ schedule runs ledger-free (not journalled yet): it is not resumable
-    prior = json.loads(partial.read_text()) if journalled and partial.is_file() and ledger.exists() else {}
+    prior = json.loads(partial.read_text()) if partial.is_file() and ledger.exists() else {}
     options = dict(method_options or {})
     method, alignment = options.pop("method", None), options.pop("alignment", None)
-    editor = seqedit.Editor(lm, method=method, alignment=alignment, hparams=hp, ledger=ledger if journalled else None,
+    editor = seqedit.Editor(lm, method=method, alignment=alignment, hparams=hp, ledger=ledger,
                             kv_dtype="float32", method_options=options or None)
-    committed = editor.ledger.last_step if journalled else 0
+    committed = editor.ledger.last_step
     steps, points = prior.get("steps", [])[:committed], [p for p in prior.get("points", [])
                                                           if p["edits"] <= committed * batch_size]
     spent = prior.get("seconds", 0.0)
@@ -221,6 +221,11 @@ def render(out: Path, args_line: str) -> None:
     if rows:
         lines += ["", "![drift against efficacy at the end of each run](sweep.png)"]
         plot(rows, base, out / "sweep.png")
+    contrast = [(name, r) for name, r in rows if name in CONTRAST]
+    if len(contrast) > 1:
+        lines += ["", "The contrast: one preset (`stop_rule=most_probable`), three methods.", "",
+                  "![efficacy, perplexity and edited-matrix norm against edits, per method](methods.png)"]
+        plot_methods(contrast, base, out / "methods.png")
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
 
 
@@ -250,6 +255,43 @@ def plot(rows: list[tuple[str, dict]], base: dict, path: Path) -> Path:
     ax.set_xlabel("WikiText-2 perplexity increase (%)")
     ax.set_ylabel("efficacy (%)")
     ax.set_title(f"{base['n']} sequential edits, steps of {base['batch_size']} (faint: half-way)", fontsize=9)
+    return save_png(fig, path)
+
+
+def method_of(r: dict) -> tuple[str, str]:
+    """``(method, alignment)`` a configuration ran (its method options' ``method``/``alignment``, else
+    aligned MEMIT)."""
+    o = r.get("method_options") or {}
+    return o.get("method", "memit"), o.get("alignment", "aligned")
+
+
+def plot_methods(rows: list[tuple[str, dict]], base: dict, path: Path) -> Path:
+    """Efficacy, perplexity increase and the largest ‖W_ℓ − W₀_ℓ‖_F against edits for configurations that
+    differ only in their method: colour = method, line style = alignment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seqedit.report import save_png
+    from seqedit.report_plots import method_styles
+
+    styles = method_styles(method_of(r) for _, r in rows)
+    # (title, the value at a measurement point or None, the pre-edit value at 0 edits)
+    panels = [("efficacy (%)", lambda p: 100 * p["efficacy"], 100 * base["efficacy"]),
+              ("WikiText-2 perplexity increase (%)", lambda p: 100 * (p["ppl"] / base["ppl"] - 1), 0.0),
+              ("largest ‖W − W₀‖_F", lambda p: max(p["delta_w_fro"].values()) if p.get("delta_w_fro") else None, 0.0)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(11.5, 3.6))
+    for ax, (title, get, pre) in zip(axes, panels):
+        for _, r in rows:
+            pts = [p for p in sorted(r["points"], key=lambda p: p["edits"]) if get(p) is not None]
+            m, a = method_of(r)
+            ax.plot([0, *(p["edits"] for p in pts)], [pre, *map(get, pts)], marker="o", ms=4, label=f"{m}/{a}",
+                    **styles[(m, a)])
+        ax.set_xlabel("edits")
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
     return save_png(fig, path)
 
 

@@ -65,7 +65,8 @@ class LayerBank:
                              else default_solve_device(weights, l) for l in layers}
         self.spec = spec
         self.layers = tuple(layers)
-        self.lam = float(lam)
+        self.lam0 = float(lam)  # the initial state's λ; set_lam moves self.lam (a λ schedule)
+        self.lam = self.lam0
         self.keep_sigma0 = keep_sigma0
         self.states: dict[int, LayerMethodState] = {}
         self.w0: dict[int, Tensor] = {}
@@ -88,8 +89,8 @@ class LayerBank:
 
     # ------------------------------------------------------------------ state
     def init(self, sigma0: dict[int, Tensor] | None = None) -> None:
-        """Fresh method states from ``sigma0`` (default: the kept Σ₀) on the base weights; masters and
-        the model's layers go back to ``W₀``."""
+        """Fresh method states from ``sigma0`` (default: the kept Σ₀) on the base weights, at the initial
+        λ; masters and the model's layers go back to ``W₀``."""
         if sigma0 is None:
             if not self.sigma0:
                 raise RuntimeError("LayerBank.init needs Σ₀ (this bank did not keep it)")
@@ -98,6 +99,7 @@ class LayerBank:
         if missing:
             raise ValueError(f"Σ₀ is missing for edited layers {missing}")
         self.check_fit()
+        self.lam = self.lam0
         sigma0 = {l: self._on(l, sigma0[l]) for l in self.layers}
         for layer in self.layers:
             if layer not in self.w0:
@@ -137,11 +139,13 @@ class LayerBank:
         """``{layer: {"state": state_dict, "master": W}}``; tensors are shared, never modified later."""
         return {l: {"state": s.state_dict(), "master": self.master[l]} for l, s in self.states.items()}
 
-    def load(self, snapshot: dict[int, dict[str, Any]] | None) -> None:
-        """Install a :meth:`snapshot` (``None``: the initial state, from the kept Σ₀)."""
+    def load(self, snapshot: dict[int, dict[str, Any]] | None, lam: float | None = None) -> None:
+        """Install a :meth:`snapshot` taken at preservation weight ``lam`` (default: the initial λ; a
+        λ schedule's ledger records each step's) or, ``None``, the initial state from the kept Σ₀."""
         if snapshot is None:
             self.init()
             return
+        self.lam = self.lam0 if lam is None else float(lam)
         for layer, s in snapshot.items():
             self.states[layer] = LayerMethodState.from_state_dict(s["state"], device=self.solve_device[layer])
             self._set_master(layer, self._on(layer, s["master"]))

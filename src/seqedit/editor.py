@@ -29,6 +29,7 @@ from .facts import Fact
 from .guards import (check_batch, check_editor_args, check_fit, check_lam_growth, check_reopen, editor_options,
                      ledger_settings)
 from .ledger.manifest import recorded_base, reconcile
+from .ledger.plan import Plan
 from .ledger.store import Ledger, StepRecord
 from .locate.chat import check_chat_template, formats
 from .locate.stats import layer_stats
@@ -149,10 +150,11 @@ class Editor(LedgerOperations):
                 raise ValueError(f"edited layer {layer} does not exist: the model has {n_layers} layers")
         self.stats_corpus = stats_corpus
         self.callbacks = list(callbacks)
-        check_lam_growth(self.hparams, self.spec, ledger)
+        check_lam_growth(self.hparams, self.spec)
         self.bank = LayerBank(self.loaded.adapter, self.spec, self.hparams.layers, self.hparams.lam,
                               keep_sigma0=ledger is not None or bool(self.hparams.lam_growth), solve_device=solve_device)
-        self._facts_solved = 0  # facts (ledger-free) or key columns solved so far: λ's schedule reads it
+        self._facts_solved = 0  # ledger-free: facts solved so far (all in force), which λ's schedule reads
+        lh.lam_for = self.hparams.lam_for if self.hparams.lam_growth else None
         self.steps: list[StepReport] = []
         self.setup_seconds: dict[str, float] = {}
         self.last_record: StepRecord | None = None
@@ -267,13 +269,10 @@ class Editor(LedgerOperations):
         with self._lh.first_step():
             plan = self.session.plan_apply(facts) if self.session is not None else None
             self.prepare(progress)
-            # a λ schedule (ledger-free) re-forms the bank before the step: a failed step takes that back too.
-            # Never around a ledger step: a step committed before a later error must stay in the bank
-            grow = self.bank.transaction() if self.hparams.lam_growth else contextlib.nullcontext()
-            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext(), grow:
-                self._grow_lam(len(facts))
+            with self.session.one_transaction() if self.session is not None else contextlib.nullcontext():
                 report, record = edit_step(self.loaded, self.bank, self.session, self.hparams, facts, self.templates,
-                                           values, plan, len(self.steps) + 1, progress, self.prompt_format)
+                                           values, plan, len(self.steps) + 1, progress, self.prompt_format,
+                                           lam=self._lam_after(len(facts), plan))
                 if record is not None:
                     self.last_record = record
                     self.ledger.annotate(record.id, {"report": report.to_dict()})
@@ -282,11 +281,14 @@ class Editor(LedgerOperations):
         self._facts_solved += len(facts)
         return report
 
-    def _grow_lam(self, adding: int) -> None:
-        """Re-form every layer for λ of the facts in force after a step that adds ``adding``
-        (``hparams.lam_growth``; exact, inside the step's bank transaction)."""
-        if self.hparams.lam_growth:
-            self.bank.set_lam(self.hparams.lam_for(self._facts_solved + adding))
+    def _lam_after(self, adding: int, plan: Plan | None) -> float | None:
+        """λ of the facts in force after a step that adds ``adding`` facts by ``plan`` (the ledger's, which
+        may replace facts in force), under ``hparams.lam_growth``'s schedule; ``None`` without one."""
+        if not self.hparams.lam_growth:
+            return None
+        if plan is not None:
+            return self.session.lam_after(plan)
+        return self.hparams.lam_for(self._facts_solved + adding)
 
     def _step_end(self, report: StepReport, position: RunPosition) -> None:
         for cb in self.callbacks:
@@ -378,7 +380,9 @@ class Editor(LedgerOperations):
 
         n = {int(k.shape[1]) for k in K.values()}.pop() if K else 0
         with self.bank.transaction():
-            self._grow_lam(n)
+            lam = self._lam_after(n, plan)
+            if lam is not None:
+                self.bank.set_lam(lam)
             done = solve_layers(self.bank, self.session, self.hparams.layers, columns, removed=removed)
             if plan is not None:
                 self.last_record = self.session.commit_apply(facts, plan, done.constraints, done.update_norms,

@@ -63,7 +63,7 @@ class LedgerOperations:
             lh.pending = PendingLedger.check(path, man, kv_dtype, snapshot_every)
             return
         try:
-            lh.session = LedgerSession(lh.ledger, self.bank, kv_dtype, snapshot_every)
+            lh.session = LedgerSession(lh.ledger, self.bank, kv_dtype, snapshot_every, lh.lam_for)
             if lh.ledger.last_step:
                 self.prepare()
                 lh.session.restore()

@@ -64,15 +64,11 @@ def check_editor_args(modes: Sequence[str], mode: Any, prompt_format: Any, ledge
         check_path(ledger, "ledger")
 
 
-def check_lam_growth(hparams: Any, spec: Any, ledger: Any) -> None:
+def check_lam_growth(hparams: Any, spec: Any) -> None:
     """A λ schedule (``hparams.lam_growth``) needs a form that re-forms its system exactly (memit/aligned,
-    rlsedit), and is not journalled by a ledger yet (a replay or ``verify`` would solve with the
-    ledger's constant λ), so it runs ledger-free."""
+    rlsedit): the others' weights are not one accumulated system's optimum."""
     if not hparams.lam_growth:
         return
-    if ledger is not None:
-        raise InputError("lam_growth (a λ that grows with the facts in force) is not journalled by a ledger yet: "
-                         "run it without ledger=, or set lam_growth=0")
     if spec.name not in ("memit", "rlsedit") or not spec.capabilities.matches_one_time:
         raise InputError(f"lam_growth needs a form whose weights are the optimum of one accumulated system "
                          f"(memit/aligned, rlsedit), not {spec.label}")

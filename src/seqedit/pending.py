@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ class EditorLedger:
     """The ledger and session of an editor (both ``None`` without a ledger or before a new one exists)."""
 
     def __init__(self) -> None:
+        self.lam_for: Callable[[int], float] | None = None  # the λ schedule its session journals
         self.ledger: Ledger | None = None
         self.session: LedgerSession | None = None
         self.pending: PendingLedger | None = None  # a new ledger, created by the first step
@@ -65,7 +66,7 @@ class EditorLedger:
         self.ledger = p.create()
         self.pending, self._created = None, p
         try:
-            self.session = LedgerSession(self.ledger, bank, p.kv_dtype, p.snapshot_every)
+            self.session = LedgerSession(self.ledger, bank, p.kv_dtype, p.snapshot_every, self.lam_for)
             if bank.ready:  # prepare() ran before the ledger existed
                 self.session.store_sigma0(dict(bank.sigma0))
         except BaseException:

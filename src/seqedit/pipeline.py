@@ -57,13 +57,14 @@ def column_targets(z: torch.Tensor, H: torch.Tensor, columns: int) -> torch.Tens
 def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | None, hp: EditHParams,
               facts: Sequence[Fact], get_templates: Callable[[], list[str]], values: ValueResult | None,
               plan: Plan | None, next_id: int, progress: ProgressCallback | None,
-              prompt_format: str = "bare") -> tuple[StepReport, StepRecord | None]:
+              prompt_format: str = "bare", lam: float | None = None) -> tuple[StepReport, StepRecord | None]:
     """Edit ``facts`` (ids assigned, ``plan`` made when ``session`` journals the bank) into ``bank``'s
     layers; ``values`` are precomputed targets or ``None`` to optimise them now. Keys and values
     average over the rows of ``prompt_format`` (``locate/chat.py``) into one key column per fact, or
     with ``hp.format_columns`` one per format (:func:`column_targets`); the residual is taken on each
     column's primary row. Returns the report (``id`` = the committed record's, else ``next_id``) and
-    the journal record (its info records the prompt format)."""
+    the journal record (its info records the prompt format). ``lam`` (a λ schedule's, for the facts in
+    force after the step) re-forms the bank first, so the values are optimised on the re-formed model."""
     tok = loaded.tokenizer
     sec: dict[str, float] = {}
     t = time.perf_counter()
@@ -72,48 +73,52 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
     ctx, primary = step_rows(tok, facts, templates, prompt_format, split)  # validates every subject before any work
     sec["templates"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    value_work: dict[str, float] = {}
-    if values is None:
-        emit(progress, ProgressEvent(Phase.VALUES, total=len(facts), start=True))
-        ref = (clean_h0_norms(loaded, facts, hp, {l: bank.w0[l] for l in hp.layers}, prompt_format)
-               if hp.budget_anchor == "clean" else None)
-        values = compute_values(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES),
-                                prompt_format=prompt_format, h0_norm_ref=ref)
-        value_work = {
-            "mean_delta_norm": sum(values.delta_norms) / len(facts),
-            "mean_budget_norm": sum(values.budget_norms) / len(facts),
-            "mean_h0_norm": float(values.h0.norm(dim=0).mean()),
-            "clamped_fraction": values.clamped_fraction(),
-            "iterations": values.iterations,
-            "suffix_tokens": values.row_tokens,
-            "padded_tokens": values.padded_tokens,
-            "scored_positions": values.head_positions,
-            "delta_gflop": values.delta_flops(loaded, hp.z_layer) / 1e9,
-        }
-    elif values.z.shape[1] != len(facts):
-        raise ValueError(f"values hold {values.z.shape[1]} facts, the step has {len(facts)}")
-    sec["values"] = time.perf_counter() - t
-
-    residual_norms: dict[int, float] = {}
-    n_layers = len(hp.layers)
-    # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
-    ctx_reader = KeyReader(loaded, ctx, hp.key_batch_rows)
-    primary_reader = KeyReader(loaded, primary, hp.key_batch_rows)
-    removed = session.removed_kv(plan) if plan is not None else None
-    record: StepRecord | None = None
-    targets: list[torch.Tensor] = []  # Z, fixed by the first layer's reading of H
-
-    def columns(i: int, layer: int):
-        K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
-        H = primary_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
-        if i == 0:
-            targets.append(column_targets(values.z, H, ctx.columns))
-        resid = targets[0] - H
-        residual_norms[layer] = float(resid.norm())
-        return K, resid / (n_layers - i), None
-
+    # one bank transaction from the re-formation to the commit: a failure leaves every layer (and λ) as
+    # it was; nothing after the commit is inside, so a committed step is never taken back
     with bank.transaction():
+        if lam is not None:  # a λ schedule: re-form for the facts in force after the step, then edit
+            bank.set_lam(lam)
+        t = time.perf_counter()
+        value_work: dict[str, float] = {}
+        if values is None:
+            emit(progress, ProgressEvent(Phase.VALUES, total=len(facts), start=True))
+            ref = (clean_h0_norms(loaded, facts, hp, {l: bank.w0[l] for l in hp.layers}, prompt_format)
+                   if hp.budget_anchor == "clean" else None)
+            values = compute_values(loaded, facts, templates, hp, progress=counter(progress, Phase.VALUES),
+                                    prompt_format=prompt_format, h0_norm_ref=ref)
+            value_work = {
+                "mean_delta_norm": sum(values.delta_norms) / len(facts),
+                "mean_budget_norm": sum(values.budget_norms) / len(facts),
+                "mean_h0_norm": float(values.h0.norm(dim=0).mean()),
+                "clamped_fraction": values.clamped_fraction(),
+                "iterations": values.iterations,
+                "suffix_tokens": values.row_tokens,
+                "padded_tokens": values.padded_tokens,
+                "scored_positions": values.head_positions,
+                "delta_gflop": values.delta_flops(loaded, hp.z_layer) / 1e9,
+            }
+        elif values.z.shape[1] != len(facts):
+            raise ValueError(f"values hold {values.z.shape[1]} facts, the step has {len(facts)}")
+        sec["values"] = time.perf_counter() - t
+
+        residual_norms: dict[int, float] = {}
+        n_layers = len(hp.layers)
+        # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
+        ctx_reader = KeyReader(loaded, ctx, hp.key_batch_rows)
+        primary_reader = KeyReader(loaded, primary, hp.key_batch_rows)
+        removed = session.removed_kv(plan) if plan is not None else None
+        record: StepRecord | None = None
+        targets: list[torch.Tensor] = []  # Z, fixed by the first layer's reading of H
+
+        def columns(i: int, layer: int):
+            K = ctx_reader.read([layer], frozen_below=layer).keys[layer]
+            H = primary_reader.read([], z_layer=hp.z_layer, frozen_below=layer).z_hidden
+            if i == 0:
+                targets.append(column_targets(values.z, H, ctx.columns))
+            resid = targets[0] - H
+            residual_norms[layer] = float(resid.norm())
+            return K, resid / (n_layers - i), None
+
         done = solve_layers(bank, session, hp.layers, columns, removed=removed, progress=progress)
         sec.update(done.seconds)
         Z = targets[0]

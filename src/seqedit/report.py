@@ -3,13 +3,19 @@
 ``render(folder)`` writes ``report.md`` (the paper's layout: one row per method/alignment, one column
 per metric, each cell ``SE | OTE``) and small PNG plots (matplotlib, Agg backend):
 
-* ``edit_metrics_vs_edits.png`` — efficacy / generalization / specificity against the number of edits
-  (SE retention curve where recorded, else the final point; OTE as a cross at n; pre-edit at 0);
+* ``edit_metrics_vs_edits.png`` — efficacy / generalization / specificity (and generation efficacy,
+  where measured) against the number of edits (SE retention curve where recorded, else the final
+  point; OTE as a cross at n; pre-edit at 0);
 * ``se_vs_ote.png`` — final metrics, SE and OTE side by side per method/alignment;
 * ``general_vs_edits.png`` — general-task F1 (mean and per task), WikiText-2 perplexity and top-1
   agreement against the number of edits;
 * ``retention_by_cohort.png`` — where retention points carry per-cohort means: each cohort's (the facts
   edited between two retention points) metrics against the number of edits, early cohorts dark.
+* ``weight_drift_vs_edits.png`` — where steps record it: ‖W_ℓ − W₀,ℓ‖_F of every edited layer against
+  the number of edits, one panel per layer.
+
+The table along the run gains a generation-efficacy column and one for the largest ‖W_ℓ − W₀,ℓ‖_F where
+the run recorded them.
 
 Colour = method, line style = alignment (solid aligned, dashed otherwise), so aligned vs naive reads
 off each panel. Rates are ×100 in the table, as in the paper.
@@ -26,7 +32,7 @@ from .atomic import atomic_write_text
 from .evaluate.schema import (ConfigEntry, ConfigSeconds, DriftSummary, EditMetrics, FinalMetrics, FluencySummary,
                               GeneralSummary, Protocol, ResultsFile, Settings, Versions)
 from .report_data import (EDIT_METRICS, SHORT_NAMES, Getter, as_results, cohort_points, config_rows, drift_metric,
-                          edit_metric, f1, load_results, of_drift, of_edit, of_f1)
+                          edit_metric, f1, generation_efficacy, load_results, of_drift, of_edit, of_f1, step_points)
 from .report_plots import PLOTS, render_plots, save_png
 
 __all__ = ["EDIT_METRICS", "PLOTS", "load_results", "markdown", "render", "render_data", "render_plots", "rendered",
@@ -216,19 +222,29 @@ def _along_the_run(data: ResultsFile) -> list[str]:
             row.general, row.drift = c.general, c.drift
         if se.final is not None:
             points[st.n or max(points)] = _Row(se.final.edit, se.final.general, se.final.drift, final=True)
+        # generation efficacy and the weight drift get columns where the run measured them
+        gen = any(generation_efficacy(r.edit) is not None for r in points.values())
+        drift = {p.edits: p.largest for p in step_points(se, st.batch_size)}
+        extra = (["G-eff"] if gen else []) + (["‖ΔW‖"] if drift else [])
         if not out:
             out += ["", "## Along the run (sequential edits; edit metrics of all facts edited so far)", ""]
+            if drift:
+                out += ["‖ΔW‖: the largest ‖W_ℓ − W₀,ℓ‖_F over the edited layers; G-eff: the share of greedy "
+                        "continuations that begin with the target.", ""]
         out += [f"**{m} / {a}**" + _unfinished(se, st), "",
-                "| edits | " + " | ".join(SHORT_NAMES[k] for k in metrics) + " | PPL | ΔPPL | top-1 agree | mean F1 |",
-                "|---:|" + "---:|" * (len(metrics) + 4)]
+                "| edits | " + " | ".join(SHORT_NAMES[k] for k in metrics) + " | PPL | ΔPPL | top-1 agree | mean F1 |"
+                + "".join(f" {x} |" for x in extra),
+                "|---:|" + "---:|" * (len(metrics) + 4 + len(extra))]
         pre = _Row(pre=True) if base is None else _Row(base.edit, base.general, base.drift, pre=True)
         for edits, r in [(0, pre)] + sorted(points.items()):
             ppl = drift_metric(r.drift, "ppl")
             rel = "–" if ppl is None or not base_ppl or r.pre else f"{100 * (ppl / base_ppl - 1):+.1f} %"
             label = "pre-edit" if r.pre else f"{edits:,}" + (" (final)" if r.final else "")
+            cells = ([_fmt(generation_efficacy(r.edit))] if gen else []) + (
+                [_fmt(0.0 if r.pre else drift.get(edits), 1, 1)] if drift else [])
             out.append(f"| {label} | " + " | ".join(_fmt(edit_metric(r.edit, k)) for k in metrics)
                        + f" | {_fmt(ppl, 1, 2)} | {rel} | {_fmt(drift_metric(r.drift, 'agreement'))} | "
-                       f"{_fmt(f1(r.general))} |")
+                       f"{_fmt(f1(r.general))} |" + "".join(f" {c} |" for c in cells))
         out.append("")
     return out[:-1] if out else out
 

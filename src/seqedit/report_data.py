@@ -5,14 +5,16 @@ tables and plots share."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .evaluate.schema import (ConfigEntry, DriftSummary, EditMetrics, GeneralSummary, ResultsFile, RetentionPoint,
                               read_results)
 
-__all__ = ["EDIT_METRICS", "SHORT_NAMES", "Getter", "as_results", "cohort_points", "config_rows", "drift_metric",
-           "edit_metric", "f1", "load_results", "of_drift", "of_edit", "of_f1"]
+__all__ = ["EDIT_METRICS", "SHORT_NAMES", "Getter", "StepPoint", "as_results", "cohort_points", "config_rows",
+           "drift_metric", "edit_metric", "f1", "generation_efficacy", "load_results", "of_drift", "of_edit", "of_f1",
+           "step_points"]
 
 EDIT_METRICS = {
     "counterfact": ("efficacy", "generalization", "specificity"),
@@ -87,3 +89,35 @@ def of_f1(task: str | None = None) -> Getter:
 
 def of_drift(name: str) -> Getter:
     return lambda m: drift_metric(m.drift, name)
+
+
+def generation_efficacy(edit: EditMetrics | None) -> float | None:
+    """The share of greedy continuations that begin with the target (``None`` where not measured)."""
+    gen = None if edit is None else edit.generation
+    return None if gen is None else gen.generation_efficacy
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """After ``step`` steps, ``edits`` facts edited: ‖W_ℓ − W₀,ℓ‖_F per edited layer (``drift``, keys
+    ``str(ℓ)``), as the step recorded it."""
+
+    step: int
+    edits: int
+    drift: Mapping[str, float | None]
+
+    @property
+    def largest(self) -> float | None:
+        values = [v for v in self.drift.values() if v is not None]
+        return max(values) if values else None
+
+
+def step_points(entry: ConfigEntry, batch_size: int | None) -> list[StepPoint]:
+    """The weight drift after every step of ``entry`` that recorded it; edits count each step's facts
+    (``n_facts``, else ``batch_size``)."""
+    out, edits = [], 0
+    for i, s in enumerate(entry.steps, start=1):
+        edits += s.n_facts if s.n_facts is not None else (batch_size or 0)
+        if s.drift_norms:
+            out.append(StepPoint(i, edits, s.drift_norms))
+    return out

@@ -9,21 +9,27 @@ from typing import Any
 
 from .atomic import atomic_write
 from .evaluate.schema import ConfigEntry, CurvePoint, EditMetrics, FinalMetrics, ResultsFile, RetentionPoint, Settings
-from .report_data import (EDIT_METRICS, SHORT_NAMES, Getter, as_results, cohort_points, config_rows, edit_metric,
-                          of_drift, of_f1)
+from .report_data import (EDIT_METRICS, SHORT_NAMES, Getter, StepPoint, as_results, cohort_points, config_rows,
+                          edit_metric, generation_efficacy, of_drift, of_f1, step_points)
 
-__all__ = ["PLOTS", "render_plots", "save_png"]
+__all__ = ["PLOTS", "method_styles", "render_plots", "save_png"]
 
-def _style(rows: dict) -> dict[tuple[str, str], dict]:
+
+def method_styles(rows) -> dict[tuple[str, str], dict]:
+    """Matplotlib style per ``(method, alignment)`` of ``rows`` (an iterable of such pairs): colour = method
+    (in order of appearance), line style = alignment (solid: aligned)."""
+    rows = list(rows)
     colors = "C0 C1 C2 C3 C4 C5 C6 C7 C8 C9".split()
     methods = list(dict.fromkeys(m for m, _ in rows))
     return {(m, a): {"color": colors[methods.index(m) % 10], "linestyle": "-" if a == "aligned" else "--"}
             for m, a in rows}
 
 
-# A curve point: a retention point (edit metrics) or a general/drift point, with its number of edits.
-Point = RetentionPoint | CurvePoint
-# (title, "retention" or "curve", the value: of edit metrics for retention, of a CurvePoint or FinalMetrics for curve)
+# A curve point: a retention point (edit metrics), a general/drift point or a step's weight drift, with its
+# number of edits.
+Point = RetentionPoint | CurvePoint | StepPoint
+# (title, "retention", "curve" or "steps", the value: of edit metrics for retention, of a CurvePoint or
+# FinalMetrics for curve, of a StepPoint for steps)
 Panel = tuple[str, str, Getter]
 
 
@@ -48,8 +54,11 @@ def save_png(fig, path: Path, tight: bool = True) -> Path:
     return path
 
 
-def _points(entry: ConfigEntry, source: str, n: int) -> Sequence[Point]:
-    """Curve points of one configuration: ``retention`` (edit metrics, else the final one) or ``curve``."""
+def _points(entry: ConfigEntry, source: str, n: int, batch_size: int | None = None) -> Sequence[Point]:
+    """Curve points of one configuration: ``retention`` (edit metrics, else the final one), ``curve`` or
+    ``steps`` (the weight drift every step recorded)."""
+    if source == "steps":
+        return step_points(entry, batch_size)
     final = entry.final
     if final is None:  # still running: the points so far
         return entry.retention if source == "retention" else entry.curve
@@ -59,8 +68,9 @@ def _points(entry: ConfigEntry, source: str, n: int) -> Sequence[Point]:
 
 
 def _measured(m: FinalMetrics | None, source: str, get: Getter) -> float | None:
-    """A panel's value of a final model or the baseline (its edit metrics for a ``retention`` panel)."""
-    if m is None:
+    """A panel's value of a final model or the baseline (its edit metrics for a ``retention`` panel;
+    nothing for a ``steps`` panel, whose pre-edit value is 0)."""
+    if m is None or source == "steps":
         return None
     if source == "retention":
         return None if m.edit is None else get(m.edit)
@@ -72,18 +82,19 @@ def _curve_panels(data: ResultsFile, panels: list[Panel], path: Path, scales: di
     ``curve`` (a value of a general/drift point)."""
     import matplotlib.pyplot as plt
 
-    rows, n = config_rows(data, running=True), (data.settings or Settings()).n or 0
-    style = _style(rows)
+    st = data.settings or Settings()
+    rows, n = config_rows(data, running=True), st.n or 0
+    style = method_styles(rows)
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows + (0 if cols * nrows > len(panels) else 0.8)),
                              squeeze=False)
     for ax, (title, source, get) in zip(axes.flat, panels):
         scale = scales.get(title, 100.0)
-        b = _measured(data.baseline, source, get)
+        b = 0.0 if source == "steps" else _measured(data.baseline, source, get)
         for (m, a), e in rows.items():
             if e.get("se"):
-                xs, ys = _series(_points(e["se"], source, n), get)
+                xs, ys = _series(_points(e["se"], source, n, st.batch_size), get)
                 if b is not None:
                     xs, ys = [0, *xs], [b, *ys]
                 ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, label=f"{m}/{a} SE", **style[(m, a)])
@@ -178,10 +189,10 @@ def render_plots(data: ResultsFile | Mapping[str, Any], folder: str | Path) -> l
         return []
     st = data.settings or Settings()
     metrics = EDIT_METRICS.get("counterfact" if st.dataset is None else st.dataset, ())
-    out = [
-        _curve_panels(data, [(SHORT_NAMES[m], "retention", _edit_value(m)) for m in metrics],
-                      folder / "edit_metrics_vs_edits.png", {}),
-    ]
+    edit_panels: list[Panel] = [(SHORT_NAMES[m], "retention", _edit_value(m)) for m in metrics]
+    if any(generation_efficacy(p) is not None for e in _se_entries(data) for p in e.retention):
+        edit_panels.append(("G-eff", "retention", generation_efficacy))
+    out = [_curve_panels(data, edit_panels, folder / "edit_metrics_vs_edits.png", {})]
     if config_rows(data):  # final models to compare
         out.append(_se_vs_ote(data, metrics, folder / "se_vs_ote.png"))
     panels: list[Panel] = []
@@ -194,7 +205,20 @@ def render_plots(data: ResultsFile | Mapping[str, Any], folder: str | Path) -> l
         out.append(_curve_panels(data, panels, folder / "general_vs_edits.png", {"PPL": 1.0}))
     if (cohorts := _cohort_curves(data, metrics, folder / "retention_by_cohort.png")) is not None:
         out.append(cohorts)
+    layers = sorted({k for e in _se_entries(data) for p in step_points(e, st.batch_size) for k in p.drift}, key=int)
+    if layers:
+        out.append(_curve_panels(data, [(f"‖W − W₀‖ layer {l}", "steps", _drift_of(l)) for l in layers],
+                                 folder / "weight_drift_vs_edits.png", {f"‖W − W₀‖ layer {l}": 1.0 for l in layers}))
     return out
 
 
-PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png", "retention_by_cohort.png")
+def _se_entries(data: ResultsFile) -> list[ConfigEntry]:
+    return [e["se"] for e in config_rows(data, running=True).values() if e.get("se")]
+
+
+def _drift_of(layer: str) -> Getter:
+    return lambda p: p.drift.get(layer)
+
+
+PLOTS = ("edit_metrics_vs_edits.png", "se_vs_ote.png", "general_vs_edits.png", "retention_by_cohort.png",
+         "weight_drift_vs_edits.png")

@@ -116,6 +116,7 @@ def test_a_ledger_written_before_the_method_registry_reopens(tmp_path: Path) -> 
     [
         ({"method": "alphaedit"}, r"edits with memit/aligned.*refusing to continue it with alphaedit/aligned"),
         ({"lam": 20.0}, r"other hyperparameters \(lam: ledger 10.0, given 20.0\)"),
+        ({"lam_growth": 4}, r"other hyperparameters \(lam_growth: ledger 0, given 4\)"),
         ({"layers": (1, 3)}, r"other hyperparameters \(layers"),
         ({"alignment": "naive"}, r"edits with memit/aligned.*refusing to continue it with memit/naive"),
         ({"ridge": 0.5}, r"edits with memit/aligned.*refusing to continue it with memit/aligned \{.*'ridge': 0.5"),

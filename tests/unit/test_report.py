@@ -233,3 +233,22 @@ def test_se_vs_ote_draws_only_the_modes_that_ran_and_no_bar_for_a_missing_metric
     heights = bars(panel)
     assert list(heights) == ["SE"] and [t.get_text() for t in panel.get_legend().get_texts()] == ["SE"]
     assert heights["SE"][0] == 100.0 and math.isnan(heights["SE"][1])
+
+
+def test_generation_efficacy_and_weight_drift_along_the_run(results: dict, tmp_path: Path) -> None:
+    se = results["configs"]["memit/aligned/se"]
+    se["retention"][0]["generation"] = {"generation_efficacy": 0.5, "generation_generalization": 0.25, "n_records": 2}
+    se["final"]["edit"]["generation"] = {"generation_efficacy": 0.25, "generation_generalization": 0.0, "n_records": 2}
+    se["steps"] = [{"n_facts": 2, "drift_norms": {"1": 1.5, "2": 3.25}},
+                   {"n_facts": 2, "drift_norms": {"1": 2.0, "2": 4.5}}]
+    md = markdown(results)
+    aligned = md.split("## Along the run")[1].split("**memit / naive**")[0]
+    assert "| edits | Eff. | Gen. | Spe. | PPL | ΔPPL | top-1 agree | mean F1 | G-eff | ‖ΔW‖ |" in aligned
+    assert "| pre-edit | 25.0 | 12.5 | 87.5 | 10.00 | – | 100.0 | 50.0 | – | 0.0 |" in aligned
+    assert "| 2 | 100.0 | 50.0 | 50.0 | 11.00 | +10.0 % | 95.0 | 60.0 | 50.0 | 3.2 |" in aligned
+    assert "| 4 (final) | 100.0 | 75.0 | 50.0 | 12.50 | +25.0 % | 90.0 | 50.0 | 25.0 | 4.5 |" in aligned
+    naive = md.split("**memit / naive**")[1].split("## ")[0]
+    assert "G-eff" not in naive and "‖ΔW‖" not in naive  # measured for one configuration only
+    paths = [p.name for p in render_plots(results, tmp_path)]
+    assert "weight_drift_vs_edits.png" in paths
+    assert (tmp_path / "weight_drift_vs_edits.png").read_bytes()[:8] == PNG

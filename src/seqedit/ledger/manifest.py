@@ -23,7 +23,8 @@ __all__ = ["KV_DTYPES", "build_manifest", "reconcile_prompt_format", "recorded_b
 KV_DTYPES = ("float64", "float32")
 # Hyperparameters that define the objective of the stored facts; the others only shape future steps.
 # (The ridge ρ, once an hyperparameter, is a method option: the stored method spec carries it.)
-_OBJECTIVE_HPARAMS = ("layers", "lam")
+# A λ schedule (lam_growth) is part of the objective: the facts in force are solved under λ_N.
+_OBJECTIVE_HPARAMS = ("layers", "lam", "lam_growth")
 
 
 def w0_digest(W: Tensor) -> str:
@@ -106,7 +107,7 @@ def stored_hparams(man: dict) -> EditHParams:
 def reconcile(man: dict, loaded: LoadedModel, spec: MethodSpec | None, hp: EditHParams | None,
               overrides: dict[str, Any], path: Any) -> tuple[MethodSpec, EditHParams]:
     """The method and hyperparameters to continue ledger ``man`` with; refuses another base model,
-    method, or objective hyperparameters (``layers``, ``lam``)."""
+    method, or objective hyperparameters (``layers``, ``lam``, ``lam_growth``)."""
     base = man["base"]
     if loaded.fingerprint != base["fingerprint"]:
         raise LedgerError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import Tensor
 
@@ -40,14 +40,31 @@ def check_journalable(spec: MethodSpec) -> None:
 
 class LedgerSession:
     """``ledger`` (open for writing) journalling ``bank``; ``kv_dtype`` is the storage precision of the
-    per-fact keys and values, ``snapshot_every`` the steps between snapshots of the bank."""
+    per-fact keys and values, ``snapshot_every`` the steps between snapshots of the bank.
 
-    def __init__(self, ledger: Ledger, bank: LayerBank, kv_dtype: str, snapshot_every: int) -> None:
+    ``lam_for`` is a λ schedule (facts in force -> λ, ``EditHParams.lam_for``; ``None``: λ constant). Every
+    step that changes the facts in force first re-forms the bank for the λ of the facts in force after it
+    (``LayerBank.set_lam``), and every step records the bank's λ after it (``info["lam"]``): a replay
+    re-forms at the recorded λ before it redoes a step, so it repeats the live float operations, and a
+    snapshot is installed at its step's λ. The weights are then always the one-time solution of the
+    facts in force under their λ, which is what ``verify`` re-solves (``bank.one_time`` at ``bank.lam``).
+    """
+
+    def __init__(self, ledger: Ledger, bank: LayerBank, kv_dtype: str, snapshot_every: int,
+                 lam_for: Callable[[int], float] | None = None) -> None:
         check_journalable(bank.spec)
         self.ledger = ledger
         self.bank = bank
         self.kv_dtype = tensorio.as_dtype(kv_dtype)
         self.snapshot_every = snapshot_every
+        self.lam_for = lam_for
+
+    def lam_after(self, plan: Plan) -> float | None:
+        """λ for the facts in force after ``plan`` (``None`` without a schedule)."""
+        if self.lam_for is None:
+            return None
+        n = self.open().count_in_force() + len(plan.add) + len(plan.readd) - len(plan.remove)
+        return self.lam_for(n)
 
     @property
     def spec(self) -> MethodSpec:
@@ -80,14 +97,19 @@ class LedgerSession:
             self._replay(rec)
 
     def _load_step(self, step: int) -> None:
-        """The bank as saved after ``step`` (``0``: the initial state)."""
-        self.bank.load(None if step == 0 else self.ledger.snapshot(step, self.bank.layers))
+        """The bank as saved after ``step`` (``0``: the initial state), at the λ that step recorded."""
+        if step == 0:
+            self.bank.load(None)
+            return
+        self.bank.load(self.ledger.snapshot(step, self.bank.layers), lam=self.ledger.step(step).info.get("lam"))
 
     def _replay(self, rec: StepRecord) -> None:
         """Redo committed step ``rec`` from the stored (k, v): no value optimisation, and the same float
         operations as when it was first run."""
         L, caps = self.ledger, self.bank.capabilities
         add, remove = L.rows_added(rec.id), L.rows_removed(rec.id)
+        if rec.kind in ("apply", "forget", "undo") and rec.info.get("lam") is not None:
+            self.bank.set_lam(rec.info["lam"])  # as live: re-formed first (a no-op at an unchanged λ)
         if rec.kind == "apply":
             # memorize_latest's removal of the previous batch is implicit in its step()
             self._columns(add, remove if caps.removal == "system" else [])
@@ -150,7 +172,8 @@ class LedgerSession:
         ``targets: [d_z, n·w]`` the facts' z-layer targets (both ``None``: keys and values were given,
         ``Editor.apply_kv``)."""
         L = self.ledger
-        info = {"update_norms": {str(k): v for k, v in update_norms.items()}, "hparams": hparams}
+        info = {"update_norms": {str(k): v for k, v in update_norms.items()}, "hparams": hparams,
+                "lam": self.bank.lam}
         if prompt_format is not None:
             info["prompt_format"] = prompt_format
         return L.commit("apply", add=facts, kv=constraints, remove=plan.remove, info=info,
@@ -162,7 +185,8 @@ class LedgerSession:
         """Commit a rekey step: every row in force (``rows``, in order) leaves and its fact comes back with
         the new ``constraints`` (as stored, row order) and its unchanged ``targets``. Always snapshotted,
         so a reopen never has to replay the re-solve from W₀."""
-        return self.ledger.commit("rekey", add=[r.fact for r in rows], kv=constraints, remove=rows, info=info,
+        return self.ledger.commit("rekey", add=[r.fact for r in rows], kv=constraints, remove=rows,
+                                  info={**info, "lam": self.bank.lam},
                                   snapshot=self.bank.snapshot(), targets=targets.to(self.kv_dtype).cpu())
 
     def round_kv(self, K: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,6 +214,9 @@ class LedgerSession:
         sec: dict[str, float] = {}
         with self.bank.transaction():
             t = time.perf_counter()
+            lam = self.lam_after(plan)
+            if lam is not None:
+                self.bank.set_lam(lam)
             if caps.removal == "none":  # undo of the latest step: the state saved before it
                 self._load_step(plan.target - 1)
                 norms: dict[int, float] = {}
@@ -200,7 +227,7 @@ class LedgerSession:
                 norms = self._columns(plan.readd, plan.remove)
             sec["solve"] = time.perf_counter() - t
             t = time.perf_counter()
-            info = {"update_norms": {str(k): v for k, v in norms.items()}, "seconds": sec}
+            info = {"update_norms": {str(k): v for k, v in norms.items()}, "seconds": sec, "lam": self.bank.lam}
             rec = L.commit(plan.kind, readd=plan.readd, remove=plan.remove, target=plan.target, info=info,
                            snapshot=self._snapshot_if_due(L.last_step + 1))
             sec["commit"] = time.perf_counter() - t
