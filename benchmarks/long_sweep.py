@@ -40,6 +40,7 @@ from seqedit.evaluate.generation_efficacy import generation_efficacy
 from seqedit.evaluate.measure import References, drift_summary, edit_summary
 from seqedit.evaluate.selection import select_facts
 from seqedit.models.presets import EditHParams
+from seqedit.refresh import refresh as refresh_facts
 
 # name -> overrides of the preset; every configuration of the sweep is listed here, in run order
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -89,6 +90,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # in method_options choose the method form; the rest of them are its options)
     "s30-mp-alphaedit": {"stop_rule": "most_probable", "method_options": {"method": "alphaedit", "alignment": "aligned"}},
     "s30-mp-memit-naive": {"stop_rule": "most_probable", "method_options": {"method": "memit", "alignment": "naive"}},
+    # λ_N with what it costs in efficacy bought back: every 1,000 edits a refresh re-edits up to 300 of the
+    # facts that no longer win, oldest first (seqedit refresh; "refresh" = {"every": K, "max_facts": M})
+    "s30-mp-lamN-refresh": {"stop_rule": "most_probable", "lam_growth": 1000,
+                            "refresh": {"every": 1000, "max_facts": 300}},
+    "s30-mp-m1-refresh": {"stop_rule": "most_probable", "stop_margin": 1.0, "refresh": {"every": 1000, "max_facts": 300}},
 }
 # the method contrast (issue 30): the winner's preset with three methods, plotted per method
 CONTRAST = ("s30-mp", "s30-mp-alphaedit", "s30-mp-memit-naive")
@@ -114,11 +120,16 @@ def _metrics(lm, facts, refs, generation_n: int = 0, base_w: dict[int, torch.Ten
 
 def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[int, torch.Tensor],
                ledger: Path, partial: Path, every: int = 0, generation_n: int = 0,
-               method_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               method_options: dict[str, Any] | None = None, refresh: dict[str, int] | None = None) -> dict[str, Any]:
     """One sequential run from the base weights (restored afterwards), journalled in ``ledger``.
 
     After every step the measurements so far go to ``partial`` (atomically); a rerun reopens the
     ledger (which restores the edited weights exactly) and continues after its last committed step.
+    ``refresh`` = ``{"every": K, "max_facts": M}`` runs :func:`seqedit.refresh.refresh` (up to M faded
+    facts, oldest first) whenever the facts edited reach a multiple of K, before that point's
+    measurement; its reports go to ``refreshes``. A run killed inside a refresh re-scores and refreshes
+    again at that point on resume (its committed re-edits stay). The sweep's facts have distinct slots
+    and none is forgotten, so the facts edited are the facts in force (refresh steps re-edit them).
     """
     for layer, w in base_w.items():
         lm.adapter.set_weight(layer, w)
@@ -129,15 +140,21 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
     method, alignment = options.pop("method", None), options.pop("alignment", None)
     editor = seqedit.Editor(lm, method=method, alignment=alignment, hparams=hp, ledger=ledger,
                             kv_dtype="float32", method_options=options or None)
-    committed = editor.ledger.last_step
-    steps, points = prior.get("steps", [])[:committed], [p for p in prior.get("points", [])
-                                                          if p["edits"] <= committed * batch_size]
+    done_facts = editor.ledger.count_in_force()
+    steps = [x for x in prior.get("steps", []) if x["edits"] <= done_facts]
+    points = [p for p in prior.get("points", []) if p["edits"] <= done_facts]
+    refreshes = [x for x in prior.get("refreshes", []) if x["edits"] <= done_facts]
+    committed = done_facts // batch_size
     spent = prior.get("seconds", 0.0)
     if committed:
         print(f"continuing after step {committed} (ledger {ledger})", flush=True)
     t_run = time.perf_counter()
 
     def measure(done: int) -> None:
+        if refresh and done and done % refresh["every"] == 0 and not any(x["edits"] == done for x in refreshes):
+            rep = refresh_facts(editor, max_facts=refresh["max_facts"], batch_size=batch_size)
+            refreshes.append({"edits": done, **rep.to_dict()})
+            print(json.dumps({k: v for k, v in refreshes[-1].items() if k != "refreshed"}), flush=True)
         due = done % every == 0 if every else done == len(facts) // 2
         if done and (due or done == len(facts)) and not any(p["edits"] == done for p in points):
             points.append(_metrics(lm, facts[:done], refs, generation_n, {l: base_w[l] for l in hp.layers}))
@@ -162,13 +179,14 @@ def run_config(lm, hp: EditHParams, facts, refs, batch_size: int, base_w: dict[i
             })
             print(json.dumps(steps[-1]), flush=True)
             measure(lo + len(batch))
-            atomic_write_json(partial, {"steps": steps, "points": points,
+            atomic_write_json(partial, {"steps": steps, "points": points, "refreshes": refreshes,
                                         "seconds": spent + time.perf_counter() - t_run})
     finally:
         editor.close()
         for layer, w in base_w.items():
             lm.adapter.set_weight(layer, w)
-    return {"steps": steps, "points": points, "seconds": spent + time.perf_counter() - t_run}
+    return {"steps": steps, "points": points, **({"refreshes": refreshes} if refresh else {}),
+            "seconds": spent + time.perf_counter() - t_run}
 
 
 def render(out: Path, args_line: str) -> None:
@@ -201,7 +219,9 @@ def render(out: Path, args_line: str) -> None:
     rows = [(name, r) for name, r in rows if not r.get("stopped")]
     for name, r in rows:
         ov = ", ".join([f"{k}={v}" for k, v in r["overrides"].items() if k not in COMMON]
-                       + [f"{k}={v}" for k, v in (r.get("method_options") or {}).items()]) or "the preset"
+                       + [f"{k}={v}" for k, v in (r.get("method_options") or {}).items()]
+                       + ([f"refresh ≤ {r['refresh']['max_facts']} every {r['refresh']['every']}"] if r.get("refresh")
+                          else [])) or "the preset"
         s = r["steps"]
         for pt in r["points"]:
             part = [x for x in s if x["edits"] <= pt["edits"]]
@@ -346,11 +366,13 @@ def main() -> None:
             continue
         overrides = {**COMMON, **CONFIGS[name]}
         method_options = overrides.pop("method_options", None)
+        refresh = overrides.pop("refresh", None)
         hp = preset.override(**overrides).for_formats(1)  # bare edits: the record states what the editor uses
         print(f"== {name}: {overrides}", flush=True)
         res = run_config(lm, hp, facts, refs, args.batch_size, base_w, args.out / "ledgers" / name,
-                         args.out / f"{name}.partial.json", args.every, args.generation_n, method_options)
+                         args.out / f"{name}.partial.json", args.every, args.generation_n, method_options, refresh)
         atomic_write_json(path, {"name": name, "preset": args.preset, "method_options": method_options,
+                                 **({"refresh": refresh} if refresh else {}),
                                  "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
                                  "hparams": hp.to_dict(), **res})
         (args.out / f"{name}.partial.json").unlink(missing_ok=True)  # the final record supersedes it

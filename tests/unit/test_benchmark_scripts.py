@@ -212,6 +212,41 @@ def test_long_sweep_runs_a_configuration_with_issue_30_measurements(tmp_path: Pa
     assert len(again["steps"]) == 4 and [p["edits"] for p in again["points"]] == [2, 4]
 
 
+def test_long_sweep_refreshes_under_a_journalled_lam_schedule_and_resumes(tmp_path: Path) -> None:
+    """A configuration with λ_N (journalled by its ledger) and a refresh every 2 edits: the refresh runs
+    before the measurement of its point and its steps do not count as edited facts; a rerun after the
+    run was cut short continues from the ledger without refreshing twice."""
+    import json
+
+    from seqedit import Ledger
+    from seqedit.datasets import load_facts
+    from seqedit.evaluate.measure import References
+    from seqedit.models.presets import EditHParams
+    from seqedit.shared_data import counterfact_path
+    from seqedit.testing import tiny_model
+
+    long_sweep = _script("long_sweep")
+    lm = tiny_model("llama")
+    facts = load_facts(counterfact_path(), limit=4)
+    refs = References.compute(lm, "counterfact", facts, 16, 1, 16)
+    hp = EditHParams(layers=(1, 2), stats_tokens=2000, v_steps=2, lam=10.0, lam_growth=2)
+    base_w: dict[int, torch.Tensor] = {}
+    kw = dict(every=2, refresh={"every": 2, "max_facts": 1})
+    first = long_sweep.run_config(lm, hp, facts[:2], refs, 1, base_w, tmp_path / "L", tmp_path / "p.json", **kw)
+    assert [x["edits"] for x in first["refreshes"]] == [2] and [p["edits"] for p in first["points"]] == [2]
+    r = first["refreshes"][0]
+    assert r["in_force"] == 2 and len(r["refreshed"]) == min(1, r["faded"]) and len(r["steps"]) == len(r["refreshed"])
+    # the same run continued to 4 facts (a rerun of a longer sweep): 2 facts done, no second refresh at 2
+    res = long_sweep.run_config(lm, hp, facts, refs, 1, base_w, tmp_path / "L", tmp_path / "p.json", **kw)
+    assert [x["edits"] for x in res["refreshes"]] == [2, 4] and [p["edits"] for p in res["points"]] == [2, 4]
+    assert [x["edits"] for x in res["steps"]] == [1, 2, 3, 4]
+    with Ledger(tmp_path / "L") as L:
+        applies = [s for s in L.steps() if s.kind == "apply"]
+        assert len(applies) == 4 + sum(len(x["refreshed"]) for x in res["refreshes"])
+        assert applies[-1].info["lam"] == 20.0  # λ_N of 4 facts in force, journalled
+    assert json.loads((tmp_path / "p.json").read_text())["refreshes"][0]["edits"] == 2
+
+
 def test_ledger_scale_smoke_mode_measures_every_size(tmp_path: Path) -> None:
     """``benchmarks/ledger_scale.py --smoke``: two tiny ledgers built, every operation timed, the JSON
     report and the plot written, and the facts in force those the steps put there."""
