@@ -196,7 +196,9 @@ def render(out: Path, args_line: str) -> None:
         p = out / f"{name}.json"
         if p.stem == "baseline" or name.endswith(".partial") or not p.is_file() or any(r[0] == name for r in rows):
             continue
-        rows.append((name, json.loads(p.read_text())))
+        record = json.loads(p.read_text())
+        if "overrides" in record:  # a configuration's record (the folder may hold other JSON, e.g. analyses)
+            rows.append((name, record))
     lines = [
         f"# Long-run sweep: {base['n']} CounterFact `train` edits in steps of {base['batch_size']}, real protocol",
         "",

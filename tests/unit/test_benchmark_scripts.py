@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -70,6 +71,21 @@ def test_long_sweep_renders_its_table_and_plot(tmp_path: Path) -> None:
     assert "| L4-10-clamp0.4 | layers=[4, 5, 6, 7, 8, 9, 10], clamp_norm_factor=0.4 | 1000 | 94.7 | 80.3 | 65.8 |" in text
     assert "`L4-10-clamp0.4-lr0.5`" in text and "was stopped after step 1" in text
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_sweep_renders_the_method_contrast(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    long_sweep = _script("long_sweep")
+    out = shutil.copytree(ROOT / "docs" / "results" / "sweep-2000", tmp_path / "sweep")
+    for name in ("sweep.md", "sweep.png", "methods.png"):
+        (out / name).unlink()
+    long_sweep.render(out, "cmd")  # preservation.json in the folder is no configuration and is passed over
+    text = (out / "sweep.md").read_text()
+    assert "| s30-mp-memit-naive | stop_rule=most_probable, method=memit, alignment=naive | 2000 | 80.4 |" in text
+    assert "![efficacy, perplexity and edited-matrix norm against edits, per method](methods.png)" in text
+    assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [long_sweep.method_of(json.loads((out / f"{n}.json").read_text())) for n in long_sweep.CONTRAST] == [
+        ("memit", "aligned"), ("alphaedit", "aligned"), ("memit", "naive")]
 
 
 def test_chat_table_renders_a_formats_variants_after_it(tmp_path: Path) -> None:
@@ -216,8 +232,6 @@ def test_long_sweep_refreshes_under_a_journalled_lam_schedule_and_resumes(tmp_pa
     """A configuration with λ_N (journalled by its ledger) and a refresh every 2 edits: the refresh runs
     before the measurement of its point and its steps do not count as edited facts; a rerun after the
     run was cut short continues from the ledger without refreshing twice."""
-    import json
-
     from seqedit import Ledger
     from seqedit.datasets import load_facts
     from seqedit.evaluate.measure import References
@@ -265,3 +279,28 @@ def test_ledger_scale_smoke_mode_measures_every_size(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "ledger_scale.json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert (tmp_path / "ledger_scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ledger_scale.table(rows).splitlines()[2].startswith("| 20 | ")
+
+
+def test_preservation_cost_is_the_relative_output_change_on_the_covariance_keys(tmp_path: Path) -> None:
+    """r = ‖ΔW X‖_F / ‖W₀ X‖_F for Σ₀ = X Xᵀ/n, and the ledger reader reports it per snapshot and layer."""
+    from ledger_helpers import LAYERS, apply_facts, fact, make_editor
+
+    pc = _script("preservation_cost")
+    g = torch.Generator().manual_seed(0)
+    X, W0, D = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((6, 40), (4, 6), (4, 6)))
+    r = pc.relative_cost(D, W0, X @ X.T / 40)
+    assert abs(r - float((D @ X).norm() / (W0 @ X).norm())) < 1e-12
+    ed = make_editor(tmp_path / "L", snapshot_every=1)
+    apply_facts(ed, [fact(0), fact(1)])
+    apply_facts(ed, [fact(2)])
+    live = {l: ed.master[l].clone() for l in LAYERS}
+    w0 = {l: ed.w0[l].clone() for l in LAYERS}
+    sigma0 = {l: ed.sigma0[l].clone() for l in LAYERS}
+    ed.close()
+    out = pc.ledger_costs(tmp_path / "L", w0)
+    last = out["snapshots"][-1]
+    assert [s["step"] for s in out["snapshots"]] == [1, 2] and last["facts_in_force"] == 3
+    for l in LAYERS:
+        d = live[l] - w0[l]
+        assert abs(last["layers"][str(l)]["delta_fro"] - float(d.norm())) < 1e-9
+        assert abs(last["layers"][str(l)]["relative_cost"] - pc.relative_cost(d, w0[l], sigma0[l])) < 1e-12
