@@ -1,4 +1,5 @@
-"""Tune the embedded model's preset for LONG sequential runs (issue 12), on CounterFact `train` only.
+"""Tune the embedded model's preset for LONG sequential runs (issue 12), on CounterFact `train` (``--split
+edit`` confirms a configuration chosen there on the `edit` split, e.g. one with refresh passes).
 
 The unit of the sweep is a whole sequential run: ``--n`` facts (default 1,000) in steps of
 ``--batch-size`` (100) with the real protocol (each step's target values optimised on the current,
@@ -200,7 +201,8 @@ def render(out: Path, args_line: str) -> None:
         if "overrides" in record:  # a configuration's record (the folder may hold other JSON, e.g. analyses)
             rows.append((name, record))
     lines = [
-        f"# Long-run sweep: {base['n']} CounterFact `train` edits in steps of {base['batch_size']}, real protocol",
+        f"# Long-run sweep: {base['n']} CounterFact `{base.get('split', 'train')}` edits in steps of {base['batch_size']}, "
+        "real protocol",
         "",
         f"Command: `{args_line}`. Aligned MEMIT on {base['model']}, overrides of its `{base.get('preset', 'one-step')}` preset"
         + (" (layers 6–10, λ = 1500, clamp 0.75, 12 value steps at lr 2.0)" if base.get("preset", "one-step") == "one-step" else "")
@@ -323,6 +325,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="train", choices=("train", "edit"),
+                    help="CounterFact split: train (tuning) or edit (confirming a configuration chosen on train)")
     ap.add_argument("--drift-windows", type=int, default=32)
     ap.add_argument("--only", default="", help="comma list of configuration names (default: all)")
     ap.add_argument("--config", action="append", default=[], help="NAME:key=value,key=value (added to the sweep)")
@@ -345,16 +349,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args_line = "python benchmarks/long_sweep.py --out " + str(args.out) + (f" --n {args.n}" if args.n != 1000 else "")
     args_line += "".join(f" --{k} {v}" for k, v in (("preset", args.preset), ("every", args.every),
-                                                      ("generation-n", args.generation_n))
-                         if v != {"preset": "one-step"}.get(k, 0))
+                                                      ("generation-n", args.generation_n), ("split", args.split))
+                         if v != {"preset": "one-step", "split": "train"}.get(k, 0))
 
     lm = seqedit.load_model("smollm2-135m")
-    sel = select_facts("counterfact", args.n, args.seed, split="train", unique_slots=True)
+    sel = select_facts("counterfact", args.n, args.seed, split=args.split, unique_slots=True)
     facts = sel.facts
     refs = References.compute(lm, "counterfact", facts, 256, args.drift_windows, 64)
     base_file = args.out / "baseline.json"
     if not base_file.is_file():
-        atomic_write_json(base_file, {"model": lm.name, "n": args.n, "batch_size": args.batch_size,
+        atomic_write_json(base_file, {"model": lm.name, "n": args.n, "split": args.split, "batch_size": args.batch_size,
                                       "drift_windows": args.drift_windows, "selection": sel.to_dict(),
                                       "preset": args.preset, **_metrics(lm, facts, refs, args.generation_n)})
     # every configuration is an override of one named preset (the FIRST, one-step, unless --preset says
