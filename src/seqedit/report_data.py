@@ -99,10 +99,9 @@ def generation_efficacy(edit: EditMetrics | None) -> float | None:
 
 @dataclass(frozen=True)
 class StepPoint:
-    """After ``step`` steps, ``edits`` facts edited: ‖W_ℓ − W₀,ℓ‖_F per edited layer (``drift``, keys
-    ``str(ℓ)``), as the step recorded it."""
+    """After a step that brought the facts edited to ``edits``: ‖W_ℓ − W₀,ℓ‖_F per edited layer (``drift``,
+    keys ``str(ℓ)``), as the step recorded it."""
 
-    step: int
     edits: int
     drift: Mapping[str, float | None]
 
@@ -116,8 +115,8 @@ def step_points(entry: ConfigEntry, batch_size: int | None) -> list[StepPoint]:
     """The weight drift after every step of ``entry`` that recorded it; edits count each step's facts
     (``n_facts``, else ``batch_size``)."""
     out, edits = [], 0
-    for i, s in enumerate(entry.steps, start=1):
+    for s in entry.steps:
         edits += s.n_facts if s.n_facts is not None else (batch_size or 0)
         if s.drift_norms:
-            out.append(StepPoint(i, edits, s.drift_norms))
+            out.append(StepPoint(edits, s.drift_norms))
     return out

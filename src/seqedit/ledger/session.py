@@ -108,8 +108,8 @@ class LedgerSession:
         operations as when it was first run."""
         L, caps = self.ledger, self.bank.capabilities
         add, remove = L.rows_added(rec.id), L.rows_removed(rec.id)
-        if rec.kind in ("apply", "forget", "undo") and rec.info.get("lam") is not None:
-            self.bank.set_lam(rec.info["lam"])  # as live: re-formed first (a no-op at an unchanged λ)
+        if rec.info.get("lam") is not None:  # as live: re-formed first (a no-op at an unchanged λ, e.g. a rekey)
+            self.bank.set_lam(rec.info["lam"])
         if rec.kind == "apply":
             # memorize_latest's removal of the previous batch is implicit in its step()
             self._columns(add, remove if caps.removal == "system" else [])
