@@ -96,6 +96,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "s30-mp-lamN-refresh": {"stop_rule": "most_probable", "lam_growth": 1000,
                             "refresh": {"every": 1000, "max_facts": 300}},
     "s30-mp-m1-refresh": {"stop_rule": "most_probable", "stop_margin": 1.0, "refresh": {"every": 1000, "max_facts": 300}},
+    # widen the memory (step 5), as the drift's layout asks (stability.md section 7: the z-layer carries it):
+    # a higher z-layer (14) with four more layers, so that each layer's share R/(L − i) of the residual, the
+    # top one's included, is smaller; the values are optimised at layer 14 (15 blocks above it, not 19)
+    "s30-mp-L4-14": {"stop_rule": "most_probable", "layers": tuple(range(4, 15))},
 }
 # the method contrast (issue 30): the winner's preset with three methods, plotted per method
 CONTRAST = ("s30-mp", "s30-mp-alphaedit", "s30-mp-memit-naive")
