@@ -1,6 +1,6 @@
 """Subprocess for tests/unit/test_interrupts.py: an ``Editor.apply`` with a ledger that pauses at one point of
 its step and tells the test so by creating MARKER; the test then sends SIGINT. ``values``: inside the
-value optimisation (the first forward pass with gradients, in the z-layer block); ``layers``: in the
+value optimisation (the first unembedding with gradients); ``layers``: in the
 layer solves, after the first layer's Δ is written and before the next layer's keys are read. Prints one JSON line with what the interrupted editor saw, exits 130.
 
     python interrupt_worker.py LEDGER_DIR PHASE MARKER STEPS_BEFORE
@@ -51,8 +51,9 @@ def main() -> None:
         if phase == "values" and torch.is_grad_enabled():
             pause()
 
-    block = editor.loaded.adapter.block(editor.hparams.z_layer)
-    handle = block.register_forward_hook(on_forward)
+    # the unembedding of the scored positions: inside the value optimisation with gradients, whichever
+    # path (the model's modules or the fused upper blocks) runs the blocks above the z-layer
+    handle = editor.loaded.adapter.unembed.register_forward_hook(on_forward)
     try:
         editor.apply([fact(before)], progress=on_event)
     except KeyboardInterrupt:

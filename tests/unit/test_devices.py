@@ -34,7 +34,9 @@ from seqedit.testing import tiny_model
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "seqedit"
 LAYERS = (1, 2)
-HP = dict(layers=LAYERS, stats_tokens=1000, v_steps=3, lam=10.0, n_context_templates=2)
+# v_upper_blocks="modules": models with accelerate hooks run their own modules in the value pass, and the
+# placements compared here must run the same floating-point operations as the plain model
+HP = dict(layers=LAYERS, stats_tokens=1000, v_steps=3, lam=10.0, n_context_templates=2, v_upper_blocks="modules")
 FACTS = [
     Fact(prompt="{} is located in", subject="Danielle Darrieux", target="Rome"),
     Fact(prompt="The capital of {} is", subject="Spain", target="Paris"),

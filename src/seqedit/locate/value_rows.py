@@ -14,7 +14,8 @@ from ..facts import Fact
 from .chat import answer_ids, encode_row, formats
 from .tokens import encode_prompt, pad_id_of, pad_left
 from ..models.cache import cache_arg, returned_cache
-from .trace import LowerBlocksReplay, hooks
+from .fused_blocks import FusedUpper, attention_mask
+from .trace import LowerBlocksReplay, StopForward, hooks, stop_after
 
 KL_PROMPT = "{} is a"  # the KL row: the distribution right after the subject, which δ should keep
 
@@ -162,6 +163,8 @@ class RowGroup:
         self.tokens = suf_mask.sum(1)
         self.prefix = PrefixCache.build(base, rows, P, pad, self.device) if P > 0 else None
         self.replay = LowerBlocksReplay(loaded.adapter, z_layer)
+        # the fused path's attention inputs (mask, cos, sin), made on its first pass
+        self.fused_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def keep(self, alive: set[int]) -> None:
         """Drop the rows of facts that stopped."""
@@ -176,6 +179,8 @@ class RowGroup:
             self.replay.select(sel.to(self.device))
             if self.prefix is not None:
                 self.prefix.select(sel.to(self.device))
+            if self.fused_inputs is not None:
+                self.fused_inputs = tuple(t[sel.to(t.device)] for t in self.fused_inputs)
 
     def forward(self, loaded, z_layer: int, inject) -> torch.Tensor:
         """Suffix pass with ``inject(out, group)`` hooked on block ``z_layer``; returns final hidden states."""
@@ -189,6 +194,36 @@ class RowGroup:
                 **cache_arg(loaded.model.base_model, self.prefix.fresh() if self.prefix is not None else None),
                 use_cache=self.prefix is not None,
             ).last_hidden_state
+
+    def forward_fused(self, loaded, z_layer: int, upper: FusedUpper, shift) -> torch.Tensor:
+        """The same pass with the blocks above ``z_layer`` run by ``upper``: block ``z_layer``'s output is
+        read once through the model's modules (:meth:`record_lower`), then ``shift(h, group)`` adds δ to it
+        and ``upper`` runs the rest; returns final hidden states ``[rows, S, d]``."""
+        if self.replay.hidden is None:
+            self.record_lower(loaded, z_layer)
+        h = shift(self.replay.hidden, self)
+        if self.fused_inputs is None:
+            mask = attention_mask(self.full_mask.to(upper.device), self.suf_ids.shape[1])
+            self.fused_inputs = (mask, *upper.rotary_tables(h.detach(), self.suf_pos))
+        return upper.forward(h, self.prefix.kv if self.prefix is not None else None, *self.fused_inputs)
+
+    def record_lower(self, loaded, z_layer: int) -> None:
+        """Run blocks ``0..z_layer`` on the suffix (after the prefix cache) and record block ``z_layer``'s
+        output in the replay; the blocks above do not run."""
+        dev = self.device
+        block = loaded.adapter.block(z_layer)
+        handles = [block.register_forward_hook(self.replay.recorder()), stop_after(block)]  # hooks run in order
+        with hooks(handles), torch.no_grad():
+            try:
+                loaded.model.base_model(
+                    input_ids=self.suf_ids.to(dev),
+                    attention_mask=self.full_mask.to(dev),
+                    position_ids=self.suf_pos.to(dev),
+                    **cache_arg(loaded.model.base_model, self.prefix.fresh() if self.prefix is not None else None),
+                    use_cache=self.prefix is not None,
+                )
+            except StopForward:
+                pass
 
 
 __all__ = ["KL_PROMPT", "PrefixCache", "Row", "RowGroup", "build_rows", "length_groups"]

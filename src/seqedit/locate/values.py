@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -53,10 +53,11 @@ from torch.profiler import record_function
 from ..facts import Fact
 from ..models.presets import EditHParams
 from .chat import formats
+from .fused_blocks import FusedUpper
 from .head_loss import head_losses, label_misses
 from .keys import ContextRows, read_keys
 from .low_precision import bf16_matmul_native, low_precision_linears
-from .trace import block_hidden, replace_block_hidden
+from .trace import block_hidden, frozen_parameters, replace_block_hidden
 from .value_rows import KL_PROMPT, RowGroup, build_rows, length_groups
 
 
@@ -207,26 +208,25 @@ class ChunkResult:
 
 
 def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkState, active: list[int],
-                    d_act: torch.Tensor, first: bool, n_templates: int, n_formats: int) -> _IterationLoss:
+                    d_act: torch.Tensor, first: bool, n_templates: int, n_formats: int,
+                    upper: FusedUpper | None = None) -> _IterationLoss:
     """Forward every length group with δ injected at the z-layer and form the per-fact loss
-    (module docstring). ``first``: iteration 0, which records h0 and the KL references."""
+    (module docstring). ``first``: iteration 0, which records h0 and the KL references. ``upper``: the
+    fused forward of the blocks above the z-layer, or ``None`` for the model's own modules."""
     device = d_act.device
     unembed = loaded.adapter.unembed
     local = {f: j for j, f in enumerate(active)}
 
-    def inject(out, group: RowGroup):
-        h = block_hidden(out)
-        if group.replay.hidden is None:
-            group.replay.record(out)
-            bare = [i for i, r in enumerate(group.rows) if r.bare]
-            if bare:
-                facts_b = torch.tensor([group.rows[i].fact for i in bare], device=device)
-                st.h0[facts_b] = h[bare, 0].detach().float()
-                st.h0_seen[facts_b.cpu()] = True
+    def shift(h, group: RowGroup):  # block z's output with δ added at each row's subject-last token
         rows_local = torch.tensor([local[r.fact] for r in group.rows], device=device)
         add = torch.zeros_like(h)
         add[:, 0] = d_act[rows_local].to(h.device, h.dtype)
-        return replace_block_hidden(out, h + add)
+        return h + add
+
+    def inject(out, group: RowGroup):
+        if group.replay.hidden is None:
+            group.replay.record(out)
+        return replace_block_hidden(out, shift(block_hidden(out), group))
 
     a = len(active)
     tokens = 0
@@ -239,7 +239,16 @@ def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkS
         if not group.rows:
             continue
         with record_function("values.forward.first" if first else "values.forward"):
-            hidden = group.forward(loaded, hp.z_layer, inject)
+            if upper is None:
+                hidden = group.forward(loaded, hp.z_layer, inject)
+            else:
+                hidden = group.forward_fused(loaded, hp.z_layer, upper, shift)
+        if first:  # h0: block z's output at the subject's last token of each fact's primary row
+            bare = [i for i, r in enumerate(group.rows) if r.bare]
+            if bare:
+                facts_b = torch.tensor([group.rows[i].fact for i in bare], device=device)
+                st.h0[facts_b] = group.replay.hidden[bare, 0].float().to(device)
+                st.h0_seen[facts_b.cpu()] = True
         tokens += int(group.tokens.sum())
         st.counts["padded_tokens"] += group.suf_ids.numel()
         lab_r, lab_p, kl_r, cont_r, cont_p = [], [], [], [], []
@@ -308,9 +317,10 @@ def _adam_clamped(st: _ChunkState, upd: torch.Tensor, grad: torch.Tensor, t: int
 
 
 def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp: EditHParams, prompt_format: str,
-                    h0_norm_ref: torch.Tensor | None = None) -> ChunkResult:
+                    h0_norm_ref: torch.Tensor | None = None, upper: FusedUpper | None = None) -> ChunkResult:
     """δ for each of ``facts`` (module docstring); ``h0_norm_ref: [n]`` replaces ‖h0_f‖ in the norm
-    budget (the clean model's norms with ``hp.budget_anchor="clean"``)."""
+    budget (the clean model's norms with ``hp.budget_anchor="clean"``); ``upper`` as in
+    :func:`_iteration_loss`."""
     adapter = loaded.adapter
     device = adapter.device(hp.z_layer)  # δ lives where it is injected
     continuation = hp.continuation_kl > 0
@@ -332,7 +342,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
         # δ of the active facts as a leaf, so the graph and the gradient cover only them
         d_act = st.delta[act_idx].clone().requires_grad_(True)
         with torch.enable_grad():
-            step = _iteration_loss(loaded, hp, groups, st, active, d_act, it == 0, n_templates, n_formats)
+            step = _iteration_loss(loaded, hp, groups, st, active, d_act, it == 0, n_templates, n_formats, upper)
         st.counts["row_tokens"] += step.tokens
         st.counts["head_positions"] += step.heads
         if limit is None:
@@ -366,19 +376,6 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
                        iterations, st.counts)
 
 
-@contextmanager
-def _frozen_parameters(model):
-    """Parameters need no gradient here; freezing them keeps autograd from saving or computing any."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def compute_values(
     loaded,
     facts: Sequence[Fact],
@@ -401,11 +398,12 @@ def compute_values(
     t0 = time.perf_counter()
     chunks: list[ChunkResult] = []
     # one reduced-precision copy of the upper blocks' weights for the whole pass (they do not change in it)
-    with _frozen_parameters(loaded.model), _precision(loaded, hp):
+    with frozen_parameters(loaded.model), _precision(loaded, hp):
+        upper = FusedUpper.for_model(loaded, hp.z_layer, hp.v_upper_blocks, compute_dtype(loaded, hp))
         for lo in range(0, len(facts), hp.v_batch_facts):
             chunk = facts[lo : lo + hp.v_batch_facts]
             ref = None if h0_norm_ref is None else h0_norm_ref[lo : lo + hp.v_batch_facts]
-            chunks.append(_optimise_chunk(loaded, chunk, templates, hp, prompt_format, ref))
+            chunks.append(_optimise_chunk(loaded, chunk, templates, hp, prompt_format, ref, upper))
             if progress is not None:
                 progress(len(chunk))
     return ValueResult(

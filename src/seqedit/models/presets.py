@@ -16,6 +16,7 @@ from typing import Any, Sequence
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 STOP_RULES = ("nll", "most_probable")
 BUDGET_ANCHORS = ("current", "clean")
+UPPER_BLOCK_MODES = ("auto", "modules", "fused", "compiled")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class EditHParams:
     # every returned value stay float32/float64), or "auto" (bfloat16 where it is native, AMX/AVX512-BF16
     # or CUDA; see locate/values.py and locate/low_precision.py)
     v_compute_dtype: str = "float32"
+    # how the value optimisation runs the blocks above the z-layer (issue 34, locate/fused_blocks.py):
+    # "modules" (the model's own), "fused" (one fused function per block, Llama-family models),
+    # "compiled" (the same under torch.compile), "auto" (fused where supported, else the modules); the same
+    # values up to the order of floating-point operations
+    v_upper_blocks: str = "auto"
     # context templates averaged into keys and values
     n_context_templates: int = 5
     context_template_len: int = 10  # total tokens per generated template, prompt word included
@@ -88,6 +94,8 @@ class EditHParams:
             raise ValueError(f"continuation_kl must be >= 0, got {self.continuation_kl}")
         if self.v_compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"v_compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.v_compute_dtype!r}")
+        if self.v_upper_blocks not in UPPER_BLOCK_MODES:
+            raise ValueError(f"v_upper_blocks must be one of {', '.join(UPPER_BLOCK_MODES)}, got {self.v_upper_blocks!r}")
         if not isinstance(self.format_columns, bool):
             raise ValueError(f"format_columns must be true or false, got {self.format_columns!r}")
         if self.stop_rule not in STOP_RULES:
@@ -264,4 +272,4 @@ def preset_for(name: str, n_layers: int, variant: str | None = None) -> EditHPar
     return EditHParams(layers=default_layers(n_layers))
 
 
-__all__ = ["BUDGET_ANCHORS", "STOP_RULES", "EditHParams", "check_variant", "preset_for", "preset_variants", "default_layers"]
+__all__ = ["BUDGET_ANCHORS", "STOP_RULES", "UPPER_BLOCK_MODES", "EditHParams", "check_variant", "preset_for", "preset_variants", "default_layers"]
