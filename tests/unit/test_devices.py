@@ -30,6 +30,7 @@ from seqedit.models import load as load_mod
 from seqedit.models.load import as_loaded, load_model, parse_device_map
 from seqedit.models.placement import HOST
 from seqedit.shared_data import wikitext_path
+from seqedit.locate.fused_blocks import unsupported
 from seqedit.testing import tiny_model
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "seqedit"
@@ -118,6 +119,7 @@ def test_cpu_offloaded_model_is_edited_in_its_offloaded_copy(tmp_path, monkeypat
     other = tiny_model("llama")
     lm = as_loaded(cpu_offload(other.model, execution_device=HOST), other.tokenizer)
     assert lm.adapter.ffn_out(1).weight.is_meta and lm.fingerprint == plain.fingerprint
+    assert "meta device" in unsupported(lm, 1)  # offloaded weights: the value pass runs the modules
     ref = _edit(plain, monkeypatch, tmp_path / "a")
     got = _edit(lm, monkeypatch, tmp_path / "b")
     for l in LAYERS:

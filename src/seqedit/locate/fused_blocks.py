@@ -31,9 +31,6 @@ from ..models.presets import UPPER_BLOCK_MODES
 
 __all__ = ["FusedUpper", "UPPER_BLOCK_MODES", "attention_mask", "fused_block", "unsupported"]
 
-# "auto" runs the fused block eagerly: on this project's 2-core CPU the compiled block is no faster at 2
-# threads (values of 100 facts: 23.1 s compiled, 23.2 s eager, 31.4 s through the modules) and costs
-# 20-60 s of compile cold; at 1 thread it is (33.6 s against 41.9 s), so it stays an explicit choice
 _FAMILIES = ("llama", "mistral", "qwen2")
 _log = logging.getLogger(__name__)
 
@@ -99,7 +96,9 @@ def unsupported(loaded, z_layer: int) -> str | None:
         return "no block above the z-layer"
     modules = [adapter.final_norm, *blocks]
     devices = {p.device for m in modules for p in m.parameters()}
-    if len(devices) != 1 or next(iter(devices)).type == "meta":
+    if any(d.type == "meta" for d in devices):
+        return "upper-block weights on the meta device (offloaded)"
+    if len(devices) != 1:
         return f"upper blocks on {len(devices)} devices"
     for block in blocks:
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
@@ -126,12 +125,12 @@ class _Weights:
     w_down: Tensor
 
 
-_compiled: dict[str, Callable | None] = {}  # device type -> the compiled block, None where compiling failed
+_compiled: dict[str, Callable | None] = {}  # device type and dtypes -> the compiled block, None where compiling failed
 _compile_lock = threading.Lock()
 
 
 def _compiled_block(device: torch.device, dtype: torch.dtype, wdtype: torch.dtype) -> Callable | None:
-    """``torch.compile(fused_block, dynamic=True)``, probed once per process and device type with a
+    """``torch.compile(fused_block, dynamic=True)``, probed once per process, device type and dtypes with a
     forward and backward pass on small tensors; ``None`` (logged) where inductor cannot compile here."""
     key = f"{device.type}:{dtype}:{wdtype}"
     with _compile_lock:
@@ -215,6 +214,9 @@ class FusedUpper:
             if mode == "auto":
                 return None
             raise ValueError(f"v_upper_blocks={mode!r} cannot run this model's upper blocks: {why}")
+        # "auto" runs the fused block eagerly: on a 2-core CPU the compiled block is no faster at 2 threads
+        # (values of 100 facts: 23.1 s compiled, 23.2 s eager, 31.4 s through the modules) and costs 20-70 s
+        # of compile cold; at 1 thread it is (33.6 s against 41.9 s), so compiling stays an explicit choice
         return cls(loaded, z_layer, dtype, compile=mode == "compiled")
 
     def rotary_tables(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:

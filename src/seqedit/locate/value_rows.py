@@ -184,16 +184,20 @@ class RowGroup:
 
     def forward(self, loaded, z_layer: int, inject) -> torch.Tensor:
         """Suffix pass with ``inject(out, group)`` hooked on block ``z_layer``; returns final hidden states."""
-        dev = self.device
         handle = loaded.adapter.block(z_layer).register_forward_hook(lambda _m, _a, out: inject(out, self))
         with hooks([handle]), self.replay.skipping():
-            return loaded.model.base_model(
-                input_ids=self.suf_ids.to(dev),
-                attention_mask=self.full_mask.to(dev),
-                position_ids=self.suf_pos.to(dev),
-                **cache_arg(loaded.model.base_model, self.prefix.fresh() if self.prefix is not None else None),
-                use_cache=self.prefix is not None,
-            ).last_hidden_state
+            return self._suffix_pass(loaded).last_hidden_state
+
+    def _suffix_pass(self, loaded):
+        """The base model over the suffix rows, attending to the prefix cache (a fresh view of it)."""
+        dev, base = self.device, loaded.model.base_model
+        return base(
+            input_ids=self.suf_ids.to(dev),
+            attention_mask=self.full_mask.to(dev),
+            position_ids=self.suf_pos.to(dev),
+            **cache_arg(base, self.prefix.fresh() if self.prefix is not None else None),
+            use_cache=self.prefix is not None,
+        )
 
     def forward_fused(self, loaded, z_layer: int, upper: FusedUpper, shift) -> torch.Tensor:
         """The same pass with the blocks above ``z_layer`` run by ``upper``: block ``z_layer``'s output is
@@ -210,18 +214,11 @@ class RowGroup:
     def record_lower(self, loaded, z_layer: int) -> None:
         """Run blocks ``0..z_layer`` on the suffix (after the prefix cache) and record block ``z_layer``'s
         output in the replay; the blocks above do not run."""
-        dev = self.device
         block = loaded.adapter.block(z_layer)
         handles = [block.register_forward_hook(self.replay.recorder()), stop_after(block)]  # hooks run in order
         with hooks(handles), torch.no_grad():
             try:
-                loaded.model.base_model(
-                    input_ids=self.suf_ids.to(dev),
-                    attention_mask=self.full_mask.to(dev),
-                    position_ids=self.suf_pos.to(dev),
-                    **cache_arg(loaded.model.base_model, self.prefix.fresh() if self.prefix is not None else None),
-                    use_cache=self.prefix is not None,
-                )
+                self._suffix_pass(loaded)
             except StopForward:
                 pass
 
