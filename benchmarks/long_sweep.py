@@ -100,6 +100,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # a higher z-layer (14) with four more layers, so that each layer's share R/(L − i) of the residual, the
     # top one's included, is smaller; the values are optimised at layer 14 (15 blocks above it, not 19)
     "s30-mp-L4-14": {"stop_rule": "most_probable", "layers": tuple(range(4, 15))},
+    # the same layers (4-10), the residual split moved down instead: layer i is asked for w_i/Σ_{j≥i} w_j of
+    # what is left, w_i = g^(−i) (g = 1 is R/(L − i)); at g = 1.5 the bottom layer is asked for 35 % of the
+    # step's residual (1/7 at g = 1), at g = 2 for 50 %, so the top layer is left what the others cannot place
+    "s30-mp-split1.5": {"stop_rule": "most_probable", "residual_split": 1.5},
+    "s30-mp-split2": {"stop_rule": "most_probable", "residual_split": 2.0},
 }
 # the method contrast (issue 30): the winner's preset with three methods, plotted per method
 CONTRAST = ("s30-mp", "s30-mp-alphaedit", "s30-mp-memit-naive")

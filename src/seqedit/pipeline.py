@@ -102,7 +102,6 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
         sec["values"] = time.perf_counter() - t
 
         residual_norms: dict[int, float] = {}
-        n_layers = len(hp.layers)
         # layers are edited in ascending order, so once layer ℓ is read the blocks below it are final
         ctx_reader = KeyReader(loaded, ctx, hp.key_batch_rows)
         primary_reader = KeyReader(loaded, primary, hp.key_batch_rows)
@@ -117,7 +116,7 @@ def edit_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession | Non
                 targets.append(column_targets(values.z, H, ctx.columns))
             resid = targets[0] - H
             residual_norms[layer] = float(resid.norm())
-            return K, resid / (n_layers - i), None
+            return K, resid / hp.residual_divisor(i), None
 
         done = solve_layers(bank, session, hp.layers, columns, removed=removed, progress=progress)
         sec.update(done.seconds)

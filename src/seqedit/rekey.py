@@ -81,13 +81,12 @@ def rekey_step(loaded: LoadedModel, bank: LayerBank, session: LedgerSession, hp:
         return K, H
 
     sec["templates"] = time.perf_counter() - t
-    n_layers = len(hp.layers)
     residual_norms: dict[str, float] = {}
 
     def columns(i: int, layer: int):
         K, H = read(layer, layer)
         residual_norms[str(layer)] = float((Z - H).norm())
-        return K, None, bank.w0[layer].cpu() @ K + (Z - H) / (n_layers - i)
+        return K, None, bank.w0[layer].cpu() @ K + (Z - H) / hp.residual_divisor(i)
 
     with session.one_transaction():  # the commit and its timing: one journal transaction
         with bank.transaction():

@@ -36,6 +36,12 @@ class EditHParams:
     # A exactly (A' = A + (λ_N − λ)Σ₀, LayerBank.set_lam), and the same schedule applied one-time gives
     # the same weights. 0: λ constant
     lam_growth: int = 0
+    # how each step's residual R (target values minus the z-layer's hidden state) is split over the edited
+    # layers: layer i of L (0-based, ascending) is asked for the share w_i / Σ_{j≥i} w_j of what is still
+    # to place, w_i = residual_split^(−i). 1 is MEMIT's R/(L − i); > 1 asks the lower layers for more, so
+    # less is left to the top (z-)layer, which carries the drift (docs/experiments/stability.md §7). Part of
+    # the stored targets, so sequential ≡ one-time holds for any value
+    residual_split: float = 1.0
     # target-value optimisation (MEMIT compute_z)
     v_lr: float = 0.1
     v_steps: int = 25
@@ -106,12 +112,25 @@ class EditHParams:
             raise ValueError(f"budget_anchor must be one of {', '.join(BUDGET_ANCHORS)}, got {self.budget_anchor!r}")
         if isinstance(self.lam_growth, bool) or not isinstance(self.lam_growth, int) or self.lam_growth < 0:
             raise ValueError(f"lam_growth must be an int >= 0 (facts in force), got {self.lam_growth!r}")
+        if not (isinstance(self.residual_split, (int, float)) and not isinstance(self.residual_split, bool)
+                and 0 < self.residual_split < float("inf")):
+            raise ValueError(f"residual_split must be a finite number > 0, got {self.residual_split!r}")
         if self.v_steps < 1 or self.v_lr <= 0:
             raise ValueError(f"v_steps must be >= 1 and v_lr > 0, got {self.v_steps}, {self.v_lr}")
 
     def lam_for(self, n_facts: int) -> float:
         """λ for ``n_facts`` facts in force (:attr:`lam_growth`'s schedule)."""
         return self.lam if not self.lam_growth else self.lam * max(1.0, n_facts / self.lam_growth)
+
+    def residual_divisor(self, i: int) -> float:
+        """The ``i``-th edited layer (0-based) is asked for the residual still to place divided by this:
+        ``Σ_{j≥i} residual_split^(i−j)``, exactly ``L − i`` at :attr:`residual_split` 1 (MEMIT's split) and
+        always 1 at the top layer."""
+        n = len(self.layers)
+        if not 0 <= i < n:
+            raise IndexError(f"layer index {i} outside the {n} edited layers")
+        g = float(self.residual_split)
+        return sum(g ** (i - j) for j in range(i, n))
 
     @property
     def z_layer(self) -> int:
@@ -187,7 +206,7 @@ class EditHParams:
 
 
 _ADDED_LATER = {"format_columns": False, "continuation_kl": 0.0, "stop_rule": "nll", "stop_margin": 0.0,
-                "budget_anchor": "current", "lam_growth": 0}  # field -> the value that older stored dicts imply
+                "budget_anchor": "current", "lam_growth": 0, "residual_split": 1.0}  # field -> the value that older stored dicts imply
 
 
 def _as_bool(raw: str) -> bool:
