@@ -91,7 +91,7 @@ def test_the_prefix_cache_through_fused_blocks_equals_the_modules_cache(family: 
                 assert torch.isfinite(k1).all() and torch.isfinite(v1).all()
                 for a, b in ((k1, k0), (v1, v0)):
                     torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], rtol=1e-5,
-                                               atol=1e-5, msg=lambda m: f"layer {layer}: {m}")
+                                               atol=1e-5, msg=lambda m, layer=layer: f"layer {layer}: {m}")
                     if layer <= Z:  # the model's own modules below the fused blocks: the same tensors
                         assert torch.equal(a, b)
 
