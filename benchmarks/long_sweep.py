@@ -106,6 +106,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "s30-mp-split1.5": {"stop_rule": "most_probable", "residual_split": 1.5},
     "s30-mp-split2": {"stop_rule": "most_probable", "residual_split": 2.0},
 }
+# issue 30's sweep starts from the `long-run` preset as it was when the sweep was fixed (NLL stopping); since
+# stop 41 the preset stops at the most probable target with a 1-nat lead, so each s30 configuration says
+# which stopping rule it measures and a rerun measures what its row records
+S30_START: dict[str, Any] = {"stop_rule": "nll", "stop_margin": 0.0}
+CONFIGS.update({name: {**S30_START, **cfg} for name, cfg in CONFIGS.items() if name.startswith("s30-")})
 # the method contrast (issue 30): the winner's preset with three methods, plotted per method
 CONTRAST = ("s30-mp", "s30-mp-alphaedit", "s30-mp-memit-naive")
 # fixed for every configuration (none: the preset's float32 value optimisation, the fastest on a CPU)
