@@ -70,32 +70,6 @@ def test_fused_blocks_equal_the_models_modules_on_every_row_group(family: str) -
             torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_the_prefix_cache_through_fused_blocks_equals_the_modules_cache(family: str) -> None:
-    """Every layer's cached keys and values at the real prefix positions (left padding of several
-    lengths), blocks 0..Z from the modules and the blocks above fused; finite at the padded ones too,
-    which the suffix's attention multiplies by a zero weight (a NaN there would poison every row)."""
-    lm = tiny_model(family, n_layers=4, hidden=64, intermediate=128)
-    rows = build_rows(lm.tokenizer, FACTS, TEMPLATES, "bare", continuation=True)
-    upper = FusedUpper.for_model(lm, Z, "fused", None)
-    with frozen_parameters(lm.model):
-        for g in length_groups([len(r.suffix) for r in rows]):
-            ref = RowGroup(lm, [rows[i] for i in g], Z)
-            got = RowGroup(lm, [rows[i] for i in g], Z, upper)
-            if ref.prefix is None:
-                continue
-            P = ref.prefix.kv[0][0].shape[2]
-            real = ref.full_mask[:, :P].bool()
-            assert len(got.prefix.kv) == len(ref.prefix.kv) == lm.adapter.n_layers
-            for layer, ((k0, v0), (k1, v1)) in enumerate(zip(ref.prefix.kv, got.prefix.kv)):
-                assert torch.isfinite(k1).all() and torch.isfinite(v1).all()
-                for a, b in ((k1, k0), (v1, v0)):
-                    torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], rtol=1e-5,
-                                               atol=1e-5, msg=lambda m, layer=layer: f"layer {layer}: {m}")
-                    if layer <= Z:  # the model's own modules below the fused blocks: the same tensors
-                        assert torch.equal(a, b)
-
-
 def test_the_mask_lets_a_suffix_query_see_real_prefix_tokens_and_earlier_suffix_tokens() -> None:
     full = torch.tensor([[0, 1, 1, 1, 1, 0]])  # one padded prefix slot, suffix of 2 real tokens and a pad
     m = attention_mask(full, 3)[0, 0]

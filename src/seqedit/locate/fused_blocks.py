@@ -54,16 +54,14 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, out_dtype: torch.dtype) -> T
 
 def fused_block(h: Tensor, k_pre: Tensor | None, v_pre: Tensor | None, mask: Tensor, cos: Tensor, sin: Tensor,
                 ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, w_o: Tensor, ln2: Tensor, w_gu: Tensor,
-                w_down: Tensor, eps: float, n_heads: int, n_kv: int, head_dim: int, scale: float,
-                return_kv: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+                w_down: Tensor, eps: float, n_heads: int, n_kv: int, head_dim: int, scale: float) -> Tensor:
     """One pre-norm Llama-family block over suffix rows ``h: [r, S, d]`` that follow a cached prefix.
 
     ``k_pre, v_pre: [r, n_kv, P, head_dim]`` the prefix's (rotated) keys and values, or ``None``;
     ``mask: [r, 1, S, P + S]`` bool, True where a query may attend; ``cos, sin: [r, 1, S, head_dim]``
     at the suffix positions; ``w_qkv: [(n_heads + 2·n_kv)·head_dim, d]`` (q, k, v stacked),
     ``w_gu: [2·d_ff, d]`` (gate, up stacked). Products run in the weights' dtype; the residual stream,
-    norms, rotary and attention in ``h``'s. ``return_kv``: also return the block's own (rotated) keys and
-    values ``[r, n_kv, S, head_dim]``, what a KV cache of these rows holds for this layer.
+    norms, rotary and attention in ``h``'s.
     """
     r, s, _ = h.shape
     dt = h.dtype
@@ -72,14 +70,12 @@ def fused_block(h: Tensor, k_pre: Tensor | None, v_pre: Tensor | None, mask: Ten
     q = _rotate(q.view(r, s, n_heads, head_dim).transpose(1, 2), cos, sin)
     k = _rotate(k.view(r, s, n_kv, head_dim).transpose(1, 2), cos, sin)
     v = v.view(r, s, n_kv, head_dim).transpose(1, 2)
-    own = (k, v)
     if k_pre is not None:
         k, v = torch.cat([k_pre.to(dt), k], 2), torch.cat([v_pre.to(dt), v], 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=n_kv != n_heads)
     h = h + _linear(o.transpose(1, 2).reshape(r, s, n_heads * head_dim), w_o, None, dt)
     gate, up = _linear(_rms(h, ln2, eps), w_gu, None, dt).chunk(2, -1)
-    h = h + _linear(F.silu(gate) * up, w_down, None, dt)
-    return (h, *own) if return_kv else h
+    return h + _linear(F.silu(gate) * up, w_down, None, dt)
 
 
 def unsupported(loaded, z_layer: int) -> str | None:
@@ -238,24 +234,6 @@ class FusedUpper:
             h = self.block_fn(h, k_pre, v_pre, mask, cos, sin, w.ln1, w.w_qkv, w.b_qkv, w.w_o, w.ln2, w.w_gu,
                               w.w_down, self.eps, self.n_heads, self.n_kv, self.head_dim, self.scale)
         return _rms(h, self.norm_w, self.eps)
-
-
-    def prefix_kv(self, h: Tensor, key_mask: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Each upper block's keys and values ``[r, n_kv, W, head_dim]`` (a KV cache's, in order) over
-        left-padded prefix rows, from block z's output on them ``h: [r, W, d]``; ``key_mask: [r, W]`` (1 =
-        a real token), ``positions: [r, W]``. Runs eagerly: once per chunk, under no grad."""
-        mask = attention_mask(key_mask.to(self.device), h.shape[1])
-        # a left-pad query has no real key at or before it; a fully masked row is NaN on some SDPA backends
-        # (zeros on this CPU build), so it sees itself: finite either way, and its output feeds only pad
-        # positions, which every query masks out
-        mask |= torch.eye(h.shape[1], dtype=torch.bool, device=mask.device)
-        cos, sin = self.rotary_tables(h, positions)
-        out = []
-        for w in self.weights:
-            h, k, v = fused_block(h, None, None, mask, cos, sin, w.ln1, w.w_qkv, w.b_qkv, w.w_o, w.ln2, w.w_gu,
-                                  w.w_down, self.eps, self.n_heads, self.n_kv, self.head_dim, self.scale, return_kv=True)
-            out.append((k, v))
-        return out
 
 
 def attention_mask(full_mask: Tensor, suffix_len: int) -> Tensor:

@@ -15,7 +15,7 @@ from .chat import answer_ids, encode_row, formats
 from .tokens import encode_prompt, pad_id_of, pad_left
 from ..models.cache import cache_arg, returned_cache
 from .fused_blocks import FusedUpper, attention_mask
-from .trace import LowerBlocksReplay, StopForward, block_hidden, hooks, stop_after
+from .trace import LowerBlocksReplay, StopForward, hooks, stop_after
 
 KL_PROMPT = "{} is a"  # the KL row: the distribution right after the subject, which δ should keep
 
@@ -75,26 +75,29 @@ class PrefixCache:
         self.kv = kv
 
     @classmethod
-    def build(cls, base, rows: list[Row], P: int, pad: int, device, upper: FusedUpper | None = None,
-              z_block=None) -> "PrefixCache":
-        """The cache of ``rows``' prefixes, left-padded to ``P``. With ``upper`` (and ``z_block``, the
-        z-layer's module) blocks 0..z run through the model's modules and the blocks above through
-        :meth:`FusedUpper.prefix_kv`, as the suffix passes run them."""
+    def build(cls, base, rows: list[Row], P: int, pad: int, device) -> "PrefixCache":
         kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         for sub in length_groups([len(r.prefix) for r in rows]):
             width = max(len(rows[i].prefix) for i in sub)
             if width == 0:
                 continue
             ids, mask = pad_left([rows[i].prefix for i in sub], pad)
-            pos = (torch.cumsum(mask, 1) - 1).clamp(min=0)
             with torch.no_grad():
-                layers = _prefix_layers(base, ids.to(device), mask.to(device), pos.to(device), upper, z_block)
+                cache = returned_cache(base(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=(torch.cumsum(mask, 1) - 1).clamp(min=0).to(device),
+                    use_cache=True,
+                ))
             index = torch.tensor(sub, device=device)
             if kv is None:
-                kv = [tuple(t.new_zeros((len(rows), t.shape[1], P, t.shape[3])) for t in layer) for layer in layers]
-            for (k_all, v_all), (k, v) in zip(kv, layers):
-                k_all[index.to(k_all.device), :, P - width :] = k
-                v_all[index.to(v_all.device), :, P - width :] = v
+                kv = [
+                    tuple(t.new_zeros((len(rows), t.shape[1], P, t.shape[3])) for t in (layer.keys, layer.values))
+                    for layer in cache.layers
+                ]
+            for (k_all, v_all), layer in zip(kv, cache.layers):
+                k_all[index.to(k_all.device), :, P - width :] = layer.keys
+                v_all[index.to(v_all.device), :, P - width :] = layer.values
         return cls(kv)
 
     def select(self, index: torch.Tensor) -> None:
@@ -104,32 +107,6 @@ class PrefixCache:
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=self.kv)
-
-
-def _prefix_layers(base, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, upper: FusedUpper | None,
-                   z_block) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's (keys, values) ``[r, n_kv, W, head_dim]`` of one left-padded prefix batch."""
-    from transformers import DynamicCache
-
-    if upper is None:
-        returned = returned_cache(base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True))
-        return [(layer.keys, layer.values) for layer in returned.layers]
-    cache = DynamicCache()  # filled by blocks 0..z before the forward stops
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(_m, _a, out):
-        seen["h"] = block_hidden(out)
-        raise StopForward
-
-    with hooks([z_block.register_forward_hook(grab)]):
-        try:
-            base(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_arg(base, cache), use_cache=True)
-        except StopForward:
-            pass
-    lower = [(layer.keys, layer.values) for layer in cache.layers]
-    if len(lower) != upper.blocks[0]:
-        raise RuntimeError(f"the prefix forward cached {len(lower)} layers below the fused blocks, not {upper.blocks[0]}")
-    return lower + upper.prefix_kv(seen["h"], mask, pos)
 
 
 def length_groups(lengths: list[int], max_groups: int = 4) -> list[list[int]]:
@@ -167,7 +144,7 @@ def length_groups(lengths: list[int], max_groups: int = 4) -> list[list[int]]:
 class RowGroup:
     """Rows of similar suffix length: their prefix KV cache, suffix batch and lower-block replay."""
 
-    def __init__(self, loaded, rows: list[Row], z_layer: int, upper: FusedUpper | None = None):
+    def __init__(self, loaded, rows: list[Row], z_layer: int):
         base, pad = loaded.model.base_model, pad_id_of(loaded.tokenizer)
         self.device = loaded.input_device
         self.rows = rows
@@ -184,8 +161,7 @@ class RowGroup:
         self.suf_pos = pre_mask.sum(1)[:, None] + torch.arange(S)[None, :]
         self.full_mask = torch.cat([pre_mask, suf_mask], 1)
         self.tokens = suf_mask.sum(1)
-        self.prefix = (PrefixCache.build(base, rows, P, pad, self.device, upper, loaded.adapter.block(z_layer))
-                       if P > 0 else None)
+        self.prefix = PrefixCache.build(base, rows, P, pad, self.device) if P > 0 else None
         self.replay = LowerBlocksReplay(loaded.adapter, z_layer)
         # the fused path's attention inputs (mask, cos, sin), made on its first pass
         self.fused_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

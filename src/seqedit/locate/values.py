@@ -137,7 +137,7 @@ def upper_blocks_dtype(loaded, hp: EditHParams) -> torch.dtype:
 def _precision(loaded, hp: EditHParams):
     """The context the chunk runs in: the blocks above the z-layer in :func:`compute_dtype`, if any. The
     unembedding stays in the model's dtype: from a bfloat16 copy its logits decide the stop rule's 1-nat
-    lead differently (efficacy after a 100-fact step 93 % against 96 %, docs/performance.md) for 1-3 %
+    lead differently (efficacy after the 100-fact bench step 93 % against 96 %, docs/performance.md, stop 41) for 1-3 %
     of the pass."""
     dtype = compute_dtype(loaded, hp)
     if dtype is None:
@@ -329,7 +329,7 @@ def _optimise_chunk(loaded, facts: Sequence[Fact], templates: Sequence[str], hp:
     continuation = hp.continuation_kl > 0
     rows = build_rows(loaded.tokenizer, facts, templates, prompt_format, continuation)
     with record_function("values.rows_and_prefix_cache"):
-        groups = [RowGroup(loaded, [rows[i] for i in g], hp.z_layer, upper) for g in length_groups([len(r.suffix) for r in rows])]
+        groups = [RowGroup(loaded, [rows[i] for i in g], hp.z_layer) for g in length_groups([len(r.suffix) for r in rows])]
     n_formats = len(formats(prompt_format))
     n, n_templates = len(facts), len(templates) * n_formats  # rewriting rows per fact
     st = _ChunkState.zeros(n, adapter.dims(hp.z_layer)[0], adapter.unembed.weight.shape[0],
