@@ -13,12 +13,13 @@ from seqedit import Editor, Fact
 from seqedit.testing import tiny_model
 
 LAYERS = (1, 2)
+EDITOR_KW = dict(layers=LAYERS, stats_tokens=2000, lam=10.0, v_steps=2)  # make_editor's settings
 D_IN, D_OUT = 64, 32
 
 
 def make_editor(path, lm=None, **kw) -> Editor:
     """A ledger editor on a fresh tiny llama (or ``lm``): layers 1–2, Σ₀ on 2000 tokens, λ = 10."""
-    kw = dict(layers=LAYERS, stats_tokens=2000, lam=10.0, v_steps=2) | kw
+    kw = EDITOR_KW | kw
     return Editor(lm if lm is not None else tiny_model("llama"), ledger=path, **kw)
 
 
@@ -91,3 +92,12 @@ def next_op(editor, step: int) -> None:
     else:
         slots = rng.sample(range(CRASH_SLOTS), 2)
         apply_facts(editor, [fact(s, step) for s in slots])
+
+
+def frozen_cf_targets(facts):
+    """The target values of real CounterFact ``facts`` on a fresh tiny llama under :data:`EDITOR_KW`,
+    optimised once (``locate.frozen``), so that several editors can edit the very same values."""
+    from seqedit.locate.frozen import frozen_targets
+
+    probe = Editor(tiny_model("llama"), **EDITOR_KW)
+    return frozen_targets(probe.loaded, facts, probe.templates(), probe.hparams)

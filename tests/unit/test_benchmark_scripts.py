@@ -304,3 +304,24 @@ def test_preservation_cost_is_the_relative_output_change_on_the_covariance_keys(
         d = live[l] - w0[l]
         assert abs(last["layers"][str(l)]["delta_fro"] - float(d.norm())) < 1e-9
         assert abs(last["layers"][str(l)]["relative_cost"] - pc.relative_cost(d, w0[l], sigma0[l])) < 1e-12
+
+
+def test_long_run_curves_read_both_result_formats_as_documented(tmp_path: Path) -> None:
+    """stability.md's 10,000-edit numbers are what long_run_curves reads from the committed files: the
+    seqedit eval run (s30-mp, section 8) and the long_sweep run (λ_N + refresh, section 9)."""
+    curves = _script("long_run_curves")
+    mp = curves.load(ROOT / "docs/results/cf-10000-mp/results.json", None)
+    at = {p["edits"]: p for p in mp}
+    assert round(100 * at[9900]["efficacy"], 1) == 73.7 and round(100 * at[9900]["ppl_increase"], 1) == 161.3
+    assert round(at[1000]["top1"], 3) == 0.803
+    folder = ROOT / "docs/results/cf-10000-lamN-refresh"
+    base = json.loads((folder / "baseline.json").read_text())["ppl"]
+    lam = {p["edits"]: p for p in curves.load(folder / "s30-mp-lamN-refresh.partial.json", base)}
+    assert round(100 * lam[4000]["ppl_increase"], 1) == 20.6 and round(100 * lam[1000]["efficacy"], 1) == 97.4
+    with pytest.raises(SystemExit, match="--baseline"):
+        curves.load(folder / "s30-mp-lamN-refresh.partial.json", None)
+    sys.argv = ["long_run_curves", "--run", f"mp={ROOT / 'docs/results/cf-10000-mp/results.json'}",
+                "--run", f"lam={folder / 's30-mp-lamN-refresh.partial.json'}", "--baseline", str(folder / "baseline.json"),
+                "--out", str(tmp_path / "c.png")]
+    curves.main()
+    assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from ledger_helpers import LAYERS, apply_facts, fact, make_editor
+from ledger_helpers import EDITOR_KW, LAYERS, frozen_cf_targets, apply_facts, fact, make_editor
 
 from seqedit import Editor, LedgerError, SeqEditError
 from seqedit.datasets import load_facts
-from seqedit.locate.frozen import frozen_targets
 from seqedit.shared_data import counterfact_path
 from seqedit.testing import tiny_model
 
-KW = dict(layers=LAYERS, stats_tokens=2000, lam=10.0, v_steps=2)
+KW = EDITOR_KW
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,7 @@ def facts():
 
 @pytest.fixture(scope="module")
 def targets(facts):
-    probe = Editor(tiny_model("llama"), **KW)
-    return frozen_targets(probe.loaded, facts, probe.templates(), probe.hparams)
+    return frozen_cf_targets(facts)
 
 
 def _rel(A: dict, B: dict) -> float:

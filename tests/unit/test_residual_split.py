@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_helpers import LAYERS, make_editor
+from ledger_helpers import EDITOR_KW, LAYERS, frozen_cf_targets, make_editor
 
 from seqedit import Editor
 from seqedit.datasets import load_facts
-from seqedit.locate.frozen import frozen_targets
 from seqedit.models.presets import EditHParams
 from seqedit.shared_data import counterfact_path
 from seqedit.testing import tiny_model
 
-KW = dict(layers=LAYERS, stats_tokens=2000, lam=10.0, v_steps=2)
+KW = EDITOR_KW
 
 
 @given(n=st.integers(1, 12))
@@ -59,8 +58,7 @@ def facts():
 
 @pytest.fixture(scope="module")
 def targets(facts):
-    probe = Editor(tiny_model("llama"), **KW)
-    return frozen_targets(probe.loaded, facts, probe.templates(), probe.hparams)
+    return frozen_cf_targets(facts)
 
 
 def _updates(ed: Editor) -> dict[int, float]:
