@@ -18,9 +18,6 @@ from seqedit.models.presets import EditHParams
 from seqedit.shared_data import counterfact_path
 from seqedit.testing import tiny_model
 
-KW = EDITOR_KW
-
-
 @given(n=st.integers(1, 12))
 def test_split_one_is_memits_exactly(n: int) -> None:
     hp = EditHParams(layers=tuple(range(n)))
@@ -66,9 +63,9 @@ def _updates(ed: Editor) -> dict[int, float]:
 
 
 def test_a_larger_split_moves_the_edit_down_and_a_rekey_applies_it_too(tmp_path: Path, facts, targets) -> None:
-    memit = Editor(tiny_model("llama"), mode="one_time", **KW)
+    memit = Editor(tiny_model("llama"), mode="one_time", **EDITOR_KW)
     memit.run(facts, values=targets)
-    lower = Editor(tiny_model("llama"), mode="one_time", residual_split=4.0, **KW)
+    lower = Editor(tiny_model("llama"), mode="one_time", residual_split=4.0, **EDITOR_KW)
     lower.run(facts, values=targets)
     a, b = _updates(memit), _updates(lower)
     bottom, top = LAYERS

@@ -137,8 +137,8 @@ def upper_blocks_dtype(loaded, hp: EditHParams) -> torch.dtype:
 def _precision(loaded, hp: EditHParams):
     """The context the chunk runs in: the blocks above the z-layer in :func:`compute_dtype`, if any. The
     unembedding stays in the model's dtype: from a bfloat16 copy its logits decide the stop rule's 1-nat
-    lead differently (efficacy after the 100-fact bench step 93 % against 96 %, docs/performance.md, stop 41) for 1-3 %
-    of the pass."""
+    lead differently (efficacy after the 100-fact bench step 93 % against 96 %; docs/performance.md,
+    stop 41), for a pass only 1-3 % shorter."""
     dtype = compute_dtype(loaded, hp)
     if dtype is None:
         return nullcontext()

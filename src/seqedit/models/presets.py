@@ -38,9 +38,9 @@ class EditHParams:
     lam_growth: int = 0
     # how each step's residual R (target values minus the z-layer's hidden state) is split over the edited
     # layers: layer i of L (0-based, ascending) is asked for the share w_i / Σ_{j≥i} w_j of what is still
-    # to place, w_i = residual_split^(−i). 1 is MEMIT's R/(L − i); > 1 asks the lower layers for more, so
-    # less is left to the top (z-)layer, which carries the drift (docs/experiments/stability.md §7). Part of
-    # the stored targets, so sequential ≡ one-time holds for any value
+    # to place, w_i = residual_split^(−i). 1 is MEMIT's R/(L − i); > 1 asks the lower layers for more and
+    # leaves less to the top (z-)layer (on the embedded model that triples the drift at g = 2:
+    # docs/experiments/stability.md §9). Part of the stored targets, so sequential ≡ one-time holds for any value
     residual_split: float = 1.0
     # target-value optimisation (MEMIT compute_z)
     v_lr: float = 0.1
