@@ -96,6 +96,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "s30-mp-lamN-refresh": {"stop_rule": "most_probable", "lam_growth": 1000,
                             "refresh": {"every": 1000, "max_facts": 300}},
     "s30-mp-m1-refresh": {"stop_rule": "most_probable", "stop_margin": 1.0, "refresh": {"every": 1000, "max_facts": 300}},
+    # the shipped stop rule (a 1-nat lead) under λ_N with the same refresh: without a lead 77 % of the facts in
+    # force have faded by 5,000 edits under λ_N (a fact stops the moment it wins, so any growth of λ undoes it)
+    "s30-mp-m1-lamN-refresh": {"stop_rule": "most_probable", "stop_margin": 1.0, "lam_growth": 1000,
+                               "refresh": {"every": 1000, "max_facts": 300}},
     # widen the memory (step 5), as the drift's layout asks (stability.md section 7: the z-layer carries it):
     # a higher z-layer (14) with four more layers, so that each layer's share R/(L − i) of the residual, the
     # top one's included, is smaller; the values are optimised at layer 14 (15 blocks above it, not 19)

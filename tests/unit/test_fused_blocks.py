@@ -70,6 +70,42 @@ def test_fused_blocks_equal_the_models_modules_on_every_row_group(family: str) -
             torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_groups_packed_into_one_pass_equal_each_group_alone_forward_and_backward(family: str) -> None:
+    lm = tiny_model(family, n_layers=4, hidden=64, intermediate=128)
+    rows = build_rows(lm.tokenizer, FACTS, TEMPLATES, "bare", continuation=True)
+    upper = FusedUpper.for_model(lm, Z, "fused", None)
+    torch.manual_seed(1)
+    with frozen_parameters(lm.model):
+        groups = [RowGroup(lm, [rows[i] for i in g], Z) for g in length_groups([len(r.suffix) for r in rows])]
+        assert len(groups) >= 3 and len({g.suf_ids.shape[1] for g in groups}) >= 3, "too few lengths to pack"
+        d = lm.adapter.dims(Z)[0]
+        deltas = [torch.randn(len(g.rows), d, requires_grad=True) for g in groups]
+        shifts = []
+        for delta in deltas:
+            def shift(h, g, delta=delta):
+                add = torch.zeros(h.shape[0], h.shape[1], h.shape[2])
+                add = add.index_put((torch.arange(h.shape[0]), torch.zeros(h.shape[0], dtype=torch.long)), delta)
+                return h + add
+            shifts.append(shift)
+        def inputs():
+            return [g.fused_input(lm, Z, upper, s) for g, s in zip(groups, shifts)]
+
+        weights = [torch.randn_like(x.h) for x in inputs()]  # a loss that reaches every position
+
+        def grads(outs):
+            loss = sum((o * w).sum() for o, w in zip(outs, weights))
+            return outs, torch.autograd.grad(loss, deltas)
+
+        alone, g_alone = grads([upper.forward_groups([x])[0] for x in inputs()])
+        packed, g_packed = grads(upper.forward_groups(inputs()))
+    for a, p in zip(alone, packed):
+        torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-5)
+    for a, p in zip(g_alone, g_packed):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(p, a, rtol=1e-5, atol=1e-5)
+
+
 def test_the_mask_lets_a_suffix_query_see_real_prefix_tokens_and_earlier_suffix_tokens() -> None:
     full = torch.tensor([[0, 1, 1, 1, 1, 0]])  # one padded prefix slot, suffix of 2 real tokens and a pad
     m = attention_mask(full, 3)[0, 0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..models.presets import UPPER_BLOCK_MODES
 
-__all__ = ["FusedUpper", "UPPER_BLOCK_MODES", "attention_mask", "fused_block", "unsupported"]
+__all__ = ["FusedUpper", "GroupInput", "UPPER_BLOCK_MODES", "attention_mask", "fused_block", "packed_block", "unsupported"]
 
 _FAMILIES = ("llama", "mistral", "qwen2")
 _log = logging.getLogger(__name__)
@@ -52,30 +52,64 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None, out_dtype: torch.dtype) -> T
     return y.to(out_dtype)
 
 
-def fused_block(h: Tensor, k_pre: Tensor | None, v_pre: Tensor | None, mask: Tensor, cos: Tensor, sin: Tensor,
-                ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, w_o: Tensor, ln2: Tensor, w_gu: Tensor,
-                w_down: Tensor, eps: float, n_heads: int, n_kv: int, head_dim: int, scale: float) -> Tensor:
-    """One pre-norm Llama-family block over suffix rows ``h: [r, S, d]`` that follow a cached prefix.
+def packed_block(h: Tensor, parts: Sequence[tuple[int, int, Tensor | None, Tensor | None, Tensor]], cos: Tensor,
+                 sin: Tensor, ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, w_o: Tensor, ln2: Tensor, w_gu: Tensor,
+                 w_down: Tensor, eps: float, n_heads: int, n_kv: int, head_dim: int, scale: float) -> Tensor:
+    """One pre-norm Llama-family block over the suffix rows of several row groups packed into one matrix.
 
-    ``k_pre, v_pre: [r, n_kv, P, head_dim]`` the prefix's (rotated) keys and values, or ``None``;
-    ``mask: [r, 1, S, P + S]`` bool, True where a query may attend; ``cos, sin: [r, 1, S, head_dim]``
-    at the suffix positions; ``w_qkv: [(n_heads + 2·n_kv)·head_dim, d]`` (q, k, v stacked),
-    ``w_gu: [2·d_ff, d]`` (gate, up stacked). Products run in the weights' dtype; the residual stream,
-    norms, rotary and attention in ``h``'s.
+    ``h: [M, d]`` holds group g's rows ``[r_g, S_g, d]`` flattened, one group after the other
+    (M = Σ r_g·S_g); ``parts[g] = (r_g, S_g, k_pre, v_pre, mask)``: ``k_pre, v_pre: [r_g, n_kv, P_g,
+    head_dim]`` the group's prefix keys and values (rotated) or ``None``, ``mask: [r_g, 1, S_g, P_g + S_g]``
+    bool, True where a query may attend; ``cos, sin: [M, 1, head_dim]`` at every packed token's position;
+    ``w_qkv: [(n_heads + 2·n_kv)·head_dim, d]`` (q, k, v stacked), ``w_gu: [2·d_ff, d]`` (gate, up
+    stacked). The position-wise work (norms, every product, rotary, SiLU) runs once over all M tokens,
+    so the products are as tall as the step's rows allow; only attention runs per group. Products run
+    in the weights' dtype; the residual stream, norms, rotary and attention in ``h``'s.
     """
-    r, s, _ = h.shape
+    m = h.shape[0]
     dt = h.dtype
     qkv = _linear(_rms(h, ln1, eps), w_qkv, b_qkv, dt)
     q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
-    q = _rotate(q.view(r, s, n_heads, head_dim).transpose(1, 2), cos, sin)
-    k = _rotate(k.view(r, s, n_kv, head_dim).transpose(1, 2), cos, sin)
-    v = v.view(r, s, n_kv, head_dim).transpose(1, 2)
-    if k_pre is not None:
-        k, v = torch.cat([k_pre.to(dt), k], 2), torch.cat([v_pre.to(dt), v], 2)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=n_kv != n_heads)
-    h = h + _linear(o.transpose(1, 2).reshape(r, s, n_heads * head_dim), w_o, None, dt)
+    q = _rotate(q.view(m, n_heads, head_dim), cos, sin)
+    k = _rotate(k.view(m, n_kv, head_dim), cos, sin)
+    v = v.view(m, n_kv, head_dim)
+    outs, lo = [], 0
+    for r, s, k_pre, v_pre, mask in parts:
+        qg, kg, vg = (x[lo:lo + r * s].view(r, s, -1, head_dim).transpose(1, 2) for x in (q, k, v))
+        lo += r * s
+        if k_pre is not None:
+            kg, vg = torch.cat([k_pre.to(dt), kg], 2), torch.cat([v_pre.to(dt), vg], 2)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=n_kv != n_heads)
+        outs.append(o.transpose(1, 2).reshape(r * s, n_heads * head_dim))
+    h = h + _linear(outs[0] if len(outs) == 1 else torch.cat(outs), w_o, None, dt)
     gate, up = _linear(_rms(h, ln2, eps), w_gu, None, dt).chunk(2, -1)
     return h + _linear(F.silu(gate) * up, w_down, None, dt)
+
+
+def fused_block(h: Tensor, k_pre: Tensor | None, v_pre: Tensor | None, mask: Tensor, cos: Tensor, sin: Tensor,
+                ln1: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, w_o: Tensor, ln2: Tensor, w_gu: Tensor,
+                w_down: Tensor, eps: float, n_heads: int, n_kv: int, head_dim: int, scale: float) -> Tensor:
+    """:func:`packed_block` for one row group ``h: [r, S, d]`` (``cos, sin: [r, S, head_dim]``), with only
+    tensors and numbers as arguments: the function ``torch.compile`` compiles."""
+    r, s, d = h.shape
+    out = packed_block(h.reshape(r * s, d), [(r, s, k_pre, v_pre, mask)], cos.reshape(r * s, 1, -1),
+                       sin.reshape(r * s, 1, -1), ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down, eps, n_heads, n_kv,
+                       head_dim, scale)
+    return out.view(r, s, d)
+
+
+@dataclass(frozen=True)
+class GroupInput:
+    """One row group's input to :meth:`FusedUpper.forward_groups`: block z's output with δ added
+    ``h: [r, S, d]``, the prefix cache of every layer (``PrefixCache.kv``) or ``None``, the attention
+    ``mask: [r, 1, S, P + S]`` (:func:`attention_mask`) and the rotary tables ``cos, sin: [r, S, head_dim]``
+    (:meth:`FusedUpper.rotary_tables`)."""
+
+    h: Tensor
+    prefix_kv: list[tuple[Tensor, Tensor]] | None
+    mask: Tensor
+    cos: Tensor
+    sin: Tensor
 
 
 def unsupported(loaded, z_layer: int) -> str | None:
@@ -145,7 +179,7 @@ def _compiled_block(device: torch.device, dtype: torch.dtype, wdtype: torch.dtyp
 
                 h = rand(r, s, d).requires_grad_(True)
                 mask = torch.ones(r, 1, s, p + s, dtype=torch.bool, device=device).tril(p)
-                out = fn(h, rand(r, nkv, p, hd), rand(r, nkv, p, hd), mask, rand(r, 1, s, hd), rand(r, 1, s, hd),
+                out = fn(h, rand(r, nkv, p, hd), rand(r, nkv, p, hd), mask, rand(r, s, hd), rand(r, s, hd),
                          rand(d), rand((nh + 2 * nkv) * hd, d, dt=wdtype), None, rand(d, nh * hd, dt=wdtype), rand(d),
                          rand(2 * ff, d, dt=wdtype), rand(d, ff, dt=wdtype), 1e-5, nh, nkv, hd, hd**-0.5)
                 torch.autograd.grad(out.sum(), h)
@@ -220,20 +254,47 @@ class FusedUpper:
         return cls(loaded, z_layer, dtype, compile=mode == "compiled")
 
     def rotary_tables(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``cos, sin: [r, 1, S, head_dim]`` at ``positions: [r, S]`` (the model's own rotary embedding)."""
+        """``cos, sin: [r, S, head_dim]`` at ``positions: [r, S]`` (the model's own rotary embedding)."""
         cos, sin = self.rotary(h, positions.to(h.device))
-        return cos[:, None].to(h.dtype), sin[:, None].to(h.dtype)
+        return cos.to(h.dtype), sin.to(h.dtype)
 
     def forward(self, h: Tensor, prefix_kv: list[tuple[Tensor, Tensor]] | None, mask: Tensor, cos: Tensor,
                 sin: Tensor) -> Tensor:
-        """Final hidden states ``[r, S, d]`` (after the final norm) from block z's output ``h: [r, S, d]``.
+        """Final hidden states ``[r, S, d]`` (after the final norm) of one row group (:class:`GroupInput`)."""
+        return self.forward_groups([GroupInput(h, prefix_kv, mask, cos, sin)])[0]
 
-        ``prefix_kv[ℓ] = (k, v)`` the prefix cache of every layer (``PrefixCache.kv``), or ``None``."""
+    def forward_groups(self, groups: Sequence[GroupInput]) -> list[Tensor]:
+        """Final hidden states ``[r_g, S_g, d]`` (after the final norm) of every row group in ``groups``.
+
+        Eagerly the groups run packed (:func:`packed_block`): one product per weight for all of them,
+        attention per group. The compiled block takes one group per call (a graph per group count
+        would recompile with every length partition)."""
+        if self.compiled:
+            outs = []
+            for g in groups:
+                h = g.h
+                for layer, w in zip(self.blocks, self.weights):
+                    k_pre, v_pre = g.prefix_kv[layer] if g.prefix_kv is not None else (None, None)
+                    h = self.block_fn(h, k_pre, v_pre, g.mask, g.cos, g.sin, w.ln1, w.w_qkv, w.b_qkv, w.w_o, w.ln2,
+                                      w.w_gu, w.w_down, self.eps, self.n_heads, self.n_kv, self.head_dim, self.scale)
+                outs.append(_rms(h, self.norm_w, self.eps))
+            return outs
+        shapes = [(g.h.shape[0], g.h.shape[1]) for g in groups]
+        d = groups[0].h.shape[-1]
+
+        def packed(xs: list[Tensor], width: int) -> Tensor:
+            return xs[0].reshape(-1, *width) if len(xs) == 1 else torch.cat([x.reshape(-1, *width) for x in xs])
+
+        h = packed([g.h for g in groups], (d,))
+        cos = packed([g.cos for g in groups], (1, self.head_dim))
+        sin = packed([g.sin for g in groups], (1, self.head_dim))
         for layer, w in zip(self.blocks, self.weights):
-            k_pre, v_pre = prefix_kv[layer] if prefix_kv is not None else (None, None)
-            h = self.block_fn(h, k_pre, v_pre, mask, cos, sin, w.ln1, w.w_qkv, w.b_qkv, w.w_o, w.ln2, w.w_gu,
-                              w.w_down, self.eps, self.n_heads, self.n_kv, self.head_dim, self.scale)
-        return _rms(h, self.norm_w, self.eps)
+            parts = [(r, s, *(g.prefix_kv[layer] if g.prefix_kv is not None else (None, None)), g.mask)
+                     for (r, s), g in zip(shapes, groups)]
+            h = packed_block(h, parts, cos, sin, w.ln1, w.w_qkv, w.b_qkv, w.w_o, w.ln2, w.w_gu, w.w_down, self.eps,
+                             self.n_heads, self.n_kv, self.head_dim, self.scale)
+        h = _rms(h, self.norm_w, self.eps)
+        return [x.view(r, s, d) for x, (r, s) in zip(h.split([r * s for r, s in shapes]), shapes)]
 
 
 def attention_mask(full_mask: Tensor, suffix_len: int) -> Tensor:

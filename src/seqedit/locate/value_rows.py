@@ -14,7 +14,7 @@ from ..facts import Fact
 from .chat import answer_ids, encode_row, formats
 from .tokens import encode_prompt, pad_id_of, pad_left
 from ..models.cache import cache_arg, returned_cache
-from .fused_blocks import FusedUpper, attention_mask
+from .fused_blocks import FusedUpper, GroupInput, attention_mask
 from .trace import LowerBlocksReplay, StopForward, hooks, stop_after
 
 KL_PROMPT = "{} is a"  # the KL row: the distribution right after the subject, which δ should keep
@@ -199,17 +199,21 @@ class RowGroup:
             use_cache=self.prefix is not None,
         )
 
-    def forward_fused(self, loaded, z_layer: int, upper: FusedUpper, shift) -> torch.Tensor:
-        """The same pass with the blocks above ``z_layer`` run by ``upper``: block ``z_layer``'s output is
-        read once through the model's modules (:meth:`record_lower`), then ``shift(h, group)`` adds δ to it
-        and ``upper`` runs the rest; returns final hidden states ``[rows, S, d]``."""
+    def fused_input(self, loaded, z_layer: int, upper: FusedUpper, shift) -> GroupInput:
+        """This group's input to ``upper`` (:meth:`FusedUpper.forward_groups`): block ``z_layer``'s output,
+        read once through the model's modules (:meth:`record_lower`), with ``shift(h, group)`` adding δ."""
         if self.replay.hidden is None:
             self.record_lower(loaded, z_layer)
         h = shift(self.replay.hidden, self)
         if self.fused_inputs is None:
             mask = attention_mask(self.full_mask.to(upper.device), self.suf_ids.shape[1])
             self.fused_inputs = (mask, *upper.rotary_tables(h.detach(), self.suf_pos))
-        return upper.forward(h, self.prefix.kv if self.prefix is not None else None, *self.fused_inputs)
+        return GroupInput(h, self.prefix.kv if self.prefix is not None else None, *self.fused_inputs)
+
+    def forward_fused(self, loaded, z_layer: int, upper: FusedUpper, shift) -> torch.Tensor:
+        """The pass of :meth:`forward` with the blocks above ``z_layer`` run by ``upper``; returns final
+        hidden states ``[rows, S, d]``."""
+        return upper.forward_groups([self.fused_input(loaded, z_layer, upper, shift)])[0]
 
     def record_lower(self, loaded, z_layer: int) -> None:
         """Run blocks ``0..z_layer`` on the suffix (after the prefix cache) and record block ``z_layer``'s

@@ -238,14 +238,13 @@ def _iteration_loss(loaded, hp: EditHParams, groups: list[RowGroup], st: _ChunkS
     lab_h, lab_y, lab_w, lab_f = [], [], [], []
     kl_h, kl_f = [], []
     cont_h, cont_ids, cont_f = [], [], []
-    for group in groups:
-        if not group.rows:
-            continue
-        with record_function("values.forward.first" if first else "values.forward"):
-            if upper is None:
-                hidden = group.forward(loaded, hp.z_layer, inject)
-            else:
-                hidden = group.forward_fused(loaded, hp.z_layer, upper, shift)
+    live = [g for g in groups if g.rows]
+    with record_function("values.forward.first" if first else "values.forward"):
+        if upper is None:
+            hiddens = [g.forward(loaded, hp.z_layer, inject) for g in live]
+        else:  # every group's rows through each weight at once (FusedUpper.forward_groups)
+            hiddens = upper.forward_groups([g.fused_input(loaded, hp.z_layer, upper, shift) for g in live])
+    for group, hidden in zip(live, hiddens):
         if first:  # h0: block z's output at the subject's last token of each fact's primary row
             bare = [i for i, r in enumerate(group.rows) if r.bare]
             if bare:
