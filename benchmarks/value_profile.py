@@ -11,6 +11,11 @@ shapes measured in the same process, in float32 and in the precision the upper b
 
     python benchmarks/value_profile.py --n 50 --out docs/results/value-profile-float32.json
     python benchmarks/value_profile.py --n 50 --set v_compute_dtype=bfloat16 --out docs/results/value-profile-bfloat16.json
+    python benchmarks/value_profile.py --n 100 --timers --out docs/results/value-profile/stop42/timers.json
+
+``--timers`` runs without the profiler (whose overhead grew past 10× under torch 2.13): each phase label is
+timed with a wall clock instead, so the seconds are the unprofiled pass's; FLOPs are then only the total
+δ-work's.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 import seqedit
 from seqedit.atomic import atomic_write_json
 from seqedit.datasets import load_facts
+from seqedit.locate import values as values_module
 from seqedit.locate.values import compute_values, upper_blocks_dtype
 from seqedit.shared_data import counterfact_path
 
@@ -62,12 +69,36 @@ def sdpa_flops(event) -> float:
     return 4.0 * b * h * s * t * d
 
 
+def timed_phases(lm, facts, templates, hp) -> tuple[object, float, dict[str, float]]:
+    """``compute_values`` with each phase label timed by a wall clock (no profiler): values, wall, seconds."""
+    seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def timer(name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[name] += time.perf_counter() - t
+
+    real = values_module.record_function
+    values_module.record_function = timer
+    try:
+        t = time.perf_counter()
+        values = compute_values(lm, facts, templates, hp)
+        wall = time.perf_counter() - t
+    finally:
+        values_module.record_function = real
+    return values, wall, dict(seconds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50, help="CounterFact train facts in file order (seqedit bench's)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="hyperparameter override, k=v")
     ap.add_argument("--trace", type=Path, default=None, help="also write a Chrome trace here")
+    ap.add_argument("--timers", action="store_true", help="wall-clock phase timers instead of the profiler")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -80,6 +111,24 @@ def main() -> None:
     facts = load_facts(str(counterfact_path()), split="train", limit=args.n, distinct=True)
     templates = seqedit.Editor(lm, hparams=hp).templates()
     compute_values(lm, facts[:2], templates, hp)  # warm-up: allocator, oneDNN kernels
+    if args.timers:
+        values, wall, seconds = timed_phases(lm, facts, templates, hp)
+        delta_gflop = values.delta_flops(lm, hp.z_layer) / 1e9
+        rows = [{"phase": ph, "seconds": seconds.get(ph, 0.0), "share": seconds.get(ph, 0.0) / wall}
+                for ph in PHASES]
+        rows.append({"phase": "other", "seconds": wall - sum(seconds.values()),
+                     "share": 1 - sum(seconds.values()) / wall})
+        print(f"{len(facts)} facts, {torch.get_num_threads()} threads: {wall:.1f} s, δ-work {delta_gflop:.0f} GFLOP "
+              f"at {delta_gflop / wall:.0f} GFLOP/s, {sum(values.steps) / len(values.steps):.2f} value steps a fact")
+        for r in rows:
+            print(f"{r['phase']:32} {r['seconds']:7.2f} {r['share']:6.1%}")
+        if args.out:
+            atomic_write_json(args.out, {"model": lm.name, "n": len(facts), "threads": torch.get_num_threads(),
+                                         "hparams": hp.to_dict(), "timers": True, "wall_seconds": wall,
+                                         "mean_value_steps": sum(values.steps) / len(values.steps),
+                                         "delta_gflop": delta_gflop, "delta_gflop_per_s": delta_gflop / wall,
+                                         "phases": rows})
+        return
 
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         t = time.perf_counter()
