@@ -1,5 +1,7 @@
 """Efficacy, generalization, perplexity increase and top-1 agreement against edits for several long runs
-on one plot, one colour each (issue 30's 10,000-edit confirmations side by side).
+on one plot, one colour each (issue 30's 10,000-edit confirmations side by side), and a fifth panel with
+the trade-off itself: perplexity increase against efficacy, each point labelled with its thousands of
+edits, the 10,000-edit targets (efficacy ≥ 90, perplexity ≤ +30 %) shaded.
 
 Each ``--run LABEL=PATH`` is a ``seqedit eval`` folder's ``results.json`` (its SE configuration's retention
 points, perplexity from its curve against the folder's baseline) or a ``benchmarks/long_sweep.py``
@@ -67,13 +69,26 @@ def main() -> None:
         runs[label] = load(Path(path), base)
     panels = (("efficacy", "efficacy (all facts so far)", 100), ("generalization", "generalization", 100),
               ("ppl_increase", "WikiText-2 perplexity increase (%)", 100), ("top1", "top-1 agreement", 1))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
     for ax, (key, title, scale) in zip(axes, panels):
         for i, (label, pts) in enumerate(runs.items()):
             ax.plot([p["edits"] for p in pts], [scale * p[key] for p in pts], "o-", color=f"C{i}", label=label)
         ax.set_title(title)
         ax.set_xlabel("edits")
         ax.grid(alpha=0.3)
+    ax = axes[4]
+    ax.fill_between([90, 100], [0, 0], [30, 30], color="0.85", label="10,000-edit targets")
+    for i, pts in enumerate(runs.values()):
+        xs, ys = [100 * p["efficacy"] for p in pts], [100 * p["ppl_increase"] for p in pts]
+        ax.plot(xs, ys, "o-", color=f"C{i}", ms=4)
+        for p, x, y in zip(pts, xs, ys):
+            if p["edits"] % 2000 == 0 or p is pts[-1]:
+                ax.annotate(f"{p['edits'] / 1000:g}k", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                            color=f"C{i}")
+    ax.set_title("perplexity increase (%) against efficacy")
+    ax.set_xlabel("efficacy (all facts so far)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     axes[0].legend()
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
