@@ -314,10 +314,12 @@ def test_long_run_curves_read_both_result_formats_as_documented(tmp_path: Path) 
     at = {p["edits"]: p for p in mp}
     assert round(100 * at[9900]["efficacy"], 1) == 73.7 and round(100 * at[9900]["ppl_increase"], 1) == 161.3
     assert round(at[1000]["top1"], 3) == 0.803
+    assert round(100 * at[1000]["generation_efficacy"], 1) == 48.4 and round(at[9900]["delta_w_top"]) == 276
     folder = ROOT / "docs/results/cf-10000-lamN-refresh"
     base = json.loads((folder / "baseline.json").read_text())["ppl"]
     lam = {p["edits"]: p for p in curves.load(folder / "s30-mp-lamN-refresh.partial.json", base)}
     assert round(100 * lam[4000]["ppl_increase"], 1) == 20.6 and round(100 * lam[1000]["efficacy"], 1) == 97.4
+    assert round(100 * lam[1000]["generation_efficacy"], 1) == 69.4 and round(lam[1000]["delta_w_top"]) == 145
     with pytest.raises(SystemExit, match="--baseline"):
         curves.load(folder / "s30-mp-lamN-refresh.partial.json", None)
     sys.argv = ["long_run_curves", "--run", f"mp={ROOT / 'docs/results/cf-10000-mp/results.json'}",
