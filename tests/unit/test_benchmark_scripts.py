@@ -317,13 +317,16 @@ def test_long_run_curves_read_both_result_formats_as_documented(tmp_path: Path) 
     assert round(100 * at[1000]["generation_efficacy"], 1) == 48.4 and round(at[9900]["delta_w_top"]) == 276
     folder = ROOT / "docs/results/cf-10000-lamN-refresh"
     base = json.loads((folder / "baseline.json").read_text())["ppl"]
-    lam = {p["edits"]: p for p in curves.load(folder / "s30-mp-lamN-refresh.partial.json", base)}
+    lam = {p["edits"]: p for p in curves.load(folder / "s30-mp-lamN-refresh.stop41.partial.json", base)}
     assert round(100 * lam[4000]["ppl_increase"], 1) == 20.6 and round(100 * lam[1000]["efficacy"], 1) == 97.4
     assert round(100 * lam[1000]["generation_efficacy"], 1) == 69.4 and round(lam[1000]["delta_w_top"]) == 145
+    rerun = next(folder.glob("s30-mp-lamN-refresh.json"), None) or folder / "s30-mp-lamN-refresh.partial.json"
+    again = {p["edits"]: p for p in curves.load(rerun, base)}  # stop 42's run of the same command (section 10)
+    assert round(100 * again[7000]["ppl_increase"], 1) == 25.0 and round(100 * again[7000]["efficacy"], 1) == 71.3
     with pytest.raises(SystemExit, match="--baseline"):
-        curves.load(folder / "s30-mp-lamN-refresh.partial.json", None)
+        curves.load(folder / "s30-mp-lamN-refresh.stop41.partial.json", None)
     sys.argv = ["long_run_curves", "--run", f"mp={ROOT / 'docs/results/cf-10000-mp/results.json'}",
-                "--run", f"lam={folder / 's30-mp-lamN-refresh.partial.json'}", "--baseline", str(folder / "baseline.json"),
+                "--run", f"lam={folder / 's30-mp-lamN-refresh.stop41.partial.json'}", "--baseline", str(folder / "baseline.json"),
                 "--out", str(tmp_path / "c.png")]
     curves.main()
     assert (tmp_path / "c.png").stat().st_size > 10_000
